@@ -1,0 +1,44 @@
+# klime — `make demo` and `make test` work on a fresh machine: each creates .venv itself.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint typecheck bench soak clean venv dev
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base pyproject.toml
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.base
+dev: $(VENV)/.dev
+
+## Runs the quick start against the embedded local collector and shows what arrived.
+demo: $(VENV)/.base
+	$(PY) -m klime.devserver --port 0 -- $(PY) examples/quickstart.py
+
+## The whole suite (slow real-server matrices included), then lint and types.
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory lint
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy
+
+## Benchmarks against segment-analytics-python and posthog, printed as ratios.
+bench: $(VENV)/.dev
+	$(PY) benchmarks/run.py
+
+## Full-size soak (100,000 events, faulting collector).
+soak: $(VENV)/.dev
+	KLIME_SOAK_EVENTS=100000 $(PY) -m pytest -q -m "slow or soak" tests/test_soak.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,198 @@
+"""klime — the Python SDK of Klime, a customer-analytics service.
+
+    import klime
+
+    client = klime.Client("your-write-key")
+    client.identify("user_123", {"email": "user@example.com"})
+    client.track("Button Clicked", {"plan": "pro"}, user_id="user_123")
+
+Or use the module-level functions, which act on a default client created on first use from
+``KLIME_WRITE_KEY`` / ``KLIME_ENDPOINT`` (or set ``klime.client`` yourself).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+
+from ._client import Client
+from ._logging import set_logger as _set_logger
+from ._models import BatchResponse, EventError, FlushResult
+from ._settings import defaults as _defaults
+from ._version import __version__
+from .errors import ConfigurationError, KlimeError, SendError, ValidationError
+from .senders.base import Sender, SendResult
+from .transports import (
+    BackgroundTransport,
+    BlockingTransport,
+    InvocationTransport,
+    MemoryTransport,
+    Transport,
+)
+
+if TYPE_CHECKING:
+    from .integrations import klime_cloud_function, klime_lambda
+
+__all__ = [
+    "__version__",
+    "Client",
+    "BatchResponse",
+    "EventError",
+    "FlushResult",
+    "KlimeError",
+    "ConfigurationError",
+    "ValidationError",
+    "SendError",
+    "Transport",
+    "BackgroundTransport",
+    "BlockingTransport",
+    "InvocationTransport",
+    "MemoryTransport",
+    "Sender",
+    "SendResult",
+    "client",
+    "configure",
+    "get_client",
+    "track",
+    "identify",
+    "group",
+    "track_sync",
+    "identify_sync",
+    "group_sync",
+    "flush",
+    "shutdown",
+    "restart",
+    "klime_lambda",
+    "klime_cloud_function",
+]
+
+logging.getLogger("klime").addHandler(logging.NullHandler())
+
+#: The default client used by the module-level functions; set it, or let it be created on
+#: first use from the environment (``KLIME_WRITE_KEY``, ``KLIME_ENDPOINT``).
+client: Optional[Client] = None
+_client_lock = threading.Lock()
+
+
+def configure(
+    *,
+    logger: Any = None,
+    on_error: Any = None,
+    on_success: Any = None,
+) -> None:
+    """Set process-wide defaults: the logger klime writes to, and the callbacks used by
+    clients created without their own. Thread-safe; applies to existing clients too."""
+    if logger is not None:
+        _set_logger(logger)
+    if on_error is not None:
+        if not callable(on_error):
+            raise ConfigurationError("on_error must be callable")
+        _defaults.on_error = on_error
+    if on_success is not None:
+        if not callable(on_success):
+            raise ConfigurationError("on_success must be callable")
+        _defaults.on_success = on_success
+
+
+def get_client() -> Client:
+    """The default client, created from the environment on first use."""
+    global client
+    current = client
+    if current is None:
+        with _client_lock:
+            current = client
+            if current is None:
+                current = client = Client()
+    return current
+
+
+def track(
+    event: str,
+    properties: Optional[Mapping[str, Any]] = None,
+    *,
+    user_id: Union[str, int, None] = None,
+    group_id: Union[str, int, None] = None,
+) -> None:
+    """:meth:`Client.track` on the default client."""
+    get_client().track(event, properties, user_id=user_id, group_id=group_id)
+
+
+def identify(user_id: Union[str, int], traits: Optional[Mapping[str, Any]] = None) -> None:
+    """:meth:`Client.identify` on the default client."""
+    get_client().identify(user_id, traits)
+
+
+def group(
+    group_id: Union[str, int],
+    traits: Optional[Mapping[str, Any]] = None,
+    *,
+    user_id: Union[str, int, None] = None,
+) -> None:
+    """:meth:`Client.group` on the default client."""
+    get_client().group(group_id, traits, user_id=user_id)
+
+
+def track_sync(
+    event: str,
+    properties: Optional[Mapping[str, Any]] = None,
+    *,
+    user_id: Union[str, int, None] = None,
+    group_id: Union[str, int, None] = None,
+    timeout: Optional[float] = None,
+) -> BatchResponse:
+    """:meth:`Client.track_sync` on the default client."""
+    return get_client().track_sync(event, properties, user_id=user_id, group_id=group_id, timeout=timeout)
+
+
+def identify_sync(
+    user_id: Union[str, int],
+    traits: Optional[Mapping[str, Any]] = None,
+    *,
+    timeout: Optional[float] = None,
+) -> BatchResponse:
+    """:meth:`Client.identify_sync` on the default client."""
+    return get_client().identify_sync(user_id, traits, timeout=timeout)
+
+
+def group_sync(
+    group_id: Union[str, int],
+    traits: Optional[Mapping[str, Any]] = None,
+    *,
+    user_id: Union[str, int, None] = None,
+    timeout: Optional[float] = None,
+) -> BatchResponse:
+    """:meth:`Client.group_sync` on the default client."""
+    return get_client().group_sync(group_id, traits, user_id=user_id, timeout=timeout)
+
+
+def flush(timeout: Optional[float] = None) -> FlushResult:
+    """Flush the default client, if there is one. Blocks up to ``timeout`` seconds."""
+    current = client
+    return current.flush(timeout) if current is not None else FlushResult()
+
+
+def shutdown(timeout: Optional[float] = None) -> FlushResult:
+    """Shut the default client down, if there is one. Blocks up to ``timeout`` seconds."""
+    current = client
+    return current.shutdown(timeout) if current is not None else FlushResult()
+
+
+def restart() -> None:
+    """Re-arm the default client in this process (Ruby's ``Klime.restart!``).
+
+    Forks are detected automatically; call this only if your server forks in a way klime
+    cannot see. The child forgets events queued by its parent (the parent sends them).
+    """
+    current = client
+    if current is not None:
+        current._restart()
+
+
+def __getattr__(name: str) -> Any:
+    # The serverless decorators live in klime.integrations; import them only when asked.
+    if name in ("klime_lambda", "klime_cloud_function"):
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'klime' has no attribute {name!r}")

@@ -1,0 +1,354 @@
+"""The Client: validates input, builds events, hands them to its transport.
+
+The Client knows neither WHEN events go (its :class:`~klime.transports.base.Transport`) nor
+WHERE (the transport's :class:`~klime.senders.base.Sender`); a new runtime is a new transport
+or integration, never a branch here.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import threading
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+from . import _config, _events, _lifecycle
+from ._delivery import Delivery, ErrorCallback, SuccessCallback
+from ._logging import log
+from ._models import BatchResponse, FlushResult
+from .errors import ConfigurationError, SendError
+from .senders.base import Sender
+from .transports import make_transport
+from .transports.base import Transport
+from .transports.blocking import BlockingTransport
+
+__all__ = ["Client"]
+
+_getpid = os.getpid
+
+
+def _number(name: str, value: Any, default: float, *, minimum: float, strict: bool = False) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(f"{name} must be a number, not {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigurationError(f"{name} must be a finite number")
+    if value < minimum or (strict and value == minimum):
+        bound = f"greater than {minimum:g}" if strict else f"at least {minimum:g}"
+        raise ConfigurationError(f"{name} must be {bound}, got {value:g}")
+    return value
+
+
+def _integer(name: str, value: Any, default: int, *, minimum: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigurationError(f"{name} must be an integer, not {type(value).__name__}")
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _callback(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise ConfigurationError(f"{name} must be callable or None, not {type(value).__name__}")
+    return value
+
+
+class Client:
+    """A Klime client. Create one per process (or use the module-level functions).
+
+    ``track``/``identify``/``group`` validate and encode the event on the caller's thread
+    (microseconds, no I/O) and hand it to the transport; they raise
+    :class:`~klime.ValidationError` on bad input and never raise for delivery problems,
+    which go to ``on_error``. All methods are thread-safe. Interval, batch, queue and retry
+    options use the Ruby SDK's names and milliseconds; ``timeout`` arguments are seconds.
+    """
+
+    def __init__(
+        self,
+        write_key: Optional[str] = None,
+        *,
+        endpoint: Optional[str] = None,
+        flush_interval: Optional[float] = None,
+        max_batch_size: Optional[int] = None,
+        max_queue_size: Optional[int] = None,
+        retry_max_attempts: Optional[int] = None,
+        retry_initial_delay: Optional[float] = None,
+        flush_on_shutdown: Optional[bool] = None,
+        on_error: Optional[ErrorCallback] = None,
+        on_success: Optional[SuccessCallback] = None,
+        transport: Union[str, Transport, None] = None,
+        sender: Optional[Sender] = None,
+        exit_timeout: Optional[float] = None,
+        allow_insecure_endpoint: bool = False,
+    ) -> None:
+        if write_key is None:
+            write_key = _config.env(_config.ENV_WRITE_KEY)
+        if sender is None:
+            if not isinstance(write_key, str) or not write_key:
+                if write_key is not None and not isinstance(write_key, str):
+                    raise ConfigurationError(f"write_key must be a string, not {type(write_key).__name__}")
+                raise ConfigurationError(
+                    f"write_key is required: pass write_key= or set {_config.ENV_WRITE_KEY}"
+                )
+        elif not isinstance(sender, Sender):
+            raise ConfigurationError(f"sender must be a klime Sender, not {type(sender).__name__}")
+        self.endpoint = endpoint or _config.env(_config.ENV_ENDPOINT) or _config.DEFAULT_ENDPOINT
+        self.flush_interval = _number(
+            "flush_interval", flush_interval, _config.DEFAULT_FLUSH_INTERVAL_MS, minimum=0, strict=True
+        )
+        batch = _integer("max_batch_size", max_batch_size, _config.DEFAULT_MAX_BATCH_SIZE, minimum=1)
+        if batch > _config.MAX_BATCH_EVENTS:
+            log.warning(
+                "klime: max_batch_size=%d is above the server's limit; using %d",
+                batch,
+                _config.MAX_BATCH_EVENTS,
+            )
+            batch = _config.MAX_BATCH_EVENTS
+        self.max_batch_size = batch
+        self.max_queue_size = _integer("max_queue_size", max_queue_size, _config.DEFAULT_MAX_QUEUE_SIZE, minimum=1)
+        self.retry_max_attempts = _integer(
+            "retry_max_attempts", retry_max_attempts, _config.DEFAULT_RETRY_MAX_ATTEMPTS, minimum=1
+        )
+        self.retry_initial_delay = _number(
+            "retry_initial_delay", retry_initial_delay, _config.DEFAULT_RETRY_INITIAL_DELAY_MS, minimum=0
+        )
+        if flush_on_shutdown is not None and not isinstance(flush_on_shutdown, bool):
+            raise ConfigurationError("flush_on_shutdown must be True or False")
+        self.flush_on_shutdown = True if flush_on_shutdown is None else flush_on_shutdown
+        self.exit_timeout = _number(
+            "exit_timeout", exit_timeout, _config.DEFAULT_EXIT_TIMEOUT_S, minimum=0
+        )
+        self.on_error = _callback("on_error", on_error)
+        self.on_success = _callback("on_success", on_success)
+
+        if sender is None:
+            from .senders.http import HttpSender
+
+            sender = HttpSender(
+                write_key,  # type: ignore[arg-type]
+                self.endpoint,
+                retry_max_attempts=self.retry_max_attempts,
+                retry_initial_delay=self.retry_initial_delay,
+                allow_insecure_endpoint=allow_insecure_endpoint,
+            )
+        self._sender = sender
+        self._delivery = Delivery(sender, on_error=self.on_error, on_success=self.on_success)
+        self._transport = make_transport(
+            transport,
+            flush_interval=self.flush_interval,
+            max_batch_size=self.max_batch_size,
+            max_queue_size=self.max_queue_size,
+        )
+        self._transport.attach(self._delivery)
+        self._sync = BlockingTransport()
+        self._sync.attach(self._delivery)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._pid = _getpid()
+        _lifecycle.register(self)
+
+    def __repr__(self) -> str:  # the write key never appears
+        return (
+            f"<klime.Client endpoint={self.endpoint!r} transport={self._transport.name or type(self._transport).__name__!r}"
+            f"{' closed' if self._closed else ''}>"
+        )
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    @property
+    def sender(self) -> Sender:
+        return self._sender
+
+    # ------------------------------------------------------------------ fork
+
+    def _check_fork(self) -> None:
+        """Reset per-process state if this is a forked child (idempotent, cheap)."""
+        if self._pid != _getpid():
+            self._restart()
+
+    def _restart(self) -> None:
+        """Start this process afresh: empty queue, fresh locks, connections and counters.
+
+        What was queued before belongs to the process that queued it.
+        """
+        self._close_lock = threading.Lock()
+        _events.reseed()
+        self._delivery.after_fork()
+        self._transport.after_fork()
+        self._sync.after_fork()
+        self._pid = _getpid()
+
+    # ------------------------------------------------------------------ events
+
+    def track(
+        self,
+        event: str,
+        properties: Optional[Mapping[str, Any]] = None,
+        *,
+        user_id: Union[str, int, None] = None,
+        group_id: Union[str, int, None] = None,
+    ) -> None:
+        """Record that ``user_id`` (or the group ``group_id``) did ``event``.
+
+        Non-blocking, thread-safe. Raises ValidationError on bad input (nothing queued).
+        """
+        if self._pid != _getpid():
+            self._check_fork()
+        if not self._transport.submit(_events.encode_track(event, properties, user_id, group_id)):
+            self._closed_call("track")
+
+    def identify(self, user_id: Union[str, int], traits: Optional[Mapping[str, Any]] = None) -> None:
+        """Attach ``traits`` to the user ``user_id``. Non-blocking, thread-safe."""
+        if self._pid != _getpid():
+            self._check_fork()
+        if not self._transport.submit(_events.encode_identify(user_id, traits)):
+            self._closed_call("identify")
+
+    def group(
+        self,
+        group_id: Union[str, int],
+        traits: Optional[Mapping[str, Any]] = None,
+        *,
+        user_id: Union[str, int, None] = None,
+    ) -> None:
+        """Attach ``traits`` to the group ``group_id`` and link ``user_id`` to it.
+
+        Non-blocking, thread-safe.
+        """
+        if self._pid != _getpid():
+            self._check_fork()
+        if not self._transport.submit(_events.encode_group(group_id, traits, user_id)):
+            self._closed_call("group")
+
+    def _closed_call(self, method: str) -> None:
+        log.warning_once(
+            f"closed-{id(self)}",
+            "klime: %s() called after shutdown(); the event was not recorded",
+            method,
+        )
+
+    # ------------------------------------------------------------------ blocking sends
+
+    def _send_now(self, raw: bytes, timeout: Optional[float]) -> BatchResponse:
+        if self._pid != _getpid():
+            self._check_fork()
+        response = self._sync.send([raw], timeout)
+        if response is None:
+            raise SendError("the client is shut down; nothing was sent")
+        return response
+
+    def track_sync(
+        self,
+        event: str,
+        properties: Optional[Mapping[str, Any]] = None,
+        *,
+        user_id: Union[str, int, None] = None,
+        group_id: Union[str, int, None] = None,
+        timeout: Optional[float] = None,
+    ) -> BatchResponse:
+        """Send one track event now, on this thread, with retries.
+
+        Blocks up to ``timeout`` seconds (None: until retries run out). Returns the
+        server's :class:`~klime.BatchResponse`; raises :class:`~klime.SendError` on any
+        failure, a partial one included (``on_error`` is not called: the exception is
+        the report). Thread-safe.
+        """
+        return self._send_now(_events.encode_track(event, properties, user_id, group_id), timeout)
+
+    def identify_sync(
+        self,
+        user_id: Union[str, int],
+        traits: Optional[Mapping[str, Any]] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> BatchResponse:
+        """Send one identify event now; see :meth:`track_sync`."""
+        return self._send_now(_events.encode_identify(user_id, traits), timeout)
+
+    def group_sync(
+        self,
+        group_id: Union[str, int],
+        traits: Optional[Mapping[str, Any]] = None,
+        *,
+        user_id: Union[str, int, None] = None,
+        timeout: Optional[float] = None,
+    ) -> BatchResponse:
+        """Send one group event now; see :meth:`track_sync`."""
+        return self._send_now(_events.encode_group(group_id, traits, user_id), timeout)
+
+    # ------------------------------------------------------------------ flush / shutdown
+
+    def flush(self, timeout: Optional[float] = None) -> FlushResult:
+        """Block until every event recorded before the call is sent or reported to
+        ``on_error``, or ``timeout`` seconds pass. Thread-safe. Returns the counts."""
+        self._check_fork()
+        return self._transport.flush(timeout)
+
+    def shutdown(self, timeout: Optional[float] = None) -> FlushResult:
+        """Flush (when ``flush_on_shutdown``) within ``timeout`` seconds, then stop.
+
+        Events not sent by then are reported to ``on_error``. Later calls of any method
+        are no-ops (``*_sync`` raise SendError). Idempotent, thread-safe.
+        """
+        self._check_fork()
+        with self._close_lock:
+            if self._closed:
+                return FlushResult()
+            self._closed = True
+        _lifecycle.unregister(self)
+        return self._close(timeout)
+
+    def _close(self, timeout: Optional[float]) -> FlushResult:
+        try:
+            result = self._transport.shutdown(timeout, flush=self.flush_on_shutdown)
+        finally:
+            self._sync.shutdown(0)
+            try:
+                self._sender.close()
+            except Exception:
+                log.exception("klime: closing the sender failed")
+        return result
+
+    def _at_exit(self) -> None:
+        """Process exit: shut down within ``exit_timeout``. Never raises."""
+        try:
+            self._check_fork()
+            with self._close_lock:
+                if self._closed:
+                    return
+                self._closed = True
+            self._transport.at_exit(self.exit_timeout, self.flush_on_shutdown)
+            self._sync.shutdown(0)
+        except Exception:
+            log.exception("klime: flushing at exit failed")
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ accounting
+
+    def stats(self) -> Dict[str, int]:
+        """Counters of this process: ``tracked == sent + failed + dropped + queued`` holds
+        whenever nothing is moving. Thread-safe, non-blocking."""
+        self._check_fork()
+        main = self._transport.counts()
+        sync = self._sync.counts()
+        books = self._delivery.counters()
+        return {
+            "tracked": main["accepted"] + sync["accepted"],
+            "sent": books["sent"],
+            "failed": books["failed"],
+            "dropped": books["dropped"],
+            "queued": main["pending"] + sync["pending"],
+            "retries": books["retries"],
+            "requests": books["requests"],
+        }

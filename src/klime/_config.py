@@ -1,0 +1,42 @@
+"""Defaults, hard limits and environment look-ups shared by every part of klime.
+
+Option names and units follow Klime's Ruby SDK (milliseconds for intervals and delays);
+blocking calls take ``timeout`` in seconds, as :mod:`threading` does.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_ENDPOINT = "https://i.klime.com"
+BATCH_PATH = "/v1/batch"
+
+DEFAULT_FLUSH_INTERVAL_MS = 2000
+DEFAULT_MAX_BATCH_SIZE = 20
+DEFAULT_MAX_QUEUE_SIZE = 1000
+DEFAULT_RETRY_MAX_ATTEMPTS = 5
+DEFAULT_RETRY_INITIAL_DELAY_MS = 1000
+DEFAULT_EXIT_TIMEOUT_S = 2.0
+
+#: Each backoff delay is capped at this many seconds.
+MAX_RETRY_DELAY_S = 16.0
+#: A server's Retry-After is honoured up to this many seconds.
+MAX_RETRY_AFTER_S = 60.0
+
+#: Server limits (DESIGN.md section 3).
+MAX_BATCH_EVENTS = 100
+MAX_EVENT_BYTES = 204_800
+MAX_REQUEST_BYTES = 10 * 1024 * 1024
+
+#: HTTP socket timeouts, seconds.
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_READ_TIMEOUT_S = 10.0
+
+ENV_WRITE_KEY = "KLIME_WRITE_KEY"
+ENV_ENDPOINT = "KLIME_ENDPOINT"
+
+
+def env(name: str) -> str | None:
+    """Return the environment variable ``name``, or None when unset or empty."""
+    value = os.environ.get(name)
+    return value or None

@@ -1,0 +1,24 @@
+"""Senders decide WHERE events go: one call turns one batch into one delivery attempt chain.
+
+A sender never knows about threads or queues (that is a transport's job) and never counts
+events (that is :class:`klime._delivery.Delivery`'s job). Write your own by subclassing
+:class:`Sender`.
+"""
+
+from __future__ import annotations
+
+from .base import Sender, SendResult
+
+__all__ = ["Sender", "SendResult", "HttpSender", "SqsSender"]
+
+
+def __getattr__(name: str) -> object:  # lazy: requests / boto3 are imported only when used
+    if name == "HttpSender":
+        from .http import HttpSender
+
+        return HttpSender
+    if name == "SqsSender":
+        from .sqs import SqsSender
+
+        return SqsSender
+    raise AttributeError(name)

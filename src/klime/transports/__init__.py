@@ -1,0 +1,72 @@
+"""Transports decide WHEN events go. See :class:`~klime.transports.base.Transport`.
+
+============  =====================================================================
+background    queue + one daemon thread; the default outside serverless
+blocking      send on the caller's thread, now; behind the ``*_sync`` methods
+invocation    buffer, no thread; flushed before a serverless handler returns
+memory        keep events in a list, send nothing; for tests
+============  =====================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Union
+
+from ..errors import ConfigurationError
+from .background import BackgroundTransport
+from .base import Transport
+from .blocking import BlockingTransport
+from .invocation import InvocationTransport
+from .memory import MemoryTransport
+
+__all__ = [
+    "Transport",
+    "BackgroundTransport",
+    "BlockingTransport",
+    "InvocationTransport",
+    "MemoryTransport",
+    "make_transport",
+    "default_transport_name",
+]
+
+
+def _queued(cls: Any) -> Callable[..., Transport]:
+    def make(**options: Any) -> Transport:
+        return cls(**options)  # type: ignore[no-any-return]
+
+    return make
+
+
+def _plain(cls: Any) -> Callable[..., Transport]:
+    def make(**options: Any) -> Transport:
+        return cls()  # type: ignore[no-any-return]
+
+    return make
+
+
+#: Transport names accepted by ``Client(transport=...)``.
+REGISTRY: Dict[str, Callable[..., Transport]] = {
+    "background": _queued(BackgroundTransport),
+    "invocation": _queued(InvocationTransport),
+    "blocking": _plain(BlockingTransport),
+    "memory": _plain(MemoryTransport),
+}
+
+
+def default_transport_name() -> str:
+    """``invocation`` on AWS Lambda and Cloud Functions, ``background`` elsewhere."""
+    from .._runtime import serverless_platform
+
+    return "invocation" if serverless_platform() else "background"
+
+
+def make_transport(spec: Union[str, Transport, None], **options: Any) -> Transport:
+    """A transport from a name (or None: chosen from the environment) or an instance."""
+    if isinstance(spec, Transport):
+        return spec
+    if spec is None:
+        spec = default_transport_name()
+    if isinstance(spec, str) and spec in REGISTRY:
+        return REGISTRY[spec](**options)
+    names = ", ".join(sorted(REGISTRY))
+    raise ConfigurationError(f"transport must be one of {names} or a Transport instance, not {spec!r}")

@@ -1,0 +1,80 @@
+"""The blocking transport: send on the caller's thread, now."""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, Optional, Sequence
+
+from .._deadline import Deadline
+from .._models import BatchResponse, FlushResult
+from .base import Transport
+
+__all__ = ["BlockingTransport"]
+
+
+class BlockingTransport(Transport):
+    """Sends each event as it comes, on the calling thread, with the full retry policy.
+
+    ``submit`` blocks until the event is delivered or reported to ``on_error``; ``send``
+    (behind ``track_sync`` and friends) blocks too and raises :class:`~klime.SendError`
+    instead. Nothing is ever queued, so ``flush`` has nothing to do. Thread-safe.
+    Good for scripts, CLIs and tests; a web request should not wait on the network.
+    """
+
+    name = "blocking"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._inflight = 0
+        self._closed = False
+
+    def _begin(self, count: int) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._accepted += count
+            self._inflight += count
+            return True
+
+    def _end(self, count: int) -> None:
+        with self._lock:
+            self._inflight -= count
+
+    def submit(self, event: bytes) -> bool:
+        if not self._begin(1):
+            return False
+        try:
+            self.delivery.send([event], Deadline())
+        finally:
+            self._end(1)
+        return True
+
+    def send(self, events: Sequence[bytes], timeout: Optional[float] = None) -> Optional[BatchResponse]:
+        """Deliver ``events`` now; return the server's response, raise SendError on failure.
+
+        Returns None (sending nothing) when the transport was shut down.
+        """
+        if not self._begin(len(events)):
+            return None
+        try:
+            return self.delivery.send_sync(events, Deadline.after(timeout))
+        finally:
+            self._end(len(events))
+
+    def flush(self, timeout: Optional[float] = None) -> FlushResult:
+        return FlushResult()
+
+    def shutdown(self, timeout: Optional[float] = None, *, flush: bool = True) -> FlushResult:
+        with self._lock:
+            self._closed = True
+        return FlushResult()
+
+    def counts(self) -> Dict[str, int]:
+        with self._lock:
+            return {"accepted": self._accepted, "pending": self._inflight}
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._inflight = 0

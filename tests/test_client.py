@@ -1,0 +1,251 @@
+"""klime.Client: options, the sync calls, callbacks, module-level API, secrecy."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import klime
+from klime import ConfigurationError, SendError, ValidationError
+from klime.devserver import Fault
+
+from conftest import WRITE_KEY, Recorder, conserved
+
+
+def test_write_key_from_environment(monkeypatch, collector):
+    monkeypatch.setenv("KLIME_WRITE_KEY", WRITE_KEY)
+    monkeypatch.setenv("KLIME_ENDPOINT", collector.url)
+    client = klime.Client()
+    try:
+        assert client.endpoint == collector.url
+        client.track_sync("E", user_id="u")
+        assert collector.events()[0]["event"] == "E"
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.parametrize("key", [None, ""])
+def test_missing_write_key(key):
+    with pytest.raises(ConfigurationError, match="write_key"):
+        klime.Client(key)
+
+
+def test_defaults():
+    client = klime.Client("k", transport="memory")
+    assert client.endpoint == "https://i.klime.com"
+    assert client.flush_interval == 2000 and client.max_batch_size == 20
+    assert client.max_queue_size == 1000 and client.retry_max_attempts == 5
+    assert client.retry_initial_delay == 1000 and client.flush_on_shutdown is True
+    assert client.exit_timeout == 2.0
+    client.shutdown()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("flush_interval", -1),
+        ("flush_interval", 0),
+        ("flush_interval", "fast"),
+        ("max_batch_size", 0),
+        ("max_batch_size", 2.5),
+        ("max_queue_size", 0),
+        ("max_queue_size", True),
+        ("retry_max_attempts", 0),
+        ("retry_initial_delay", -5),
+        ("retry_initial_delay", float("nan")),
+        ("on_error", "not callable"),
+        ("on_success", 42),
+        ("transport", "carrier-pigeon"),
+        ("transport", 3),
+        ("sender", object()),
+        ("flush_on_shutdown", "yes"),
+        ("exit_timeout", -1),
+        ("endpoint", "ftp://example.com"),
+        ("endpoint", "http://example.com"),
+    ],
+)
+def test_bad_options_name_the_option(option, value):
+    with pytest.raises(ConfigurationError, match=option if option != "sender" else "sender"):
+        klime.Client("k", **{option: value})
+
+
+def test_batch_size_above_100_is_capped_with_one_warning(caplog_klime):
+    client = klime.Client("k", max_batch_size=500, transport="memory")
+    assert client.max_batch_size == 100
+    warnings = [r for r in caplog_klime.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "100" in warnings[0].getMessage()
+    client.shutdown()
+
+
+def test_sync_calls_return_the_response(make_client, collector):
+    client = make_client(transport="memory")
+    r1 = client.track_sync("Signup", {"plan": "pro"}, user_id="u1")
+    r2 = client.identify_sync("u1", {"email": "a@b.c"})
+    r3 = client.group_sync("g1", {"name": "Acme"}, user_id="u1")
+    assert (r1.accepted, r2.accepted, r3.accepted) == (1, 1, 1) and r1.status == "ok"
+    assert [e["type"] for e in collector.events()] == ["track", "identify", "group"]
+    stats = client.stats()
+    assert stats["tracked"] == 3 and stats["sent"] == 3 and conserved(stats)
+
+
+def test_sync_raises_send_error_with_wire_events(make_client, collector):
+    on_error = Recorder()
+    client = make_client(transport="memory", on_error=on_error)
+    collector.respond(Fault.status_code(400))
+    with pytest.raises(SendError) as info:
+        client.track_sync("Signup", {"plan": "pro"}, user_id="u1")
+    err = info.value
+    assert err.status_code == 400 and len(err.events) == 1
+    assert err.events[0]["event"] == "Signup" and err.events[0]["properties"] == {"plan": "pro"}
+    assert on_error.calls == []  # the exception is the report
+    stats = client.stats()
+    assert stats["failed"] == 1 and conserved(stats)
+
+
+def test_sync_partial_failure_raises(make_client, collector):
+    client = make_client(transport="memory")
+    collector.respond(Fault.partial(0))
+    with pytest.raises(SendError) as info:
+        client.track_sync("E", user_id="u")
+    assert info.value.response is not None and info.value.response.failed == 1
+
+
+def test_sync_timeout_bounds_retries(make_client, collector):
+    import time
+
+    client = make_client(transport="memory", retry_initial_delay=1000)
+    collector.set_mode(Fault.status_code(500))
+    start = time.monotonic()
+    with pytest.raises(SendError):
+        client.track_sync("E", user_id="u", timeout=0.5)
+    assert time.monotonic() - start < 0.8
+
+
+def test_validation_error_queues_nothing(make_client):
+    client = make_client(transport="memory")
+    with pytest.raises(ValidationError):
+        client.track("E", {"bad": object()}, user_id="u")
+    with pytest.raises(ValidationError):
+        client.track("E")
+    assert client.stats()["tracked"] == 0 and client.transport.events == []
+
+
+def test_callbacks_that_raise_are_logged_not_fatal(make_client, collector, caplog_klime):
+    def boom(*args):
+        raise RuntimeError("callback bug")
+
+    client = make_client(transport="blocking", on_error=boom, on_success=boom)
+    collector.respond(Fault.status_code(400))
+    client.track("E", user_id="u")  # failure -> on_error raises
+    client.track("E", user_id="u")  # success -> on_success raises
+    assert any("callback" in r.getMessage() for r in caplog_klime.records)
+    stats = client.stats()
+    assert stats["failed"] == 1 and stats["sent"] == 1 and conserved(stats)
+
+
+def test_on_success_gets_the_response(make_client):
+    seen = Recorder()
+    client = make_client(transport="blocking", on_success=seen)
+    client.track("E", user_id="u")
+    (response,) = seen.calls[0]
+    assert response.accepted == 1
+
+
+def test_configure_sets_process_wide_defaults(make_client, collector):
+    errors, successes = Recorder(), Recorder()
+    klime.configure(on_error=errors, on_success=successes)
+    client = make_client(transport="blocking")
+    client.track("ok", user_id="u")
+    collector.respond(Fault.status_code(401))
+    client.track("bad", user_id="u")
+    assert len(successes.calls) == 1 and len(errors.calls) == 1
+    assert errors.events[0]["event"] == "bad"
+
+
+def test_configure_logger(make_client, collector):
+    records = []
+
+    class ListLogger:
+        def __getattr__(self, level):
+            return lambda msg, *args, **kw: records.append((level, msg % args if args else msg))
+
+    klime.configure(logger=ListLogger())
+    client = make_client(transport="blocking")
+    collector.respond(Fault.status_code(400))
+    client.track("E", user_id="u")
+    assert any(level == "error" for level, _ in records)
+
+
+def test_a_logger_that_raises_breaks_nothing(make_client, collector):
+    class Broken:
+        def __getattr__(self, level):
+            def fail(*a, **k):
+                raise RuntimeError("logger down")
+
+            return fail
+
+    klime.configure(logger=Broken())
+    client = make_client(transport="blocking")
+    collector.respond(Fault.status_code(400))
+    client.track("E", user_id="u")
+    client.track("E", user_id="u")
+    assert client.stats()["sent"] == 1 and client.stats()["failed"] == 1
+
+
+def test_shutdown_is_idempotent_and_later_calls_are_noops(make_client, caplog_klime):
+    client = make_client(transport="memory")
+    client.track("a", user_id="u")
+    client.shutdown()
+    client.shutdown()
+    client.track("b", user_id="u")
+    client.identify("u")
+    client.flush()
+    assert [e["event"] for e in client.transport.events] == ["a"]
+    assert sum("after shutdown" in r.getMessage() for r in caplog_klime.records) == 1
+    with pytest.raises(SendError, match="shut down"):
+        client.track_sync("c", user_id="u")
+
+
+def test_context_manager_shuts_down(collector):
+    with klime.Client(WRITE_KEY, endpoint=collector.url) as client:
+        client.track("E", user_id="u")
+    assert collector.wait_for_events(1, timeout=5)
+
+
+def test_module_level_default_client(monkeypatch, collector):
+    monkeypatch.setenv("KLIME_WRITE_KEY", WRITE_KEY)
+    monkeypatch.setenv("KLIME_ENDPOINT", collector.url)
+    klime.track("E", {"a": 1}, user_id="u")
+    klime.identify("u", {"n": 1})
+    klime.group("g", user_id="u")
+    result = klime.flush(timeout=5)
+    assert result.sent == 3 and result.unsent == 0
+    assert klime.track_sync("S", user_id="u").accepted == 1
+    assert klime.identify_sync("u").accepted == 1
+    assert klime.group_sync("g").accepted == 1
+    assert isinstance(klime.client, klime.Client)
+    klime.shutdown()
+    assert len(collector.events()) == 6
+
+
+def test_module_level_set_client(collector):
+    klime.client = klime.Client(WRITE_KEY, endpoint=collector.url, transport="memory")
+    klime.track("E", user_id="u")
+    assert klime.client.transport.events[0]["event"] == "E"
+
+
+def test_write_key_never_in_repr_logs_or_errors(collector, caplog_klime):
+    secret = "sk_live_SUPER_SECRET_123"
+    client = klime.Client(secret, endpoint=collector.url, retry_initial_delay=1, retry_max_attempts=2)
+    collector.respond(Fault.status_code(401))
+    with pytest.raises(SendError) as info:
+        client.track_sync("E", user_id="u")
+    collector.set_mode(Fault.status_code(500))
+    client.track("E", user_id="u")
+    client.flush(timeout=5)
+    client.shutdown(timeout=1)
+    texts = [repr(client), str(info.value), repr(info.value), repr(client.sender), repr(client.transport)]
+    texts += [r.getMessage() for r in caplog_klime.records]
+    texts += [str(info.value.events), str(info.value.__dict__)]
+    assert not [t for t in texts if secret in t]

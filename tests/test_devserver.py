@@ -1,0 +1,696 @@
+"""Tests for klime.devserver, the local Klime-compatible collector.
+
+Only the standard library talks to it here (http.client, urllib): the SDK is tested against
+this server elsewhere, so this file must not depend on it. Nothing sleeps and hopes: waits are
+on conditions with deadlines.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from klime._config import MAX_BATCH_EVENTS, MAX_EVENT_BYTES, MAX_REQUEST_BYTES
+from klime.devserver import Collector, Fault, RecordedRequest
+
+KEY = "test-write-key"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+def track(i: int = 0, **extra: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "track",
+        "messageId": f"msg-{i}",
+        "timestamp": "2024-05-01T07:21:03.120Z",
+        "event": "Button Clicked",
+        "userId": "user_123",
+        "properties": {"plan": "pro"},
+    }
+    event.update(extra)
+    return event
+
+
+def batch_body(*events: dict[str, Any]) -> bytes:
+    return json.dumps({"batch": list(events)}).encode()
+
+
+def post(
+    target: Collector | http.client.HTTPConnection,
+    body: bytes | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/batch",
+    method: str = "POST",
+    timeout: float = 5.0,
+) -> Response:
+    """Send one request; a Collector gets a fresh connection, a connection is reused."""
+    if isinstance(target, Collector):
+        conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=timeout)
+    else:
+        conn = target
+    try:
+        conn.request(
+            method,
+            path,
+            body=body if body is not None else batch_body(track()),
+            headers=HEADERS if headers is None else headers,
+        )
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        if isinstance(target, Collector):
+            conn.close()
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with Collector() as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------------
+# Normal behaviour
+# ---------------------------------------------------------------------------------------
+
+
+def test_accepts_a_batch_and_answers_the_documented_shape(collector: Collector) -> None:
+    status, headers, body = post(collector, batch_body(track(0), track(1)))
+
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Content-Length"]) == len(body)
+    assert json.loads(body) == {"status": "ok", "accepted": 2, "failed": 0, "errors": []}
+    assert collector.events() == [track(0), track(1)]
+    assert collector.message_ids() == ["msg-0", "msg-1"]
+    [request] = collector.requests()
+    assert isinstance(request, RecordedRequest)
+    assert (request.method, request.path, request.status, request.fault) == ("POST", "/v1/batch", 200, None)
+    assert request.header("authorization") == f"Bearer {KEY}"
+    assert request.json() == {"batch": [track(0), track(1)]}
+    assert collector.url == f"http://127.0.0.1:{collector.port}"
+
+
+def test_keep_alive_serves_two_requests_on_one_connection(collector: Collector) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=5)
+    try:
+        first = post(conn, batch_body(track(0)))
+        sock = conn.sock
+        second = post(conn, batch_body(track(1)))
+        assert conn.sock is sock and sock is not None
+    finally:
+        conn.close()
+
+    assert first[0] == second[0] == 200
+    assert "close" not in first[1].get("Connection", "").lower()
+    assert collector.connection_count() == 1
+    assert collector.message_ids() == ["msg-0", "msg-1"]
+
+
+def test_duplicates_are_recorded_each_time(collector: Collector) -> None:
+    post(collector, batch_body(track(7)))
+    post(collector, batch_body(track(7)))
+    assert collector.message_ids() == ["msg-7", "msg-7"]
+
+
+def test_chunked_request_body_is_accepted(collector: Collector) -> None:
+    body = batch_body(track(0))
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=5)
+    try:
+        conn.request(
+            "POST", "/v1/batch", body=iter([body[:10], body[10:]]), headers=HEADERS, encode_chunked=True
+        )
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+    finally:
+        conn.close()
+    assert collector.message_ids() == ["msg-0"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/json"},
+        {"Content-Type": "application/json", "Authorization": "Bearer "},
+        {"Content-Type": "application/json", "Authorization": f"Basic {KEY}"},
+        {"Content-Type": "application/json", "Authorization": "Bearer wrong-key"},
+    ],
+    ids=["missing", "empty", "not-bearer", "wrong"],
+)
+def test_bad_write_key_is_401_and_never_echoed(headers: dict[str, str]) -> None:
+    echo = io.StringIO()
+    with Collector(write_key=KEY, echo=echo) as collector:
+        status, _, body = post(collector, headers=headers)
+        assert post(collector)[0] == 200  # the right key works
+
+    assert status == 401
+    assert json.loads(body)["status"] == "error"
+    assert KEY.encode() not in body and b"wrong-key" not in body
+    assert KEY not in echo.getvalue() and "wrong-key" not in echo.getvalue()
+    assert "-> 401 bad write key" in echo.getvalue()
+    assert len(collector.events()) == 1
+
+
+def test_any_non_empty_key_is_accepted_without_write_key(collector: Collector) -> None:
+    status, _, _ = post(collector, headers={**HEADERS, "Authorization": "Bearer anything"})
+    assert status == 200
+
+
+def test_unknown_path_is_404_and_other_methods_are_405(collector: Collector) -> None:
+    assert post(collector, path="/v1/nothing")[0] == 404
+    status, headers, body = post(collector, method="GET", body=b"")
+    assert status == 405
+    assert headers["Allow"] == "POST"
+    assert json.loads(body)["status"] == "error"
+    assert collector.events() == []
+    assert [r.status for r in collector.requests()] == [404, 405]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b'{"nobatch": []}',
+        b'{"batch": {}}',
+        b'{"batch": []}',
+        batch_body(*[track(i) for i in range(MAX_BATCH_EVENTS + 1)]),
+        b'{"batch": [{"type": "track", "x": NaN}]}',
+    ],
+    ids=["not-json", "not-object", "no-batch", "batch-not-list", "empty", "101-events", "nan"],
+)
+def test_bad_request_bodies_are_400(collector: Collector, body: bytes) -> None:
+    status, headers, answer = post(collector, body)
+    assert status == 400
+    assert headers["Content-Type"] == "application/json"
+    payload = json.loads(answer)
+    assert payload["status"] == "error" and payload["message"]
+    assert collector.events() == []
+
+
+def test_wrong_content_type_is_400(collector: Collector) -> None:
+    status, _, body = post(collector, headers={**HEADERS, "Content-Type": "text/plain"})
+    assert status == 400
+    assert "Content-Type" in json.loads(body)["message"]
+
+
+def test_exactly_100_events_are_accepted(collector: Collector) -> None:
+    status, _, body = post(collector, batch_body(*[track(i) for i in range(MAX_BATCH_EVENTS)]))
+    assert status == 200 and json.loads(body)["accepted"] == MAX_BATCH_EVENTS
+
+
+def test_oversize_body_is_413_and_the_connection_stays_usable(collector: Collector) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=10)
+    try:
+        status, _, body = post(conn, b" " * (MAX_REQUEST_BYTES + 1))
+        assert status == 413
+        assert json.loads(body)["status"] == "error"
+        assert post(conn)[0] == 200
+    finally:
+        conn.close()
+    assert collector.connection_count() == 1
+    assert [r.status for r in collector.requests()] == [413, 200]
+
+
+def test_invalid_events_fail_alone_in_a_partial_200(collector: Collector) -> None:
+    good_identify = {
+        "type": "identify",
+        "messageId": "i",
+        "timestamp": "t",
+        "userId": "u",
+        "traits": {"email": "a@b.c"},
+    }
+    good_group = {
+        "type": "group",
+        "messageId": "g",
+        "timestamp": "t",
+        "groupId": "org",
+        "userId": "u",
+        "traits": {},
+    }
+    events: list[Any] = [
+        track(0),  # 0 ok
+        "not an object",  # 1
+        {k: v for k, v in track(2).items() if k != "messageId"},  # 2
+        track(3, type="page"),  # 3
+        {k: v for k, v in track(4).items() if k != "userId"},  # 4
+        {**good_identify, "properties": {}},  # 5
+        {"type": "group", "messageId": "x", "timestamp": "t"},  # 6
+        track(7, properties=[1]),  # 7
+        good_identify,  # 8 ok
+        good_group,  # 9 ok
+        track(10, event=""),  # 10
+        track(11, traits={}),  # 11
+        {k: v for k, v in track(12, groupId="org").items() if k != "userId"},  # 12 ok
+        track(13, timestamp=5),  # 13
+    ]
+    status, _, body = post(collector, batch_body(*events))
+
+    assert status == 200
+    answer = json.loads(body)
+    failed = [1, 2, 3, 4, 5, 6, 7, 10, 11, 13]
+    assert answer["status"] == "ok"
+    assert answer["accepted"] == 4 and answer["failed"] == len(failed)
+    assert [e["index"] for e in answer["errors"]] == failed
+    assert {e["code"] for e in answer["errors"]} == {"invalid_event"}
+    assert all(e["message"] for e in answer["errors"])
+    assert collector.events() == [events[0], events[8], events[9], events[12]]
+
+
+def test_event_size_limit_is_exact(collector: Collector) -> None:
+    def sized(i: int, size: int) -> dict[str, Any]:
+        event = track(i, properties={"blob": ""})
+        base = len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
+        return track(i, properties={"blob": "x" * (size - base)})
+
+    status, _, body = post(collector, batch_body(sized(0, MAX_EVENT_BYTES), sized(1, MAX_EVENT_BYTES + 1)))
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["accepted"] == 1
+    assert [(e["index"], e["code"]) for e in answer["errors"]] == [(1, "event_too_large")]
+    assert collector.message_ids() == ["msg-0"]
+
+
+# ---------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------
+
+
+def test_status_fault_with_retry_after(collector: Collector) -> None:
+    collector.respond(Fault.retry(429, retry_after="3"), Fault.status_code(503))
+
+    status, headers, body = post(collector)
+    assert status == 429
+    assert headers["Retry-After"] == "3"
+    assert json.loads(body)["status"] == "error"
+    status, headers, _ = post(collector)
+    assert status == 503 and "Retry-After" not in headers
+    assert collector.events() == []
+    assert [(r.status, r.fault) for r in collector.requests()] == [(429, "429"), (503, "503")]
+
+
+def test_partial_fault_fails_the_given_indices(collector: Collector) -> None:
+    collector.respond(Fault.partial(0, 2, 9))
+    status, _, body = post(collector, batch_body(track(0), track(1), track(2)))
+
+    assert status == 200
+    answer = json.loads(body)
+    assert (answer["accepted"], answer["failed"]) == (1, 2)
+    assert [e["index"] for e in answer["errors"]] == [0, 2]
+    assert all(e["code"] and e["message"] for e in answer["errors"])
+    assert collector.message_ids() == ["msg-1"]
+    assert collector.requests()[0].fault == "partial"
+
+
+def test_non_json_200_fault(collector: Collector) -> None:
+    collector.respond(Fault.non_json_200())
+    status, headers, body = post(collector)
+    assert (status, body) == (200, b"OK")
+    assert headers["Content-Type"].startswith("text/plain")
+    assert collector.message_ids() == ["msg-0"]
+
+
+def test_unexpected_200_fault(collector: Collector) -> None:
+    collector.respond(Fault.unexpected_200())
+    status, _, body = post(collector)
+    assert status == 200
+    answer = json.loads(body)
+    assert "status" not in answer and "accepted" not in answer
+    assert collector.message_ids() == ["msg-0"]
+
+
+def test_accepting_faults_leave_errors_alone(collector: Collector) -> None:
+    collector.respond(Fault.non_json_200())
+    assert post(collector, headers={"Content-Type": "application/json"})[0] == 401
+    assert collector.requests()[0].fault == "non_json_200"
+
+
+@pytest.mark.parametrize("fault", [Fault.reset_before_read(), Fault.reset_after_read()], ids=lambda f: f.kind)
+def test_reset_faults_reset_the_connection(collector: Collector, fault: Fault) -> None:
+    collector.respond(fault)
+    body = batch_body(track(0))
+    with pytest.raises(ConnectionError):  # ConnectionResetError, RemoteDisconnected, EPIPE
+        post(collector, body)
+
+    [request] = collector.requests()
+    assert (request.status, request.fault) == (None, fault.kind)
+    assert request.body == (body if fault.kind == "reset_after_read" else b"")
+    assert collector.events() == []
+    assert post(collector)[0] == 200  # and then back to normal
+
+
+def _post_in_thread(collector: Collector, outcome: list[Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            outcome.append(post(collector, timeout=30))
+        except Exception as exc:  # the outcome is what the test checks
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_blackhole_is_released_by_stop() -> None:
+    collector = Collector().start()
+    collector.set_mode(Fault.blackhole())
+    outcome: list[Any] = []
+    thread = _post_in_thread(collector, outcome)
+    assert collector.wait_for_requests(1, timeout=5)
+    assert outcome == []  # still hanging
+
+    started = time.monotonic()
+    collector.stop()
+    thread.join(timeout=5)
+    assert time.monotonic() - started < 2
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionError)
+    assert collector.requests()[0].status is None and collector.events() == []
+    collector.stop()  # idempotent
+
+
+def test_blackhole_is_released_by_set_mode_none(collector: Collector) -> None:
+    collector.set_mode(Fault.blackhole())
+    outcome: list[Any] = []
+    thread = _post_in_thread(collector, outcome)
+    assert collector.wait_for_requests(1, timeout=5)
+
+    collector.set_mode(None)
+    thread.join(timeout=5)
+    assert not thread.is_alive() and isinstance(outcome[0], ConnectionError)
+    assert post(collector)[0] == 200
+
+
+def test_slow_fault_answers_late_but_records_at_once(collector: Collector) -> None:
+    collector.respond(Fault.slow(0.3), Fault.slow(0.3))
+    started = time.monotonic()
+    assert post(collector)[0] == 200
+    assert time.monotonic() - started >= 0.3
+
+    with pytest.raises(socket.timeout):  # the ambiguous case: timed out, yet accepted
+        post(collector, batch_body(track(1)), timeout=0.05)
+    assert collector.message_ids() == ["msg-0", "msg-1"]
+
+
+def test_drip_fault_writes_the_response_slowly(collector: Collector) -> None:
+    collector.respond(Fault.drip(0.02))
+    started = time.monotonic()
+    status, _, body = post(collector)
+    elapsed = time.monotonic() - started
+
+    assert status == 200 and json.loads(body)["accepted"] == 1
+    assert elapsed >= 5 * 0.02  # a response of 100+ bytes is at least 7 pieces
+    assert collector.requests()[0].fault == "drip"
+
+
+def test_scripted_faults_go_in_order_then_normal(collector: Collector) -> None:
+    collector.respond(Fault.status_code(500), Fault.status_code(502), Fault.partial(0))
+    statuses = [post(collector)[0] for _ in range(4)]
+    assert statuses == [500, 502, 200, 200]
+    assert [r.fault for r in collector.requests()] == ["500", "502", "partial", None]
+    assert len(collector.events()) == 1
+
+
+def test_scripted_faults_come_before_the_standing_mode(collector: Collector) -> None:
+    collector.set_mode(Fault.status_code(503, retry_after="1"))
+    collector.respond(Fault.non_json_200())
+    assert [post(collector)[0] for _ in range(3)] == [200, 503, 503]
+    collector.set_mode(None)
+    assert post(collector)[0] == 200
+
+
+def _fault_sequence(seed: int, n: int) -> list[str | None]:
+    with Collector() as collector:
+        collector.set_random_faults(seed, {"500": 0.3, "429": 0.2, "reset_before_read": 0.1})
+        for i in range(n):
+            try:
+                post(collector, batch_body(track(i)))
+            except ConnectionError:
+                pass
+        assert collector.random_seed == seed
+        return [r.fault for r in collector.requests()]
+
+
+def test_random_faults_are_deterministic_per_seed() -> None:
+    first = _fault_sequence(1234, 40)
+    assert first == _fault_sequence(1234, 40)
+    assert {"500", "429", "reset_before_read", None} == set(first)
+    assert first != _fault_sequence(99, 40)
+
+
+def test_reset_forgets_everything(collector: Collector) -> None:
+    post(collector)
+    collector.respond(Fault.status_code(500))
+    collector.set_mode(Fault.status_code(503))
+    collector.set_random_faults(1, {"500": 1.0})
+    collector.reset()
+
+    assert collector.events() == [] and collector.requests() == []
+    assert collector.random_seed is None
+    assert post(collector)[0] == 200
+
+
+def test_fault_specs_and_json_round_trip() -> None:
+    assert Fault.parse("500") == Fault.status_code(500)
+    assert Fault.parse("slow:0.5") == Fault.slow(0.5)
+    assert Fault.parse("partial:0,3") == Fault.partial(0, 3)
+    assert Fault.parse("reset_before_read").name == "reset_before_read"
+    for fault in (Fault.retry(429, retry_after=2), Fault.partial(1), Fault.non_json_200(b"x")):
+        assert Fault.from_dict(fault.to_dict()) == fault
+    with pytest.raises(ValueError):
+        Fault("nope")
+    with pytest.raises(ValueError):
+        Fault("status")
+    with pytest.raises(ValueError):
+        Fault.retry(429, retry_after="1\r\nX-Evil: 1")
+    with pytest.raises(ValueError):
+        Collector().set_random_faults(1, {"500": 0.7, "503": 0.7})
+
+
+# ---------------------------------------------------------------------------------------
+# Waiting, connections, control endpoints, echo
+# ---------------------------------------------------------------------------------------
+
+
+def test_wait_for_events_times_out_with_false(collector: Collector) -> None:
+    started = time.monotonic()
+    assert collector.wait_for_events(1, timeout=0.1) is False
+    assert 0.09 <= time.monotonic() - started < 2
+    assert collector.wait_for_requests(1, timeout=0.01) is False
+
+
+def test_wait_for_events_wakes_when_events_arrive(collector: Collector) -> None:
+    outcome: list[Any] = []
+    thread = _post_in_thread(collector, outcome)
+    assert collector.wait_for_events(1, timeout=5)
+    thread.join(timeout=5)
+    assert outcome[0][0] == 200
+
+
+def test_stop_closes_idle_keep_alive_connections() -> None:
+    collector = Collector().start()
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=5)
+    try:
+        assert post(conn)[0] == 200
+        collector.stop()
+        with pytest.raises(ConnectionError):
+            post(conn)
+    finally:
+        conn.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", collector.port), timeout=1).close()
+
+
+def test_close_idle_connections_makes_them_stale(collector: Collector) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=5)
+    try:
+        assert post(conn)[0] == 200
+        assert collector.close_idle_connections() == 1
+        with pytest.raises(ConnectionError):
+            post(conn)
+        conn.close()
+        assert post(conn)[0] == 200  # http.client reconnects
+    finally:
+        conn.close()
+    assert collector.connection_count() == 2
+
+
+def _control(collector: Collector, method: str, path: str, payload: Any = None) -> Any:
+    body = b"" if payload is None and method == "GET" else json.dumps(payload).encode()
+    status, _, answer = post(
+        collector, body, method=method, path=path, headers={"Content-Type": "application/json"}
+    )
+    assert status == 200, answer
+    return json.loads(answer)
+
+
+def test_control_endpoints(collector: Collector) -> None:
+    post(collector)
+    assert _control(collector, "GET", "/_klime/events") == [track(0)]
+    [summary] = _control(collector, "GET", "/_klime/requests")
+    assert (summary["method"], summary["path"], summary["status"]) == ("POST", "/v1/batch", 200)
+    assert KEY not in json.dumps(summary)
+
+    _control(collector, "POST", "/_klime/mode", {"kind": "status", "status": 503, "retry_after": "2"})
+    status, headers, _ = post(collector)
+    assert (status, headers["Retry-After"]) == (503, "2")
+    _control(collector, "POST", "/_klime/mode", None)
+    assert post(collector)[0] == 200
+
+    _control(collector, "POST", "/_klime/respond", [{"kind": "status", "status": 500}, "502"])
+    assert [post(collector)[0] for _ in range(3)] == [500, 502, 200]
+
+    _control(collector, "POST", "/_klime/reset", {})
+    assert _control(collector, "GET", "/_klime/events") == []
+    assert collector.requests() == []  # control calls are not recorded
+
+    status, _, _ = post(
+        collector, b'{"kind": "nope"}', path="/_klime/mode", headers={"Content-Type": "application/json"}
+    )
+    assert status == 400
+    threading.Thread(target=post, args=(collector,), daemon=True).start()
+    assert _control(collector, "GET", "/_klime/events?min=1&timeout=5") == [track(0)]
+
+
+def test_echo_prints_one_line_per_event_and_per_rejection() -> None:
+    echo = io.StringIO()
+    identify = {
+        "type": "identify",
+        "messageId": "i",
+        "timestamp": "t",
+        "userId": "user_123",
+        "traits": {"email": "a@b.c"},
+    }
+    group = {
+        "type": "group",
+        "messageId": "g",
+        "timestamp": "t",
+        "groupId": "org_456",
+        "userId": "user_123",
+        "traits": {"name": "Acme"},
+    }
+    with Collector(echo=echo) as collector:
+        post(collector, batch_body(track(0), identify, group))
+        collector.respond(Fault.status_code(500))
+        post(collector)
+
+    lines = echo.getvalue().splitlines()
+    assert lines[0][12:] == '  track     "Button Clicked"  user=user_123  {"plan": "pro"}'
+    assert lines[1].endswith('  identify  user=user_123  {"email": "a@b.c"}')
+    assert lines[2].endswith('  group     org_456  user=user_123  {"name": "Acme"}')
+    assert lines[3].endswith("-> 500 (fault)")
+    assert len(lines) == 4
+
+
+def test_many_requests_per_second_on_one_connection(collector: Collector) -> None:
+    body = batch_body(*[track(i) for i in range(20)])
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=5)
+    n = 300
+    started = time.monotonic()
+    try:
+        for _ in range(n):
+            conn.request("POST", "/v1/batch", body=body, headers=HEADERS)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+    finally:
+        conn.close()
+    rate = n / (time.monotonic() - started)
+    assert rate > 300, f"only {rate:.0f} requests/s"
+    assert len(collector.events()) == 20 * n
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def test_cli_runs_a_command_against_the_collector_and_summarises() -> None:
+    script = (
+        "import json, os, sys, urllib.request\n"
+        "event = {'type': 'track', 'messageId': 'm1', 'timestamp': '2024-01-01T00:00:00.000Z',"
+        " 'event': 'Button Clicked', 'userId': 'user_123', 'properties': {'plan': 'pro'}}\n"
+        "request = urllib.request.Request(os.environ['KLIME_ENDPOINT'] + '/v1/batch',"
+        " data=json.dumps({'batch': [event]}).encode(), method='POST', headers={"
+        "'Content-Type': 'application/json',"
+        " 'Authorization': 'Bearer ' + os.environ['KLIME_WRITE_KEY']})\n"
+        "print('child got', urllib.request.urlopen(request, timeout=5).status, flush=True)\n"
+        "sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "klime.devserver",
+            "--port",
+            "0",
+            "--write-key",
+            "k1",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=subprocess_env(),
+    )
+    out = result.stdout
+    assert result.returncode == 3, (out, result.stderr)
+    assert out.startswith("klime devserver listening on http://127.0.0.1:")
+    assert "child got 200" in out
+    assert '  track     "Button Clicked"  user=user_123  {"plan": "pro"}' in out
+    assert "1 events arrived: 1 track, 0 identify, 0 group" in out
+
+
+def test_cli_serves_with_a_standing_failure_until_interrupted() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "klime.devserver", "--port", "0", "--fail", "503", "--retry-after", "7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 15)
+        assert ready, "no listening line"
+        line = process.stdout.readline()
+        assert line.startswith("klime devserver listening on http://127.0.0.1:")
+        port = int(line.strip().rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            status, headers, _ = post(conn)
+        finally:
+            conn.close()
+        assert (status, headers["Retry-After"]) == (503, "7")
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert "-> 503 (fault)" in out
