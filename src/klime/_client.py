@@ -325,6 +325,7 @@ class Client:
                 self._closed = True
             self._transport.at_exit(self.exit_timeout, self.flush_on_shutdown)
             self._sync.shutdown(0)
+            self._sender.close()
         except Exception:
             log.exception("klime: flushing at exit failed")
 
@@ -347,7 +348,7 @@ class Client:
             "tracked": main["accepted"] + sync["accepted"],
             "sent": books["sent"],
             "failed": books["failed"],
-            "dropped": books["dropped"],
+            "dropped": books["dropped"] + main.get("dropped", 0),
             "queued": main["pending"] + sync["pending"],
             "retries": books["retries"],
             "requests": books["requests"],

@@ -184,13 +184,18 @@ class Delivery:
         with b.lock:
             b.sent += count
 
-    def drop(self, events: Sequence[bytes], reason: str) -> None:
-        """Count ``events`` as dropped (never sent) and report them to ``on_error``."""
+    def drop(self, events: Sequence[bytes], reason: str, *, counted: bool = False) -> None:
+        """Count ``events`` as dropped (never sent) and report them to ``on_error``.
+
+        ``counted``: the caller already counted them (a transport that counts drops the
+        moment they happen and reports them later, off the hot path).
+        """
         if not events:
             return
-        b = self._books
-        with b.lock:
-            b.dropped += len(events)
+        if not counted:
+            b = self._books
+            with b.lock:
+                b.dropped += len(events)
         self._report_error(SendError(reason, None, decode_all(events)))
 
     def fail(self, events: Sequence[bytes], reason: str) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "InvocationTransport",
     "MemoryTransport",
     "make_transport",
+    "set_transport_override",
     "default_transport_name",
 ]
 
@@ -60,8 +61,21 @@ def default_transport_name() -> str:
     return "invocation" if serverless_platform() else "background"
 
 
+#: When set, every Client created from now on gets its transport from this factory,
+#: whatever it asked for (``klime.testing`` uses it to capture events with no network).
+_override: Optional[Callable[[], Transport]] = None
+
+
+def set_transport_override(factory: Optional[Callable[[], Transport]]) -> None:
+    """Make every Client created from now on use ``factory()`` as its transport (None: stop)."""
+    global _override
+    _override = factory
+
+
 def make_transport(spec: Union[str, Transport, None], **options: Any) -> Transport:
     """A transport from a name (or None: chosen from the environment) or an instance."""
+    if _override is not None:
+        return _override()
     if isinstance(spec, Transport):
         return spec
     if spec is None:

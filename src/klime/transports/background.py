@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import deque
+from threading import Thread
 from typing import Callable, Deque, Dict, List, Optional
 
 from .._config import DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE
@@ -112,7 +113,8 @@ class BackgroundTransport(Transport):
         self._inflight: Optional[_Claim] = None
         self._inflight_start = 0
         self._inflight_events: List[bytes] = []
-        self._overflow: List[bytes] = []
+        self._overflow: List[bytes] = []  # dropped (and counted), not yet reported
+        self._dropped = 0
         self._overflow_first = 0
         self._overflow_reporting: Optional[int] = None
         self._overflow_episode = 0
@@ -140,6 +142,7 @@ class BackgroundTransport(Transport):
                     self._overflow_first = self._left
                 self._overflow.append(queue.popleft())
                 self._left += 1
+                self._dropped += 1
             queue.append(event)
             self._accepted += 1
             size = len(queue)
@@ -161,7 +164,7 @@ class BackgroundTransport(Transport):
             if not allowed:
                 self._thread = _NO_THREAD
                 return _NO_THREAD
-            thread = threading.Thread(target=self._run, name="klime-sender", daemon=True)
+            thread = Thread(target=self._run, name="klime-sender", daemon=True)
             self._thread = thread
         try:
             thread.start()
@@ -247,7 +250,11 @@ class BackgroundTransport(Transport):
                     "endpoint is reachable",
                     self.max_queue_size,
                 )
-            self.delivery.drop(dropped, f"queue full (max_queue_size={self.max_queue_size}); event dropped")
+            self.delivery.drop(
+                dropped,
+                f"queue full (max_queue_size={self.max_queue_size}); event dropped",
+                counted=True,
+            )
         finally:
             with self._lock:
                 self._overflow_reporting = None
@@ -273,12 +280,17 @@ class BackgroundTransport(Transport):
             count += min(len(self._overflow), target - self._overflow_first)
         return count
 
+    def _snapshot(self) -> Dict[str, int]:
+        counters = self.delivery.counters()
+        counters["dropped"] += self._dropped
+        return counters
+
     def _worker_alive(self) -> bool:
         thread = self._thread
         return thread is not None and thread is not _NO_THREAD and thread.is_alive()  # type: ignore[attr-defined]
 
     def _wait_settled(self, deadline: Deadline) -> FlushResult:
-        before = self.delivery.counters()
+        before = self._snapshot()
         with self._lock:
             target = self._accepted
         if self._worker_alive():
@@ -301,7 +313,7 @@ class BackgroundTransport(Transport):
             self._drain_inline(deadline, full=True)
         with self._lock:
             unsent = self._unsettled(target)
-        after = self.delivery.counters()
+        after = self._snapshot()
         return FlushResult(
             sent=after["sent"] - before["sent"],
             failed=after["failed"] - before["failed"],
@@ -328,7 +340,7 @@ class BackgroundTransport(Transport):
                 self._left += len(leftovers)
             else:
                 leftovers = []
-        before = self.delivery.counters()
+        before = self._snapshot()
         self._worker_deadline.tighten(deadline.at if flush else _monotonic())
         if flush:
             self._wait_settled(deadline)
@@ -358,7 +370,7 @@ class BackgroundTransport(Transport):
                 else "client shut down with flush_on_shutdown=False; event not sent"
             )
             self.delivery.drop(leftovers, reason)
-        after = self.delivery.counters()
+        after = self._snapshot()
         with self._lock:
             unsent = len(self._queue) + (len(self._inflight_events) if self._inflight else 0)
         return FlushResult(
@@ -371,9 +383,5 @@ class BackgroundTransport(Transport):
 
     def counts(self) -> Dict[str, int]:
         with self._lock:
-            pending = (
-                len(self._queue)
-                + len(self._overflow)
-                + (len(self._inflight_events) if self._inflight is not None else 0)
-            )
-            return {"accepted": self._accepted, "pending": pending}
+            pending = len(self._queue) + (len(self._inflight_events) if self._inflight is not None else 0)
+            return {"accepted": self._accepted, "pending": pending, "dropped": self._dropped}

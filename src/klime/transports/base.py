@@ -59,7 +59,8 @@ class Transport(abc.ABC):
         """
 
     def counts(self) -> Dict[str, int]:
-        """``accepted``: events taken by ``submit``; ``pending``: not yet resolved."""
+        """``accepted``: events taken by ``submit``; ``pending``: not yet resolved;
+        optionally ``dropped``: events the transport dropped (and counted) itself."""
         return {"accepted": 0, "pending": 0}
 
     def after_fork(self) -> None:

@@ -1,0 +1,333 @@
+"""klime.transports.background: the default transport, over real sockets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import klime
+from klime.devserver import Fault
+from klime.transports.background import BackgroundTransport
+
+from conftest import WRITE_KEY, Recorder, conserved, wait_until
+
+
+def sender_threads():
+    return [t for t in threading.enumerate() if t.name == "klime-sender"]
+
+
+def test_thread_starts_lazily_on_first_event(make_client, collector):
+    before = len(sender_threads())
+    client = make_client()
+    assert len(sender_threads()) == before
+    client.track("E", user_id="u")
+    assert wait_until(lambda: len(sender_threads()) == before + 1, 2)
+    assert all(t.daemon for t in sender_threads())
+
+
+def test_interval_flush_without_calling_flush(make_client, collector):
+    client = make_client(flush_interval=100)
+    start = time.monotonic()
+    client.track("E", user_id="u")
+    assert collector.wait_for_events(1, timeout=5)
+    assert time.monotonic() - start >= 0.05  # waited for the interval, not sent at once
+    assert conserved(client.stats())
+
+
+def test_size_triggered_flush_does_not_wait_for_the_interval(make_client, collector):
+    client = make_client(flush_interval=60_000, max_batch_size=10)
+    for i in range(10):
+        client.track("E", {"i": i}, user_id="u")
+    assert collector.wait_for_events(10, timeout=5)
+    (req,) = collector.requests()
+    assert len(req.json()["batch"]) == 10
+
+
+def test_partial_batch_waits_for_the_interval(make_client, collector):
+    client = make_client(flush_interval=60_000, max_batch_size=10)
+    for i in range(15):
+        client.track("E", {"i": i}, user_id="u")
+    assert collector.wait_for_events(10, timeout=5)
+    assert not collector.wait_for_events(11, timeout=0.3)  # the tail of 5 waits (interval 60 s)
+    assert client.flush(timeout=5).unsent == 0
+    assert len(collector.events()) == 15
+
+
+def test_backlog_is_drained_back_to_back(make_client, collector):
+    collector.set_mode(Fault.slow(0.3))
+    client = make_client(flush_interval=60_000, max_batch_size=10, max_queue_size=1000)
+    for i in range(10):
+        client.track("E", {"i": i}, user_id="u")
+    assert collector.wait_for_requests(1, timeout=5)  # the first batch is being answered slowly
+    for i in range(10, 50):
+        client.track("E", {"i": i}, user_id="u")  # 4 full batches pile up meanwhile
+    collector.set_mode(None)
+    assert collector.wait_for_events(50, timeout=5)  # no 60 s interval waits between them
+    sizes = [len(r.json()["batch"]) for r in collector.requests()]
+    assert sizes == [10] * 5
+    assert [e["properties"]["i"] for e in collector.events()] == list(range(50))
+
+
+def test_overflow_drops_the_oldest_counts_and_reports_in_batches(make_client, collector, caplog_klime):
+    collector.set_mode(Fault.blackhole())
+    on_error = Recorder()
+    client = make_client(max_queue_size=100, max_batch_size=10, on_error=on_error, flush_interval=60_000)
+    for i in range(10):
+        client.track("E", {"i": i}, user_id="u")
+    assert collector.wait_for_requests(1, timeout=5)  # batch 0..9 is in flight, stuck
+    for i in range(10, 1110):  # 1,100 more into a queue of 100
+        client.track("E", {"i": i}, user_id="u")
+    stats = client.stats()  # counted the moment they were dropped
+    assert stats["dropped"] == 1000 and stats["tracked"] == 1110
+    assert stats["queued"] == 110 and conserved(stats)
+    # reported by the sender thread once it is free again (here: when the black hole lets go)
+    collector.set_mode(None)
+    assert wait_until(lambda: len(on_error.events) == 1000, 15)
+    dropped = sorted(e["properties"]["i"] for e in on_error.events)
+    assert dropped == list(range(10, 1010))  # exactly the oldest queued ones
+    assert len(on_error.calls) < 1000  # reported in batches, not one call per event
+    warnings = [r for r in caplog_klime.records if "queue is full" in r.getMessage()]
+    assert len(warnings) == 1  # one warning per episode
+    result = client.shutdown(timeout=10)
+    stats = client.stats()
+    assert stats["queued"] == 0 and conserved(stats), (stats, result)
+    arrived = sorted(e["properties"]["i"] for e in collector.events())
+    assert arrived == list(range(10)) + list(range(1010, 1110))  # the in-flight batch was retried
+
+
+def test_flush_waits_for_everything_queued_before_it(make_client, collector):
+    client = make_client(flush_interval=60_000, max_batch_size=7)
+    for i in range(100):
+        client.track("E", {"i": i}, user_id="u")
+    result = client.flush(timeout=10)
+    assert result.unsent == 0 and not result.timed_out
+    assert len(collector.events()) == 100
+    stats = client.stats()
+    assert stats["sent"] == 100 and stats["queued"] == 0 and conserved(stats)
+
+
+def test_flush_deadline_against_a_black_hole(make_client, collector):
+    collector.set_mode(Fault.blackhole())
+    client = make_client(flush_interval=60_000)
+    for _ in range(5):
+        client.track("E", user_id="u")
+    start = time.monotonic()
+    result = client.flush(timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert elapsed <= 0.5 + 0.25
+    assert result.unsent == 5 and result.timed_out
+    assert conserved(client.stats())
+
+
+def test_shutdown_deadline_against_a_black_hole(make_client, collector):
+    collector.set_mode(Fault.blackhole())
+    on_error = Recorder()
+    client = make_client(on_error=on_error, flush_interval=60_000, max_batch_size=5)
+    for _ in range(12):
+        client.track("E", user_id="u")
+    start = time.monotonic()
+    result = client.shutdown(timeout=0.5)
+    assert time.monotonic() - start <= 0.5 + 0.25
+    stats = client.stats()
+    assert stats["queued"] == 0 and stats["failed"] + stats["dropped"] == 12 and conserved(stats)
+    assert len(on_error.events) == 12 and result.timed_out
+
+
+def test_shutdown_cuts_a_backoff_sleep_short(make_client, collector):
+    collector.set_mode(Fault.status_code(503))
+    client = make_client(retry_initial_delay=10_000, retry_max_attempts=5, flush_interval=10)
+    client.track("E", user_id="u")
+    assert collector.wait_for_requests(1, timeout=5)  # now sleeping ~10 s before the retry
+    start = time.monotonic()
+    client.shutdown(timeout=0.3)
+    assert time.monotonic() - start <= 0.3 + 0.25
+    stats = client.stats()
+    assert stats["failed"] == 1 and stats["queued"] == 0 and conserved(stats)
+
+
+def test_shutdown_without_flush_reports_what_was_queued(make_client, collector):
+    on_error = Recorder()
+    client = make_client(flush_on_shutdown=False, on_error=on_error, flush_interval=60_000)
+    for _ in range(3):
+        client.track("E", user_id="u")
+    client.shutdown(timeout=1)
+    assert len(on_error.events) == 3 and "flush_on_shutdown=False" in on_error.calls[0][0].message
+    stats = client.stats()
+    assert stats["dropped"] == 3 and conserved(stats)
+    assert collector.events() == []
+
+
+def test_callbacks_raising_do_not_kill_the_thread(make_client, collector):
+    def boom(*_):
+        raise RuntimeError("user bug")
+
+    client = make_client(on_error=boom, on_success=boom, flush_interval=20)
+    collector.respond(Fault.status_code(400))
+    client.track("bad", user_id="u")
+    assert wait_until(lambda: client.stats()["failed"] == 1, 5)
+    client.track("good", user_id="u")
+    assert collector.wait_for_events(1, timeout=5)
+    assert client.flush(timeout=5).unsent == 0
+    assert [t.is_alive() for t in sender_threads()]
+
+
+def test_retries_are_counted(make_client, collector):
+    collector.respond(Fault.status_code(500), Fault.status_code(502))
+    client = make_client(flush_interval=20)
+    client.track("E", user_id="u")
+    client.flush(timeout=5)
+    stats = client.stats()
+    assert stats["retries"] == 2 and stats["requests"] == 3 and stats["sent"] == 1
+
+
+def test_eight_thread_storm_delivers_every_event_exactly_once(make_client, collector):
+    client = make_client(max_batch_size=100, max_queue_size=50_000, flush_interval=50)
+    per_thread, threads = 5000, 8
+    barrier = threading.Barrier(threads)
+
+    def produce(t):
+        barrier.wait()
+        for i in range(per_thread):
+            client.track("Storm", {"t": t, "i": i}, user_id=f"user_{i % 1000}")
+
+    workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    result = client.flush(timeout=60)
+    total = per_thread * threads
+    assert result.unsent == 0
+    ids = collector.message_ids()
+    assert len(ids) == total and len(set(ids)) == total
+    stats = client.stats()
+    assert stats["tracked"] == stats["sent"] == total and conserved(stats)
+    seen = {(e["properties"]["t"], e["properties"]["i"]) for e in collector.events()}
+    assert len(seen) == total
+
+
+def test_the_transport_accepts_a_custom_instance(collector):
+    transport = BackgroundTransport(flush_interval=50, max_batch_size=3)
+    client = klime.Client(WRITE_KEY, endpoint=collector.url, transport=transport)
+    try:
+        assert client.transport is transport
+        for _ in range(3):
+            client.track("E", user_id="u")
+        assert collector.wait_for_events(3, timeout=5)
+    finally:
+        client.shutdown(timeout=2)
+
+
+def test_inline_mode_without_threads(collector):
+    transport = BackgroundTransport(flush_interval=60_000, max_batch_size=5, threads=False)
+    before = len(sender_threads())
+    client = klime.Client(WRITE_KEY, endpoint=collector.url, transport=transport)
+    try:
+        for _ in range(5):
+            client.track("E", user_id="u")
+        assert len(collector.events()) == 5  # sent on the caller's thread when the batch filled
+        client.track("E", user_id="u")
+        assert client.flush(timeout=5).unsent == 0
+        assert len(collector.events()) == 6
+        assert len(sender_threads()) == before
+    finally:
+        client.shutdown(timeout=2)
+
+
+# --------------------------------------------------------------------------- process exit
+
+EXIT_SCRIPT = """
+import sys, klime
+client = klime.Client({key!r}, endpoint={url!r}, flush_interval=60_000, exit_timeout={exit_timeout})
+for i in range(25):
+    client.track("AtExit", {{"i": i}}, user_id="u")
+{ending}
+"""
+
+
+@pytest.mark.parametrize(
+    "ending, code",
+    [
+        ("pass", 0),
+        ("sys.exit(3)", 3),
+        ("raise RuntimeError('uncaught')", 1),
+    ],
+)
+def test_atexit_flush(collector, src_env, ending, code):
+    script = EXIT_SCRIPT.format(key=WRITE_KEY, url=collector.url, exit_timeout=5, ending=ending)
+    proc = subprocess.run([sys.executable, "-c", script], env=src_env, capture_output=True, timeout=30)
+    assert proc.returncode == code, proc.stderr
+    assert len(collector.events()) == 25
+    assert b"can't create new thread" not in proc.stderr
+
+
+def test_an_event_tracked_during_interpreter_exit_is_delivered(collector, src_env):
+    script = textwrap.dedent(
+        f"""
+        import atexit, klime
+        client = klime.Client({WRITE_KEY!r}, endpoint={collector.url!r}, flush_interval=60_000)
+        # the first event arrives while the interpreter is shutting down
+        atexit.register(lambda: client.track("Late", user_id="u"))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=src_env, capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert b"Traceback" not in proc.stderr
+    assert [e["event"] for e in collector.events()] == ["Late"]
+
+
+@pytest.mark.parametrize("mode", [Fault.blackhole(), None])
+def test_exit_is_bounded_by_exit_timeout(collector, src_env, mode):
+    if mode is not None:
+        collector.set_mode(mode)
+        url = collector.url
+    else:
+        url = "http://127.0.0.1:9"  # refused
+    script = EXIT_SCRIPT.format(key=WRITE_KEY, url=url, exit_timeout=1.0, ending="pass")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], env=src_env, capture_output=True, timeout=30)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 1.0 + 2.5  # interpreter start-up + the 1 s bound
+
+
+def test_explicit_shutdown_unregisters_the_exit_hook(collector, src_env):
+    script = textwrap.dedent(
+        f"""
+        import klime
+        client = klime.Client({WRITE_KEY!r}, endpoint={collector.url!r})
+        client.track("E", user_id="u")
+        client.shutdown(timeout=5)
+        import klime._lifecycle as lc
+        print(len(lc._exit_hooks))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=src_env, capture_output=True, timeout=30, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0"
+    assert len(collector.events()) == 1
+
+
+def test_no_thread_can_start_then_events_are_sent_inline(collector, monkeypatch):
+    """Python 3.12+ refuses new threads at interpreter shutdown; the queue drains inline."""
+
+    class Refused(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr("klime.transports.background.Thread", Refused)
+    client = klime.Client(WRITE_KEY, endpoint=collector.url, max_batch_size=2, flush_interval=60_000)
+    try:
+        client.track("A", user_id="u")
+        client.track("B", user_id="u")
+        assert [e["event"] for e in collector.events()] == ["A", "B"]
+        client.track("C", user_id="u")
+    finally:
+        monkeypatch.undo()
+        client.shutdown(timeout=5)
+    assert [e["event"] for e in collector.events()] == ["A", "B", "C"]
