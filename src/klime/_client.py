@@ -7,6 +7,7 @@ or integration, never a branch here.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import threading
@@ -32,13 +33,13 @@ def _number(name: str, value: Any, default: float, *, minimum: float, strict: bo
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigurationError(f"{name} must be a number, not {type(value).__name__}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    number = float(value)
+    if not math.isfinite(number):
         raise ConfigurationError(f"{name} must be a finite number")
-    if value < minimum or (strict and value == minimum):
+    if number < minimum or (strict and number == minimum):
         bound = f"greater than {minimum:g}" if strict else f"at least {minimum:g}"
-        raise ConfigurationError(f"{name} must be {bound}, got {value:g}")
-    return value
+        raise ConfigurationError(f"{name} must be {bound}, got {number:g}")
+    return number
 
 
 def _integer(name: str, value: Any, default: int, *, minimum: int) -> int:

@@ -24,8 +24,8 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
-from json.encoder import encode_basestring as _c_quote  # type: ignore[attr-defined]
-from typing import Any, Callable, Dict, Optional
+from json.encoder import encode_basestring as _c_quote
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from ._config import MAX_EVENT_BYTES
 from ._version import __version__
@@ -352,7 +352,7 @@ def decode(raw: bytes) -> dict[str, Any]:
     return result
 
 
-def decode_all(events: "list[bytes] | tuple[bytes, ...]") -> list[dict[str, Any]]:
+def decode_all(events: Sequence[bytes]) -> list[dict[str, Any]]:
     """The wire dicts of encoded events, in order."""
     return [json.loads(raw) for raw in events]
 

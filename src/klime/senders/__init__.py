@@ -7,9 +7,10 @@ events (that is :class:`klime._delivery.Delivery`'s job). Write your own by subc
 
 from __future__ import annotations
 
+from .._batching import batch_body
 from .base import Sender, SendResult
 
-__all__ = ["Sender", "SendResult", "HttpSender", "SqsSender"]
+__all__ = ["Sender", "SendResult", "HttpSender", "SqsSender", "batch_body"]
 
 
 def __getattr__(name: str) -> object:  # lazy: requests / boto3 are imported only when used

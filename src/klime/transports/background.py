@@ -348,9 +348,8 @@ class BackgroundTransport(Transport):
             self._stopping = True
         self._wake.set()
         thread = self._thread
-        if self._worker_alive() and thread is not threading.current_thread():
-            left = deadline.remaining()
-            thread.join(left if left is not None else None)  # type: ignore[attr-defined]
+        if isinstance(thread, Thread) and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(deadline.remaining())
         with self._lock:
             leftovers += list(self._queue)
             self._left += len(self._queue)
