@@ -196,7 +196,7 @@ class Delivery:
             b = self._books
             with b.lock:
                 b.dropped += len(events)
-        self._report_error(SendError(reason, None, decode_all(events)))
+        self._report_lost(events, reason, retryable=False)
 
     def fail(self, events: Sequence[bytes], reason: str) -> None:
         """Count ``events`` as failed (sent, outcome unknown or negative) and report them."""
@@ -205,7 +205,13 @@ class Delivery:
         b = self._books
         with b.lock:
             b.failed += len(events)
-        self._report_error(SendError(reason, None, decode_all(events), retryable=True))
+        self._report_lost(events, reason, retryable=True)
+
+    def _report_lost(self, events: Sequence[bytes], reason: str, *, retryable: bool) -> None:
+        if (self.on_error or defaults.on_error) is None:  # nobody to hand the events to
+            logger.error("klime: %d events not delivered: %s", len(events), reason)
+            return
+        self._report_error(SendError(reason, None, decode_all(events), retryable=retryable))
 
     # ---------------------------------------------------------------- callbacks
 

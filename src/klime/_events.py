@@ -80,18 +80,24 @@ def new_message_id() -> str:
 # ---------------------------------------------------------------------------------------
 # timestamps: ISO 8601 UTC with milliseconds and "Z"; the second's prefix is cached.
 
-_ts_cache: tuple[int, str] = (-1, "")
+_ts_cache: tuple[int, str] = (-1, "")  # (millisecond, its text): events come in bursts
+_sec_cache: tuple[int, str] = (-1, "")  # (second, "YYYY-MM-DDTHH:MM:SS")
 
 
 def now_timestamp() -> str:
-    global _ts_cache
-    t = time.time()
-    sec = int(t)
-    cached_sec, prefix = _ts_cache
+    global _ts_cache, _sec_cache
+    ms = int(time.time() * 1000)
+    cached_ms, text = _ts_cache
+    if ms == cached_ms:
+        return text
+    sec = ms // 1000
+    cached_sec, prefix = _sec_cache
     if sec != cached_sec:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        _ts_cache = (sec, prefix)
-    return "%s.%03dZ" % (prefix, int((t - sec) * 1000))
+        _sec_cache = (sec, prefix)
+    text = "%s.%03dZ" % (prefix, ms - sec * 1000)
+    _ts_cache = (ms, text)
+    return text
 
 
 # ---------------------------------------------------------------------------------------

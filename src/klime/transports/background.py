@@ -33,6 +33,9 @@ __all__ = ["BackgroundTransport"]
 
 _monotonic = time.monotonic
 
+#: Dropped events are handed to on_error at most this many at a time.
+_REPORT_SLICE = 1000
+
 
 class _Claim:
     """Who settles an in-flight batch: its sender, or a shutdown that gave up waiting."""
@@ -238,8 +241,13 @@ class BackgroundTransport(Transport):
                     total, self._overflow_episode = self._overflow_episode, 0
                     log.warning("klime: the queue has room again; %d events were dropped", total)
                 return
-            self._overflow = []
-            self._overflow_reporting = self._overflow_first
+            if len(dropped) > _REPORT_SLICE:  # bound the memory and GIL time of one report
+                dropped, self._overflow = dropped[:_REPORT_SLICE], dropped[_REPORT_SLICE:]
+                reporting, self._overflow_first = self._overflow_first, self._overflow_first + _REPORT_SLICE
+            else:
+                self._overflow = []
+                reporting = self._overflow_first
+            self._overflow_reporting = reporting
             first_of_episode = self._overflow_episode == 0
             self._overflow_episode += len(dropped)
         try:
@@ -258,7 +266,10 @@ class BackgroundTransport(Transport):
         finally:
             with self._lock:
                 self._overflow_reporting = None
+                more = bool(self._overflow)
                 self._settled_cond.notify_all()
+        if more:
+            self._report_overflow()
 
     # ------------------------------------------------------------------ flush / shutdown
 
