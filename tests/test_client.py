@@ -79,7 +79,7 @@ def test_batch_size_above_100_is_capped_with_one_warning(caplog_klime):
 
 
 def test_sync_calls_return_the_response(make_client, collector):
-    client = make_client(transport="memory")
+    client = make_client()
     r1 = client.track_sync("Signup", {"plan": "pro"}, user_id="u1")
     r2 = client.identify_sync("u1", {"email": "a@b.c"})
     r3 = client.group_sync("g1", {"name": "Acme"}, user_id="u1")
@@ -91,7 +91,7 @@ def test_sync_calls_return_the_response(make_client, collector):
 
 def test_sync_raises_send_error_with_wire_events(make_client, collector):
     on_error = Recorder()
-    client = make_client(transport="memory", on_error=on_error)
+    client = make_client(transport="blocking", on_error=on_error)
     collector.respond(Fault.status_code(400))
     with pytest.raises(SendError) as info:
         client.track_sync("Signup", {"plan": "pro"}, user_id="u1")
@@ -104,7 +104,7 @@ def test_sync_raises_send_error_with_wire_events(make_client, collector):
 
 
 def test_sync_partial_failure_raises(make_client, collector):
-    client = make_client(transport="memory")
+    client = make_client()
     collector.respond(Fault.partial(0))
     with pytest.raises(SendError) as info:
         client.track_sync("E", user_id="u")
@@ -114,7 +114,7 @@ def test_sync_partial_failure_raises(make_client, collector):
 def test_sync_timeout_bounds_retries(make_client, collector):
     import time
 
-    client = make_client(transport="memory", retry_initial_delay=1000)
+    client = make_client(transport="blocking", retry_initial_delay=1000)
     collector.set_mode(Fault.status_code(500))
     start = time.monotonic()
     with pytest.raises(SendError):
@@ -249,3 +249,12 @@ def test_write_key_never_in_repr_logs_or_errors(collector, caplog_klime):
     texts += [r.getMessage() for r in caplog_klime.records]
     texts += [str(info.value.events), str(info.value.__dict__)]
     assert not [t for t in texts if secret in t]
+
+
+def test_memory_transport_serves_sync_calls_without_network(make_client, collector):
+    client = make_client(transport="memory")
+    assert client.track_sync("E", user_id="u").accepted == 1
+    assert client.transport.events[0]["event"] == "E"
+    assert collector.requests() == []
+    stats = client.stats()
+    assert stats["tracked"] == 1 and stats["sent"] == 1 and conserved(stats)

@@ -16,6 +16,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from ._aio import asgi_lifespan
 from ._client import Client
 from ._logging import set_logger as _set_logger
 from ._models import BatchResponse, EventError, FlushResult
@@ -63,6 +64,7 @@ __all__ = [
     "flush",
     "shutdown",
     "restart",
+    "asgi_lifespan",
     "klime_lambda",
     "klime_cloud_function",
 ]

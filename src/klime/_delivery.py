@@ -158,7 +158,7 @@ class Delivery:
         for error, lost in failed_events:
             error.events = decode_all(lost)
             if report:
-                self._report_error(error)
+                self.report_error(error)
         on_success = self.on_success or defaults.on_success
         if on_success is not None:
             for response in outcome.responses or ():
@@ -211,11 +211,12 @@ class Delivery:
         if (self.on_error or defaults.on_error) is None:  # nobody to hand the events to
             logger.error("klime: %d events not delivered: %s", len(events), reason)
             return
-        self._report_error(SendError(reason, None, decode_all(events), retryable=retryable))
+        self.report_error(SendError(reason, None, decode_all(events), retryable=retryable))
 
     # ---------------------------------------------------------------- callbacks
 
-    def _report_error(self, error: SendError) -> None:
+    def report_error(self, error: SendError) -> None:
+        """Hand ``error`` (and its events) to ``on_error``, else log it. Never raises."""
         callback = self.on_error or defaults.on_error
         if callback is None:
             logger.error("klime: %d events not delivered: %s", len(error.events), error.message)

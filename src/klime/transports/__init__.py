@@ -26,6 +26,7 @@ __all__ = [
     "InvocationTransport",
     "MemoryTransport",
     "make_transport",
+    "make_sync_transport",
     "set_transport_override",
     "default_transport_name",
 ]
@@ -70,6 +71,12 @@ def set_transport_override(factory: Optional[Callable[[], Transport]]) -> None:
     """Make every Client created from now on use ``factory()`` as its transport (None: stop)."""
     global _override
     _override = factory
+
+
+def make_sync_transport(main: Transport) -> Transport:
+    """The transport behind a client's ``*_sync`` calls: ``main``'s own choice, else blocking."""
+    own = main.sync_transport()
+    return own if own is not None else BlockingTransport()
 
 
 def make_transport(spec: Union[str, Transport, None], **options: Any) -> Transport:

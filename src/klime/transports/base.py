@@ -58,6 +58,11 @@ class Transport(abc.ABC):
         ``on_error`` and counted. Idempotent.
         """
 
+    def sync_transport(self) -> Optional["Transport"]:
+        """The transport for this client's ``*_sync`` calls, if this one wants to serve
+        them itself (the memory transport records them); None: a blocking transport."""
+        return None
+
     def counts(self) -> Dict[str, int]:
         """``accepted``: events taken by ``submit``; ``pending``: not yet resolved;
         optionally ``dropped``: events the transport dropped (and counted) itself."""

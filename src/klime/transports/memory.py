@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .._events import decode
-from .._models import FlushResult
+from .._models import BatchResponse, FlushResult
 from .base import Transport
 
 __all__ = ["MemoryTransport"]
@@ -48,6 +48,19 @@ class MemoryTransport(Transport):
         """A copy of the recorded events as the exact JSON bytes that would be sent."""
         with self._lock:
             return list(self._raw)
+
+    def send(self, events: Sequence[bytes], timeout: Optional[float] = None) -> Optional[BatchResponse]:
+        """The ``*_sync`` path: record ``events`` and answer as a server accepting them all.
+
+        Returns None (nothing recorded) when the transport was shut down.
+        """
+        for event in events:
+            if not self.submit(event):
+                return None
+        return BatchResponse("ok", len(events))
+
+    def sync_transport(self) -> "MemoryTransport":
+        return self
 
     def clear(self) -> None:
         with self._lock:
