@@ -138,7 +138,9 @@ class Delivery:
                 outcome.sent += len(batch)
                 continue
             if keep_unsent and result.deadline_reached:
-                outcome.unsent.extend(batch)  # type: ignore[union-attr]
+                kept = set(result.failed)
+                outcome.unsent.extend(batch[i] for i in sorted(kept))  # type: ignore[union-attr]
+                outcome.sent += len(batch) - len(kept)
                 continue
             failed_set = set(result.failed)
             outcome.sent += len(batch) - len(failed_set)

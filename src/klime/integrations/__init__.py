@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["klime_lambda", "klime_cloud_function"]
+__all__ = ["klime_lambda", "klime_cloud_function", "make_sqs_forwarder", "sqs_forwarder_handler"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "klime_lambda":
+    # ``lambda`` is a keyword, so its package is reached through importlib.
+    if name in ("klime_lambda", "make_sqs_forwarder", "sqs_forwarder_handler"):
         import importlib
 
-        return importlib.import_module("klime.integrations.lambda").klime_lambda
+        return getattr(importlib.import_module("klime.integrations.lambda"), name)
     if name == "klime_cloud_function":
         from .cloud_functions import klime_cloud_function
 

@@ -1,0 +1,276 @@
+"""klime on AWS: the write key from SSM Parameter Store or Secrets Manager.
+
+::
+
+    import klime
+    from klime.aws import write_key_from_ssm
+
+    client = klime.Client(write_key_from_ssm("/prod/klime/write-key"))
+
+The AWS pieces of klime (this module, :class:`klime.senders.sqs.SqsSender` and the SQS
+forwarder in ``klime.integrations.lambda``) need boto3, the optional extra
+``pip install "klime[aws]"``. boto3 is imported on first use, never by ``import klime``;
+without it every AWS entry point raises :class:`MissingDependencyError`, whose message says
+what to install.
+
+A write key is fetched once per process (a Lambda cold start, a worker's start) and cached:
+later calls with the same arguments return the cached value without a request. Failures
+are never cached. Every failure is a :class:`~klime.ConfigurationError` that names the
+parameter or secret and the cause (not found, access denied, no credentials, no region);
+the key itself never appears in a message or a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any, Dict, Optional, Tuple
+
+from ._logging import log
+from .errors import ConfigurationError
+
+__all__ = [
+    "INSTALL_HINT",
+    "MissingDependencyError",
+    "clear_write_key_cache",
+    "require_boto3",
+    "write_key_from_secret",
+    "write_key_from_ssm",
+]
+
+#: What to install for klime's AWS pieces.
+INSTALL_HINT = 'pip install "klime[aws]"'
+
+#: Socket timeouts (seconds) and attempts for the one-off key look-ups.
+_LOOKUP_CONNECT_TIMEOUT_S = 5.0
+_LOOKUP_READ_TIMEOUT_S = 10.0
+_LOOKUP_MAX_ATTEMPTS = 3
+
+
+class MissingDependencyError(ConfigurationError, ImportError):
+    """An optional dependency (boto3, for the AWS pieces) is not installed.
+
+    A :class:`~klime.ConfigurationError` (and so a :class:`~klime.KlimeError`) and an
+    :class:`ImportError` at once; the message says what to ``pip install``.
+    """
+
+
+def require_boto3(what: str = "this klime feature") -> Any:
+    """Import and return the ``boto3`` module, or raise :class:`MissingDependencyError`.
+
+    Blocks while boto3 is imported the first time (a few hundred ms); thread-safe.
+    """
+    try:
+        import boto3
+    except ImportError as exc:
+        raise MissingDependencyError(f"{what} needs boto3, which is not installed: {INSTALL_HINT}") from exc
+    return boto3
+
+
+# ------------------------------------------------------------------------------ AWS errors
+
+_XML_MESSAGE = re.compile(r"<Message>(.*?)</Message>", re.S)
+_XML_CODE = re.compile(r"<Code>(.*?)</Code>", re.S)
+
+
+def client_error_info(exc: BaseException) -> Tuple[str, str, Optional[int]]:
+    """``(code, message, http_status)`` of a botocore ``ClientError`` (empty strings if absent).
+
+    Some endpoints (moto among them) wrap a query-protocol XML error in a JSON-protocol
+    answer; the code and message are then read from the XML.
+    """
+    response = getattr(exc, "response", None) or {}
+    error = response.get("Error") or {}
+    code = str(error.get("Code") or "")
+    message = str(error.get("Message") or "")
+    if "<Message>" in message:
+        inner_code = _XML_CODE.search(message)
+        inner = _XML_MESSAGE.search(message)
+        if inner_code and (not code or code.isdigit()):
+            code = inner_code.group(1).strip()
+        message = inner.group(1).strip() if inner else message
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    if not isinstance(status, int) and code.isdigit():
+        status = int(code)
+    return code, message[:300], status if isinstance(status, int) else None
+
+
+_DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "SignatureDoesNotMatch",
+        "DecryptionFailure",
+        "KMSAccessDeniedException",
+    }
+)
+_MISSING_CODES = frozenset({"ParameterNotFound", "ParameterVersionNotFound", "ResourceNotFoundException"})
+
+
+def _region_from_arn(name: str) -> Optional[str]:
+    # arn:aws:ssm:eu-west-1:123456789012:parameter/x  /  arn:aws:secretsmanager:...:secret:x
+    parts = name.split(":")
+    if len(parts) >= 6 and parts[0] == "arn" and parts[3]:
+        return parts[3]
+    return None
+
+
+def _make_client(service: str, region: Optional[str], what: str) -> Any:
+    boto3 = require_boto3(what)
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=_LOOKUP_CONNECT_TIMEOUT_S,
+        read_timeout=_LOOKUP_READ_TIMEOUT_S,
+        retries={"mode": "standard", "total_max_attempts": _LOOKUP_MAX_ATTEMPTS},
+    )
+    # A session of our own: boto3's default session is not safe to create from several
+    # threads at once, and we must not change the user's.
+    try:
+        return boto3.session.Session().client(service, region_name=region, config=config)
+    except Exception as exc:
+        raise _lookup_error(exc, what) from exc
+
+
+def _lookup_error(exc: BaseException, what: str) -> ConfigurationError:
+    """A ConfigurationError explaining why ``what`` could not be read."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.NoRegionError):
+        return ConfigurationError(
+            f"cannot read {what}: no AWS region configured (set AWS_REGION, or give the full ARN)"
+        )
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return ConfigurationError(f"cannot read {what}: no AWS credentials found")
+    if isinstance(exc, bx.ClientError):
+        code, message, status = client_error_info(exc)
+        detail = f"{code}: {message}" if message else code
+        if code in _MISSING_CODES:
+            return ConfigurationError(f"{what} does not exist ({detail})")
+        if code in _DENIED_CODES or status == 403:
+            return ConfigurationError(f"access denied reading {what} ({detail})")
+        return ConfigurationError(f"cannot read {what}: {detail}")
+    if isinstance(exc, bx.BotoCoreError):
+        return ConfigurationError(f"cannot read {what}: {exc}")
+    return ConfigurationError(f"cannot read {what}: {type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------------------ the cache
+
+_cache: Dict[Tuple[Any, ...], str] = {}
+_cache_lock = threading.Lock()
+
+
+def clear_write_key_cache() -> None:
+    """Forget every cached write key (the next call fetches again). Thread-safe."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _cached(key: Tuple[Any, ...], fetch: Any) -> str:
+    value = _cache.get(key)
+    if value is not None:
+        return value
+    with _cache_lock:  # one fetch per process, even when threads ask at once
+        value = _cache.get(key)
+        if value is None:
+            value = fetch()
+            _cache[key] = value
+    return value
+
+
+def _check_name(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{name} must be a non-empty string")
+    return value.strip()
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def write_key_from_ssm(name: str, *, decrypt: bool = True) -> str:
+    """The write key stored in the SSM Parameter Store parameter ``name`` (name or ARN).
+
+    ``decrypt`` asks for a SecureString's plain value (``kms:Decrypt`` is then needed for a
+    customer-managed key). Fetched on the first call in this process and cached; blocks
+    during that fetch (one request, up to 3 attempts). Thread-safe. Raises
+    :class:`~klime.ConfigurationError` when the parameter is missing, empty or unreadable
+    (access denied, no credentials, no region), :class:`MissingDependencyError` without boto3.
+    """
+    name = _check_name(name, "name")
+
+    def fetch() -> str:
+        what = f"SSM parameter {name!r}"
+        client = _make_client("ssm", _region_from_arn(name), what)
+        try:
+            response = client.get_parameter(Name=name, WithDecryption=bool(decrypt))
+        except Exception as exc:
+            raise _lookup_error(exc, what) from exc
+        value = (response.get("Parameter") or {}).get("Value")
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigurationError(f"{what} is empty")
+        log.debug("klime: write key read from %s", what)
+        return value.strip()
+
+    return _cached(("ssm", name, bool(decrypt)), fetch)
+
+
+def write_key_from_secret(secret_id: str, key: Optional[str] = None) -> str:
+    """The write key stored in the Secrets Manager secret ``secret_id`` (name or ARN).
+
+    With ``key`` the secret must be a JSON object and the write key is its field ``key``
+    (the usual shape of a secret with several values); without it the secret's whole
+    string is the write key. Fetched on the first call in this process and cached; blocks
+    during that fetch. Thread-safe. Raises :class:`~klime.ConfigurationError` when the
+    secret or the field is missing, empty or unreadable, :class:`MissingDependencyError`
+    without boto3.
+    """
+    secret_id = _check_name(secret_id, "secret_id")
+    if key is not None:
+        key = _check_name(key, "key")
+
+    def fetch() -> str:
+        what = f"secret {secret_id!r}"
+        client = _make_client("secretsmanager", _region_from_arn(secret_id), what)
+        try:
+            response = client.get_secret_value(SecretId=secret_id)
+        except Exception as exc:
+            raise _lookup_error(exc, what) from exc
+        text = response.get("SecretString")
+        if text is None:
+            binary = response.get("SecretBinary")
+            if isinstance(binary, (bytes, bytearray)):
+                try:
+                    text = bytes(binary).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ConfigurationError(f"{what} is binary and not UTF-8 text") from None
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigurationError(f"{what} is empty")
+        text = text.strip()
+        if key is None:
+            if text.startswith("{"):
+                raise ConfigurationError(
+                    f"{what} holds a JSON object; pass key= naming the field that holds the write key"
+                )
+            log.debug("klime: write key read from %s", what)
+            return text
+        try:
+            document = json.loads(text)
+        except ValueError:
+            raise ConfigurationError(f"{what} is not a JSON object, so it has no field {key!r}") from None
+        if not isinstance(document, dict):
+            raise ConfigurationError(f"{what} is not a JSON object, so it has no field {key!r}")
+        value = document.get(key)
+        if value is None:
+            raise ConfigurationError(f"{what} has no field {key!r}")
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigurationError(f"field {key!r} of {what} is not a non-empty string")
+        log.debug("klime: write key read from field %r of %s", key, what)
+        return value.strip()
+
+    return _cached(("secret", secret_id, key), fetch)
