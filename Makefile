@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck bench soak clean venv dev
+.PHONY: demo test test-noaws lint bench soak clean venv dev
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,12 @@ bench: $(VENV)/.dev
 soak: $(VENV)/.dev
 	KLIME_SOAK_EVENTS=100000 $(PY) -m pytest -q -m "slow or soak" tests/test_soak.py
 
+## The suite without boto3/moto installed: the AWS tests skip, everything else runs.
+test-noaws: $(VENV)/.dev
+	$(PYTHON) -m venv .venv-noaws
+	.venv-noaws/bin/python -m pip --disable-pip-version-check -q install -e ".[dev]"
+	.venv-noaws/bin/python -m pip --disable-pip-version-check -q uninstall -y boto3 botocore s3transfer moto
+	.venv-noaws/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-noaws build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
