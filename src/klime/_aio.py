@@ -24,10 +24,10 @@ This module imports only the standard library and klime's own small modules.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import threading
 from typing import (
+    TYPE_CHECKING,
     Any,
     Awaitable,
     Callable,
@@ -38,6 +38,9 @@ from typing import (
     TypeVar,
     Union,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 from ._logging import log
 from ._models import BatchResponse, FlushResult
@@ -154,6 +157,8 @@ async def _in_thread(
     orphaned: Callable[[str, BaseException], None],
 ) -> T:
     """Run ``fn`` in the loop's default executor; shield it from the awaiter's cancellation."""
+    import asyncio  # here, not at import: it costs a Lambda cold start ~30 ms
+
     loop = asyncio.get_running_loop()
     call = _Call(fn, what, orphaned)
     inner = loop.run_in_executor(None, call.run)
@@ -299,6 +304,8 @@ class _KlimeLifespan:
 
     async def flush(self) -> None:
         """Flush (or shut down) the client off the loop. Never raises."""
+        import asyncio
+
         client = self._target()
         if client is None:
             return

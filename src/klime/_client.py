@@ -240,7 +240,7 @@ class Client(AsyncClientMixin):
         # the sync transport has ``send`` (BlockingTransport, MemoryTransport)
         if self._pid != _getpid():
             self._check_fork()
-        response = self._sync.send([raw], timeout)  # type: ignore[attr-defined]
+        response: Optional[BatchResponse] = self._sync.send([raw], timeout)  # type: ignore[attr-defined]
         if response is None:
             raise SendError("the client is shut down; nothing was sent")
         return response

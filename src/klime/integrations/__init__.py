@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["klime_lambda", "klime_cloud_function", "make_sqs_forwarder", "sqs_forwarder_handler"]
+if TYPE_CHECKING:  # for type checkers; at run time the names resolve lazily below
+    from ._serverless import klime_lambda
+    from .cloud_functions import klime_cloud_function
+
+__all__ = ["klime_cloud_function", "klime_lambda", "make_sqs_forwarder", "sqs_forwarder_handler"]
 
 
 def __getattr__(name: str) -> Any:

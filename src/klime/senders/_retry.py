@@ -52,11 +52,11 @@ class RetryPolicy:
         )
 
     def is_transient_status(self, status: int) -> bool:
-        return self._urllib3.is_retry("POST", status, has_retry_after=False)
+        return bool(self._urllib3.is_retry("POST", status, has_retry_after=False))
 
     def backoff(self, failed_attempts: int) -> float:
         """Seconds to wait after ``failed_attempts`` (1, 2, ...) consecutive failures."""
-        delay = min(self.max_delay, self.initial_delay * (2 ** max(0, failed_attempts - 1)))
+        delay: float = min(self.max_delay, self.initial_delay * 2.0 ** max(0, failed_attempts - 1))
         if self.jitter:
             delay *= 1.0 - self.jitter * random.random()
         return delay
