@@ -112,11 +112,14 @@ def _flush_quietly(client: Client, timeout: float) -> None:
         log.exception("klime: the flush after a Flask response failed")
         return
     if result.unsent:
-        log.warning(
-            "klime: %d events still queued after the after-request flush (timeout %ss)",
-            result.unsent,
+        # They stay queued for the next flush. Warn once, not on every request of an outage.
+        log.warning_once(
+            "flask-after-request-unsent",
+            "klime: events still queued after a flush after a Flask response (timeout %ss); "
+            "they stay queued and are sent later",
             timeout,
         )
+        log.debug("klime: %d events still queued after the after-request flush", result.unsent)
 
 
 def _after_request_hook(client: Client, timeout: float) -> Callable[[Response], Response]:
@@ -153,15 +156,15 @@ def init_app(
     """
     if EXTENSION_KEY in app.extensions:
         raise ConfigurationError("klime is already set up on this Flask app (init_app called twice)")
-    if client is None:
-        client = Client(**client_options(app.config))
-    elif not isinstance(client, Client):
+    if client is not None and not isinstance(client, Client):
         raise ConfigurationError(f"client must be a klime.Client, not {type(client).__name__}")
     if flush_after_request is None:
         flush_after_request = _flag(app.config.get("KLIME_FLUSH_AFTER_REQUEST", False))
     if flush_timeout is None:
         flush_timeout = app.config.get("KLIME_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT)
     timeout = _timeout(flush_timeout)
+    if client is None:  # last: nothing is built when an option above is wrong
+        client = Client(**client_options(app.config))
     app.extensions[EXTENSION_KEY] = client
     if flush_after_request:
         app.after_request(_after_request_hook(client, timeout))

@@ -7,8 +7,14 @@ events (that is :class:`klime._delivery.Delivery`'s job). Write your own by subc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .._batching import batch_body
 from .base import Sender, SendResult
+
+if TYPE_CHECKING:  # resolved lazily at run time (requests / boto3 only when used)
+    from .http import HttpSender
+    from .sqs import SqsSender
 
 __all__ = ["Sender", "SendResult", "HttpSender", "SqsSender", "batch_body"]
 

@@ -1,0 +1,193 @@
+"""Smoke tests of examples/django_app: the real Django project, run the ways users run it
+(``manage.py test``, ``manage.py send_test_event``, gunicorn ``--preload`` with two workers,
+uvicorn on the ASGI entry point), each against the local collector on 127.0.0.1, counting the
+events that arrived by messageId."""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from conftest import WRITE_KEY
+
+pytest.importorskip("django")
+
+PROJECT = Path(__file__).resolve().parent.parent / "examples" / "django_app"
+
+
+@pytest.fixture
+def env(src_env: Dict[str, str], collector: Any) -> Dict[str, str]:
+    return dict(src_env, KLIME_WRITE_KEY=WRITE_KEY, KLIME_ENDPOINT=collector.url, PYTHONUNBUFFERED="1")
+
+
+def gunicorn_options() -> List[str]:
+    """Recent gunicorn (27 here) opens a control socket at a fixed path in $HOME: keep parallel
+    runs from sharing it."""
+    import gunicorn.config
+
+    names = {setting.name for setting in gunicorn.config.KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in names else []
+
+
+def manage(env: Dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class Server:
+    """A server process listening on a socket this test bound (127.0.0.1, a free port), so
+    requests queue in the backlog until the server is up: no port race, no polling."""
+
+    def __init__(self, argv: List[str], env: Dict[str, str], log: Path) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        fd = self.listener.fileno()
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [arg.replace("{fd}", str(fd)) for arg in argv],
+                cwd=PROJECT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                pass_fds=(fd,),
+            )
+
+    def request(self, method: str, path: str, form: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            body = urllib.parse.urlencode(form) if form is not None else None
+            headers = {"Content-Type": "application/x-www-form-urlencoded"} if form is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"null")
+        finally:
+            conn.close()
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (what systemd, Kubernetes and Docker send) and wait for the exit.
+
+        uvicorn (0.29 and later) re-raises the signal once it has shut down, so it exits
+        killed by SIGTERM (-15), without running ``atexit`` hooks; gunicorn exits with 0."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the server ignored SIGTERM:\n{self.log.read_text()}") from None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.listener.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path, env: Dict[str, str]) -> Iterator[Any]:
+    started: List[Server] = []
+
+    def start(*argv: str) -> Server:
+        server = Server(list(argv), env, tmp_path / f"server{len(started)}.log")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def drive(server: Server, signups: int, upgrades: int) -> None:
+    """POST /signup (2 events queued each) and GET /upgrade (1 event sent before answering)."""
+    for i in range(signups):
+        status, body = server.request("POST", "/signup", {"user_id": f"u{i}", "plan": "pro"})
+        assert (status, body) == (200, {"ok": True}), server.log.read_text()
+    for i in range(upgrades):
+        status, body = server.request("GET", f"/upgrade?user_id=u{i}")
+        assert (status, body) == (200, {"accepted": 1}), server.log.read_text()
+
+
+def assert_arrived(collector: Any, signups: int, upgrades: int) -> None:
+    expected = 2 * signups + upgrades
+    assert collector.wait_for_events(expected, timeout=15), len(collector.events())
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == expected  # every event once, nothing twice
+    kinds = collections.Counter(e.get("event", e["type"]) for e in collector.events())
+    assert kinds == {"identify": signups, "Signup": signups, "Plan Upgraded": upgrades}
+
+
+def test_manage_py_test_runs_the_examples_tests_without_sending(env, collector):
+    result = manage(env, "test", "-v", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ran 3 tests" in result.stderr and "OK" in result.stderr
+    assert collector.requests() == []  # klime.testing captured everything
+
+
+def test_send_test_event_command(env, collector):
+    result = manage(env, "send_test_event", "--count", "3", "--user-id", "ops")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "sent 3, failed 0, unsent 0"
+    events = collector.events()
+    assert len(set(collector.message_ids())) == len(events) == 3
+    assert sorted(e["properties"]["n"] for e in events) == [0, 1, 2]
+    assert {(e["event"], e["userId"]) for e in events} == {("Test Event", "ops")}
+
+
+def test_send_test_event_command_fails_when_klime_refuses(env, collector):
+    result = manage(dict(env, KLIME_WRITE_KEY="not-the-key"), "send_test_event")
+    assert result.returncode == 1
+    assert "sent 0, failed 1, unsent 0" in result.stdout
+    assert "CommandError: not every event reached Klime" in result.stderr
+    assert "not-the-key" not in result.stdout + result.stderr
+
+
+def test_missing_write_key_fails_at_startup(env):
+    env = dict(env)
+    del env["KLIME_WRITE_KEY"]
+    result = manage(env, "check")
+    assert result.returncode == 1
+    assert "ConfigurationError: write_key is required" in result.stderr
+
+
+def test_gunicorn_preload_two_workers_deliver_everything_by_sigterm(serve, collector):
+    pytest.importorskip("gunicorn")
+    server = serve(
+        sys.executable, "-m", "gunicorn", "mysite.wsgi", "--preload", "--workers", "2",
+        "--bind", "fd://{fd}", "--graceful-timeout", "20", "--log-level", "warning",
+        *gunicorn_options(),
+    )  # fmt: skip
+    drive(server, signups=12, upgrades=3)
+    assert server.stop() == 0
+    assert_arrived(collector, signups=12, upgrades=3)
+
+
+def test_asgi_under_uvicorn_flushes_at_lifespan_shutdown(serve, collector):
+    pytest.importorskip("uvicorn")
+    server = serve(
+        sys.executable, "-m", "uvicorn", "mysite.asgi:application", "--fd", "{fd}",
+        "--lifespan", "on", "--log-level", "warning",
+    )  # fmt: skip
+    drive(server, signups=8, upgrades=2)
+    assert server.stop() in (0, -signal.SIGTERM), server.log.read_text()
+    assert_arrived(collector, signups=8, upgrades=2)
+    assert "lifespan" not in server.log.read_text().lower()  # no lifespan error from Django
