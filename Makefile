@@ -36,9 +36,11 @@ lint: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) benchmarks/run.py
 
-## Full-size soak (100,000 events, faulting collector).
+## Full-size soaks (100,000 events against a faulting collector; 60 s black hole) and a
+## scaled-up stateful run; each prints its figures.
 soak: $(VENV)/.dev
-	KLIME_SOAK_EVENTS=100000 $(PY) -m pytest -q -m "slow or soak" tests/test_soak.py
+	KLIME_SOAK_EVENTS=100000 KLIME_SOAK_SECONDS=60 $(PY) -m pytest -q -s -rA -m "slow or soak" tests/test_soak.py
+	KLIME_STATEFUL_RANDOM=1 KLIME_STATEFUL_EXAMPLES=300 KLIME_STATEFUL_STEPS=50 $(PY) -m pytest -q -s tests/test_stateful.py
 
 ## The suite without boto3/moto installed: the AWS tests skip, everything else runs.
 test-noaws: $(VENV)/.dev

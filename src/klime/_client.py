@@ -14,6 +14,7 @@ import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from . import _config, _events, _lifecycle
+from ._deadline import check_timeout
 from ._delivery import Delivery, ErrorCallback, SuccessCallback
 from ._logging import log
 from ._models import BatchResponse, FlushResult
@@ -237,6 +238,7 @@ class Client(AsyncClientMixin):
     # ------------------------------------------------------------------ blocking sends
 
     def _send_now(self, raw: bytes, timeout: Optional[float]) -> BatchResponse:
+        timeout = check_timeout(timeout)
         # the sync transport has ``send`` (BlockingTransport, MemoryTransport)
         if self._pid != _getpid():
             self._check_fork()
@@ -298,6 +300,7 @@ class Client(AsyncClientMixin):
         Events not sent by then are reported to ``on_error``. Later calls of any method
         are no-ops (``*_sync`` raise SendError). Idempotent, thread-safe.
         """
+        timeout = check_timeout(timeout)  # a bad value is refused before anything changes
         self._check_fork()
         with self._close_lock:
             if self._closed:

@@ -8,13 +8,32 @@ worker's backoff sleep short); sleepers wake at once.
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import time
 from typing import Optional
 
-__all__ = ["Deadline"]
+from .errors import ValidationError
+
+__all__ = ["Deadline", "check_timeout"]
 
 _monotonic = time.monotonic
+
+
+def check_timeout(timeout: object) -> float | None:
+    """A blocking call's ``timeout`` in seconds, normalised: None or infinity → None (no
+    limit), a negative number → 0 (do not wait). Anything else is a ValidationError."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise ValidationError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    value = float(timeout)
+    if math.isnan(value):
+        raise ValidationError("timeout must be a number of seconds or None, not NaN")
+    if math.isinf(value):
+        return None if value > 0 else 0.0
+    return max(0.0, value)
 
 
 class Deadline:
@@ -28,10 +47,13 @@ class Deadline:
 
     @classmethod
     def after(cls, timeout: float | None) -> Deadline:
-        """A deadline ``timeout`` seconds from now; ``None`` means never."""
+        """A deadline ``timeout`` seconds from now; ``None`` (or infinity) means never.
+
+        Raises ValidationError for a timeout that is not a number, or NaN."""
+        timeout = check_timeout(timeout)
         if timeout is None:
             return cls(None)
-        return cls(_monotonic() + max(0.0, float(timeout)))
+        return cls(_monotonic() + timeout)
 
     @property
     def at(self) -> Optional[float]:

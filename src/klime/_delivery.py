@@ -85,6 +85,10 @@ class Delivery:
         self._books = _Books()
         self.sender.after_fork()
 
+    def has_error_callback(self) -> bool:
+        """Would a failure be handed to an ``on_error`` callback (not just logged)?"""
+        return (self.on_error or defaults.on_error) is not None
+
     # ---------------------------------------------------------------- sending
 
     def send(
@@ -167,9 +171,15 @@ class Delivery:
                 self._call(on_success, response)
         return outcome
 
-    def send_sync(self, events: Sequence[bytes], deadline: Deadline) -> BatchResponse:
+    def send_sync(
+        self,
+        events: Sequence[bytes],
+        deadline: Deadline,
+        *,
+        claim: Optional[Callable[[], bool]] = None,
+    ) -> BatchResponse:
         """Deliver now on this thread; return the combined response or raise SendError."""
-        outcome = self.send(events, deadline, report=False)
+        outcome = self.send(events, deadline, report=False, claim=claim)
         if outcome.errors:
             first = outcome.errors[0]
             if len(outcome.errors) > 1:
@@ -229,8 +239,11 @@ class Delivery:
     def _call(callback: Callable[..., Any], *args: Any) -> None:
         try:
             callback(*args)
-        except Exception:
-            logger.exception("klime: callback %s raised; ignored", getattr(callback, "__qualname__", callback))
+        except BaseException as exc:  # SystemExit included: it must not kill a klime thread
+            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                raise
+            name = getattr(callback, "__qualname__", None) or type(callback).__name__
+            logger.exception("klime: callback %s raised; ignored", name)
 
 
 def _combine(responses: List[BatchResponse], count: int) -> BatchResponse:

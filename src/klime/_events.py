@@ -45,8 +45,6 @@ __all__ = [
 
 Properties = Optional[Mapping[str, Any]]
 
-#: Properties nested deeper than this are refused (the C encoder would hit the recursion limit).
-MAX_DEPTH = 100
 
 LIBRARY_NAME = "python-sdk"
 _CONTEXT = json.dumps(
@@ -198,8 +196,6 @@ def to_json_value(value: Any, path: str = "value", _depth: int = 0, _seen: froze
     This is the slow path, used only when the fast C encoder refused a value, to explain why
     (or to stringify keys it does not accept).
     """
-    if _depth > MAX_DEPTH:
-        raise ValidationError(f"{_clip(path)} is nested more than {MAX_DEPTH} levels deep")
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
@@ -238,7 +234,7 @@ def _json_object(value: Any, what: str) -> str | None:
             return None
         try:
             return _encode(value)  # the fast path: one C-level pass that also validates
-        except (TypeError, ValueError, RecursionError):
+        except Exception:
             pass  # the slow path below explains the problem precisely (or fixes keys)
     elif value is None:
         return None
@@ -250,7 +246,12 @@ def _json_object(value: Any, what: str) -> str | None:
         plain = to_json_value(value, what)
     except RecursionError:
         raise ValidationError(f"{what} is nested too deeply") from None
-    return _encode(plain)
+    try:
+        return _encode(plain)
+    except RecursionError:
+        raise ValidationError(f"{what} is nested too deeply") from None
+    except Exception as exc:  # e.g. an int too long to print (sys.set_int_max_str_digits)
+        raise ValidationError(f"{what} cannot be turned into JSON: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,12 +265,15 @@ def _id(value: Any, name: str) -> str | None:
         raise ValidationError(f"{name} must be a non-empty string")
     if value is None:
         return None
-    if isinstance(value, str):  # a str subclass
+    if isinstance(value, str):  # a str subclass: its own __str__ is not trusted
         if value:
-            return str(value)
+            return str.__str__(value)
         raise ValidationError(f"{name} must be a non-empty string")
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(int(value))
+        try:
+            return int.__repr__(value)
+        except ValueError:  # too many digits to print
+            raise ValidationError(f"{name} is an int too large to use as an id") from None
     raise ValidationError(f"{name} must be a non-empty string (or an int), not {_describe(value)}")
 
 
@@ -299,7 +303,7 @@ def encode_track(event: Any, properties: Properties, user_id: Any, group_id: Any
     if type(event) is not str or not event:
         if not isinstance(event, str) or not event:
             raise ValidationError(f"event name must be a non-empty string, not {_short(event)}")
-        event = str(event)
+        event = str.__str__(event)
     uid = _id(user_id, "user_id")
     gid = _id(group_id, "group_id")
     props = _json_object(properties, "properties")

@@ -8,6 +8,11 @@ from typing import Any
 __all__ = ["BatchResponse", "EventError", "FlushResult"]
 
 
+def _cut(text: str, limit: int = 500) -> str:
+    """Server-provided text, shortened: it ends up in logs and exception messages."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class EventError:
     """One event the server rejected inside an otherwise successful request."""
@@ -51,8 +56,8 @@ class BatchResponse:
                 errors.append(
                     EventError(
                         index,
-                        str(message) if message is not None else "rejected",
-                        str(code) if code is not None else None,
+                        _cut(str(message)) if message is not None else "rejected",
+                        _cut(str(code), 100) if code is not None else None,
                     )
                 )
         failed = len({e.index for e in errors})

@@ -34,7 +34,7 @@ USER_AGENT = f"klime-python/{__version__}"
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -73,6 +73,23 @@ def validate_endpoint(endpoint: str, *, allow_insecure: bool = False) -> str:
     return endpoint
 
 
+def _header_safe(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
+#: Request errors that no retry can fix.
+_PERMANENT_REQUEST_ERRORS = (
+    requests.exceptions.InvalidHeader,
+    requests.exceptions.InvalidURL,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.MissingSchema,
+)
+
+
 def _is_stale_connection(exc: BaseException) -> bool:
     """A pooled connection the peer closed (e.g. during a Lambda freeze): retry at once."""
     if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout)):
@@ -108,6 +125,11 @@ class HttpSender(Sender):
         """``retry_initial_delay`` is in milliseconds (Ruby SDK parity); timeouts in seconds."""
         if not isinstance(write_key, str) or not write_key:
             raise ConfigurationError("write_key is required")
+        if not _header_safe(write_key):
+            raise ConfigurationError(
+                "write_key contains characters that cannot be sent in an HTTP header "
+                "(a line break, a control character or a non-Latin-1 letter); check how it was read"
+            )
         self._endpoint = validate_endpoint(endpoint, allow_insecure=allow_insecure_endpoint)
         self.url = self._endpoint + BATCH_PATH
         self.retry = retry_policy or RetryPolicy(retry_max_attempts, retry_initial_delay / 1000.0)
@@ -187,6 +209,10 @@ class HttpSender(Sender):
                     timeout=(connect_t, read_t),
                     allow_redirects=False,
                 )
+            except _PERMANENT_REQUEST_ERRORS as exc:
+                reason = f"request could not be made: {type(exc).__name__}"
+                logger.error("klime: batch of %d events not sent: %s", count, reason)
+                return SendResult(None, SendError(reason), all_failed, requests_made, max(0, requests_made - 1))
             except requests.exceptions.RequestException as exc:
                 requests_made += 1
                 status: Optional[int] = None
@@ -278,22 +304,23 @@ class HttpSender(Sender):
         if not parsed.failed:
             return SendResult(parsed, None, (), made, retries)
         failed = tuple(sorted({e.index for e in parsed.errors}))
-        summary = "; ".join(f"#{e.index}: {e.message}" for e in parsed.errors[:5])
+        summary = "; ".join(
+            f"#{e.index}: {_short(e.message)}" + (f" ({_short(e.code, 40)})" if e.code else "")
+            for e in parsed.errors[:5]
+        )
         if len(parsed.errors) > 5:
             summary += f"; and {len(parsed.errors) - 5} more"
-        for e in parsed.errors:
-            logger.warning(
-                "klime: event %d of a batch was rejected: %s%s",
-                e.index,
-                e.message,
-                f" ({e.code})" if e.code else "",
-            )
+        logger.warning("klime: %d of %d events of a batch were rejected: %s", parsed.failed, count, summary)
         error = SendError(
             f"{parsed.failed} of {count} events rejected: {summary}",
             response.status_code,
             response=parsed,
         )
         return SendResult(parsed, error, failed, made, retries)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_text(response: requests.Response) -> str:

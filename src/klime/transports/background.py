@@ -16,6 +16,7 @@ queued before this call is resolved" is a comparison of sequence numbers (see
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -38,20 +39,14 @@ _REPORT_SLICE = 1000
 
 
 class _Claim:
-    """Who settles an in-flight batch: its sender, or a shutdown that gave up waiting."""
+    """Who settles an in-flight batch: its sender, or a shutdown that gave up waiting.
 
-    __slots__ = ("_lock", "_taken")
+    Taken once, under the transport's lock."""
+
+    __slots__ = ("taken",)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._taken = False
-
-    def take(self) -> bool:
-        with self._lock:
-            if self._taken:
-                return False
-            self._taken = True
-            return True
+        self.taken = False
 
 
 class _NoThread:
@@ -117,11 +112,14 @@ class BackgroundTransport(Transport):
         self._inflight_start = 0
         self._inflight_events: List[bytes] = []
         self._overflow: List[bytes] = []  # dropped (and counted), not yet reported
+        self._overflow_unheld = 0  # dropped with nobody to hand them to: counted, not kept
         self._dropped = 0
         self._overflow_first = 0
-        self._overflow_reporting: Optional[int] = None
+        self._reporting: List[int] = []  # first sequence numbers of reports in progress
         self._overflow_episode = 0
-        self._flush_requests = 0
+        self._reporter: Optional[Thread] = None
+        self._report_wake = threading.Event()
+        self._flush_pending = False
         self._closed = closed
         self._stopping = False
         self._thread: Optional[object] = None
@@ -141,9 +139,13 @@ class BackgroundTransport(Transport):
             queue = self._queue
             overflow = len(queue) >= self.max_queue_size
             if overflow:
-                if not self._overflow:
-                    self._overflow_first = self._left
-                self._overflow.append(queue.popleft())
+                oldest = queue.popleft()
+                if self._keep_dropped():
+                    if not self._overflow:
+                        self._overflow_first = self._left
+                    self._overflow.append(oldest)
+                else:
+                    self._overflow_unheld += 1
                 self._left += 1
                 self._dropped += 1
             queue.append(event)
@@ -155,9 +157,48 @@ class BackgroundTransport(Transport):
         if thread is _NO_THREAD:
             if size >= self.max_batch_size or overflow:
                 self._drain_inline(Deadline(), full=False)
-        elif size == self.max_batch_size or overflow:
+        elif size == self.max_batch_size:
             self._wake.set()
+        elif overflow:
+            self._report_soon()
         return True
+
+    def _keep_dropped(self) -> bool:
+        """Keep a dropped event for ``on_error``? Not when nobody would receive it."""
+        delivery = self._delivery
+        return delivery is not None and delivery.has_error_callback()
+
+    def _report_soon(self) -> None:
+        """Have dropped events reported now, even while the sender thread is stuck in a
+        request: by a second daemon thread, started at the first overflow."""
+        reporter = self._reporter
+        if reporter is None:
+            with self._lock:
+                reporter = self._reporter
+                if reporter is None:
+                    reporter = self._reporter = Thread(
+                        target=self._run_reporter, name="klime-reporter", daemon=True
+                    )
+                else:
+                    reporter = None
+            if reporter is not None:
+                try:
+                    reporter.start()
+                except RuntimeError:  # interpreter shutdown: the next drain reports them
+                    return
+        self._report_wake.set()
+
+    def _run_reporter(self) -> None:
+        while True:
+            self._report_wake.wait()
+            self._report_wake.clear()
+            try:
+                self._report_overflow()
+            except Exception:  # never expected (callbacks are guarded)
+                log.exception("klime: reporting dropped events failed")
+            with self._lock:
+                if self._stopping and not self._overflow:
+                    return
 
     def _start(self) -> object:
         with self._lock:
@@ -189,7 +230,8 @@ class BackgroundTransport(Transport):
                 self._report_overflow()
                 with self._lock:
                     stopping = self._stopping
-                    full = stopping or self._flush_requests > 0 or _monotonic() >= next_due
+                    full = stopping or self._flush_pending or _monotonic() >= next_due
+                    self._flush_pending = False
                 if full:
                     next_due = _monotonic() + interval
                 self._drain(self._worker_deadline, full=full)
@@ -197,9 +239,10 @@ class BackgroundTransport(Transport):
                     if self._stopping and (not self._queue or self._worker_deadline.expired()):
                         return
         except BaseException:  # never expected; keep the books honest and say so
-            log.exception("klime: the sender thread stopped unexpectedly")
             with self._lock:
-                self._thread = _NO_THREAD
+                self._thread = _NO_THREAD  # from now on, callers drain inline
+                self._settled_cond.notify_all()  # a waiting flush must not wait for a dead thread
+            log.exception("klime: the sender thread stopped unexpectedly")
             raise
 
     def _drain(self, deadline: Deadline, *, full: bool) -> None:
@@ -220,56 +263,73 @@ class BackgroundTransport(Transport):
                     self._inflight_events = batch
                     self._left += n
                 try:
-                    self.delivery.send(batch, deadline, claim=claim.take)
+                    self.delivery.send(batch, deadline, claim=functools.partial(self._settle, claim))
                 finally:
                     with self._lock:
-                        if self._inflight is claim:
+                        if self._inflight is claim:  # only if send raised before settling
                             self._inflight = None
                             self._inflight_events = []
                         self._settled_cond.notify_all()
                 self._report_overflow()
+
+    def _settle(self, claim: _Claim) -> bool:
+        """Called by Delivery just before it counts a batch's outcome: the batch stops being
+        in flight at that instant (so ``stats()`` never counts it twice), unless a shutdown
+        already gave up on it and accounted for it."""
+        with self._lock:
+            if claim.taken:
+                return False
+            claim.taken = True
+            if self._inflight is claim:
+                self._inflight = None
+                self._inflight_events = []
+            return True
 
     def _drain_inline(self, deadline: Deadline, *, full: bool) -> None:
         self._report_overflow()
         self._drain(deadline, full=full)
 
     def _report_overflow(self) -> None:
-        with self._lock:
-            dropped = self._overflow
-            if not dropped:
-                if self._overflow_episode and len(self._queue) < self.max_queue_size:
-                    total, self._overflow_episode = self._overflow_episode, 0
-                    log.warning("klime: the queue has room again; %d events were dropped", total)
-                return
-            if len(dropped) > _REPORT_SLICE:  # bound the memory and GIL time of one report
-                dropped, self._overflow = dropped[:_REPORT_SLICE], dropped[_REPORT_SLICE:]
-                reporting, self._overflow_first = self._overflow_first, self._overflow_first + _REPORT_SLICE
-            else:
-                self._overflow = []
-                reporting = self._overflow_first
-            self._overflow_reporting = reporting
-            first_of_episode = self._overflow_episode == 0
-            self._overflow_episode += len(dropped)
-        try:
-            if first_of_episode:
-                log.warning(
-                    "klime: the queue is full (max_queue_size=%d); dropping the oldest events "
-                    "and reporting them to on_error. Raise max_queue_size, or check that the "
-                    "endpoint is reachable",
-                    self.max_queue_size,
-                )
-            self.delivery.drop(
-                dropped,
-                f"queue full (max_queue_size={self.max_queue_size}); event dropped",
-                counted=True,
-            )
-        finally:
+        """Hand dropped events to ``on_error``, at most ``_REPORT_SLICE`` per call; log the
+        start and end of an overflow episode once each. Thread-safe."""
+        while True:
             with self._lock:
-                self._overflow_reporting = None
-                more = bool(self._overflow)
-                self._settled_cond.notify_all()
-        if more:
-            self._report_overflow()
+                dropped = self._overflow
+                unheld, self._overflow_unheld = self._overflow_unheld, 0
+                if not dropped and not unheld:
+                    if self._overflow_episode and len(self._queue) < self.max_queue_size:
+                        total, self._overflow_episode = self._overflow_episode, 0
+                        log.warning("klime: the queue has room again; %d events were dropped", total)
+                    return
+                if len(dropped) > _REPORT_SLICE:  # bound the memory and GIL time of one report
+                    dropped, self._overflow = dropped[:_REPORT_SLICE], dropped[_REPORT_SLICE:]
+                    first = self._overflow_first
+                    # a lower bound of the next one's sequence number: flush may wait a
+                    # little longer, never return early
+                    self._overflow_first = first + _REPORT_SLICE
+                else:
+                    self._overflow = []
+                    first = self._overflow_first
+                self._reporting.append(first)
+                first_of_episode = self._overflow_episode == 0
+                self._overflow_episode += len(dropped) + unheld
+            try:
+                if first_of_episode:
+                    log.warning(
+                        "klime: the queue is full (max_queue_size=%d); dropping the oldest events "
+                        "and reporting them to on_error. Raise max_queue_size, or check that the "
+                        "endpoint is reachable",
+                        self.max_queue_size,
+                    )
+                reason = f"queue full (max_queue_size={self.max_queue_size}); event dropped"
+                if dropped:
+                    self.delivery.drop(dropped, reason, counted=True)
+                if unheld:
+                    log.error("klime: %d events not delivered: %s", unheld, reason)
+            finally:
+                with self._lock:
+                    self._reporting.remove(first)
+                    self._settled_cond.notify_all()
 
     # ------------------------------------------------------------------ flush / shutdown
 
@@ -279,7 +339,7 @@ class BackgroundTransport(Transport):
             self._left >= target
             and (self._inflight is None or self._inflight_start >= target)
             and (not self._overflow or self._overflow_first >= target)
-            and (self._overflow_reporting is None or self._overflow_reporting >= target)
+            and all(first >= target for first in self._reporting)
         )
 
     def _unsettled(self, target: int) -> int:
@@ -304,22 +364,26 @@ class BackgroundTransport(Transport):
         before = self._snapshot()
         with self._lock:
             target = self._accepted
+        current = threading.current_thread()
+        if current is self._thread or current is self._reporter:
+            # flush() from inside a callback, on klime's own thread: it cannot wait for
+            # itself. The events go out as soon as the callback returns.
+            with self._lock:
+                self._flush_pending = True
+                unsent = self._unsettled(target)
+            return FlushResult(unsent=unsent)
         if self._worker_alive():
             with self._lock:
-                self._flush_requests += 1
+                self._flush_pending = True
             self._wake.set()
-            try:
-                with self._settled_cond:
-                    while not self._settled(target):
-                        left = deadline.remaining()
-                        if left is not None and left <= 0:
-                            break
-                        self._settled_cond.wait(left)
-                        if not self._worker_alive():
-                            break
-            finally:
-                with self._lock:
-                    self._flush_requests -= 1
+            with self._settled_cond:
+                while not self._settled(target):
+                    left = deadline.remaining()
+                    if left is not None and left <= 0:
+                        break
+                    self._settled_cond.wait(left)
+                    if not self._worker_alive():
+                        break
         if not self._worker_alive():
             self._drain_inline(deadline, full=True)
         with self._lock:
@@ -358,6 +422,7 @@ class BackgroundTransport(Transport):
         with self._lock:
             self._stopping = True
         self._wake.set()
+        self._report_wake.set()
         thread = self._thread
         if isinstance(thread, Thread) and thread.is_alive() and thread is not threading.current_thread():
             thread.join(deadline.remaining())
@@ -366,13 +431,14 @@ class BackgroundTransport(Transport):
             self._left += len(self._queue)
             self._queue.clear()
             claim, abandoned = self._inflight, self._inflight_events
+            taken = claim is not None and not claim.taken
+            if claim is not None and taken:
+                claim.taken = True  # the sender's outcome, if it ever comes, is not counted
+                self._inflight = None
+                self._inflight_events = []
         self._report_overflow()
-        if claim is not None and claim.take():
+        if taken:
             self.delivery.fail(abandoned, "shutdown deadline reached while this batch was being sent")
-            with self._lock:
-                if self._inflight is claim:
-                    self._inflight = None
-                    self._inflight_events = []
         if leftovers:
             reason = (
                 "shutdown deadline reached before the event was sent"
@@ -388,7 +454,7 @@ class BackgroundTransport(Transport):
             failed=after["failed"] - before["failed"],
             dropped=after["dropped"] - before["dropped"],
             unsent=unsent,
-            timed_out=deadline.expired() and bool(leftovers or claim),
+            timed_out=deadline.expired() and bool(leftovers or taken),
         )
 
     def counts(self) -> Dict[str, int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 from .._deadline import Deadline
 from .._models import BatchResponse, FlushResult
@@ -37,17 +37,28 @@ class BlockingTransport(Transport):
             self._inflight += count
             return True
 
-    def _end(self, count: int) -> None:
-        with self._lock:
-            self._inflight -= count
+    def _settler(self, count: int) -> Callable[[], bool]:
+        """Ends the in-flight count once: when Delivery settles the events (before any
+        callback runs, so stats() inside a callback adds up) or, failing that, after."""
+        done = []
+
+        def settle() -> bool:
+            if not done:
+                done.append(True)
+                with self._lock:
+                    self._inflight -= count
+            return True
+
+        return settle
 
     def submit(self, event: bytes) -> bool:
         if not self._begin(1):
             return False
+        settle = self._settler(1)
         try:
-            self.delivery.send([event], Deadline())
+            self.delivery.send([event], Deadline(), claim=settle)
         finally:
-            self._end(1)
+            settle()
         return True
 
     def send(self, events: Sequence[bytes], timeout: Optional[float] = None) -> Optional[BatchResponse]:
@@ -55,12 +66,14 @@ class BlockingTransport(Transport):
 
         Returns None (sending nothing) when the transport was shut down.
         """
+        deadline = Deadline.after(timeout)
         if not self._begin(len(events)):
             return None
+        settle = self._settler(len(events))
         try:
-            return self.delivery.send_sync(events, Deadline.after(timeout))
+            return self.delivery.send_sync(events, deadline, claim=settle)
         finally:
-            self._end(len(events))
+            settle()
 
     def flush(self, timeout: Optional[float] = None) -> FlushResult:
         return FlushResult()
