@@ -68,6 +68,12 @@ def _threads_allowed() -> bool:
     return background_threads_allowed()
 
 
+def _send_at_once() -> bool:
+    from .._runtime import must_send_at_once
+
+    return must_send_at_once()
+
+
 class BackgroundTransport(Transport):
     """Queue in the caller's thread, send from a background thread.
 
@@ -123,6 +129,7 @@ class BackgroundTransport(Transport):
         self._closed = closed
         self._stopping = False
         self._thread: Optional[object] = None
+        self._inline_each = False  # no thread, and no later moment to send: send every event
         self._worker_deadline = Deadline()
         self._pid = os.getpid()
 
@@ -155,8 +162,8 @@ class BackgroundTransport(Transport):
         if thread is None:
             thread = self._start()
         if thread is _NO_THREAD:
-            if size >= self.max_batch_size or overflow:
-                self._drain_inline(Deadline(), full=False)
+            if self._inline_each or size >= self.max_batch_size or overflow:
+                self._drain_inline(Deadline(), full=self._inline_each)
         elif size == self.max_batch_size:
             self._wake.set()
         elif overflow:
@@ -207,6 +214,8 @@ class BackgroundTransport(Transport):
             allowed = self._threads_option if self._threads_option is not None else _threads_allowed()
             if not allowed:
                 self._thread = _NO_THREAD
+                # e.g. a uWSGI master before it forks: nothing of ours runs there later
+                self._inline_each = self._threads_option is None and _send_at_once()
                 return _NO_THREAD
             thread = Thread(target=self._run, name="klime-sender", daemon=True)
             self._thread = thread
