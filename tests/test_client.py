@@ -7,10 +7,9 @@ import logging
 import pytest
 
 import klime
+from conftest import WRITE_KEY, Recorder, conserved
 from klime import ConfigurationError, SendError, ValidationError
 from klime.devserver import Fault
-
-from conftest import WRITE_KEY, Recorder, conserved
 
 
 def test_write_key_from_environment(monkeypatch, collector):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+from conftest import Recorder
 from klime import SendError
 from klime._deadline import Deadline
 from klime._delivery import Delivery
 from klime._events import encode_track
 from klime.senders.base import Sender, SendResult
-
-from conftest import Recorder
 
 
 class ScriptedSender(Sender):
@@ -46,7 +45,9 @@ def test_413_halves_down_to_single_events():
 
     def answer(events):
         if len(events) > 1 or any(b'"i":2' in e for e in events if len(events) == 1 and 2 in too_big):
-            return SendResult(None, SendError("too large", 413), tuple(range(len(events))), 1, 0, too_large=True)
+            return SendResult(
+                None, SendError("too large", 413), tuple(range(len(events))), 1, 0, too_large=True
+            )
         return ok(events)
 
     on_error = Recorder()
@@ -86,8 +87,14 @@ def test_claim_refused_means_nothing_is_counted():
 
 def test_keep_unsent_returns_what_the_deadline_stopped():
     def answer(events):
-        return SendResult(None, SendError("deadline", retryable=True), tuple(range(len(events))), 0, 0,
-                          deadline_reached=True)
+        return SendResult(
+            None,
+            SendError("deadline", retryable=True),
+            tuple(range(len(events))),
+            0,
+            0,
+            deadline_reached=True,
+        )
 
     on_error = Recorder()
     delivery = Delivery(ScriptedSender(answer), on_error=on_error)

@@ -33,9 +33,13 @@ CTX = '"context":{"library":{"name":"python-sdk","version":"%s"}}' % re.escape(_
 def test_track_bytes_exactly():
     raw = encode_track("Button Clicked", {"plan": "pro"}, "user_123", None)
     assert re.fullmatch(
-        rb'\{"type":"track","messageId":"' + UUID4.encode() + rb'","timestamp":"' + TS.encode()
+        rb'\{"type":"track","messageId":"'
+        + UUID4.encode()
+        + rb'","timestamp":"'
+        + TS.encode()
         + rb'","event":"Button Clicked","userId":"user_123","properties":\{"plan":"pro"\},'
-        + CTX.encode() + rb"\}",
+        + CTX.encode()
+        + rb"\}",
         raw,
     ), raw
 
@@ -50,8 +54,13 @@ def test_track_group_level_and_both_ids():
 def test_identify_bytes_exactly():
     raw = encode_identify("user_123", {"email": "user@example.com"})
     assert re.fullmatch(
-        rb'\{"type":"identify","messageId":"' + UUID4.encode() + rb'","timestamp":"' + TS.encode()
-        + rb'","userId":"user_123","traits":\{"email":"user@example.com"\},' + CTX.encode() + rb"\}",
+        rb'\{"type":"identify","messageId":"'
+        + UUID4.encode()
+        + rb'","timestamp":"'
+        + TS.encode()
+        + rb'","userId":"user_123","traits":\{"email":"user@example.com"\},'
+        + CTX.encode()
+        + rb"\}",
         raw,
     ), raw
 
@@ -59,9 +68,13 @@ def test_identify_bytes_exactly():
 def test_group_bytes_exactly_and_link_only():
     raw = encode_group("org_456", {"name": "Acme Inc"}, "user_123")
     assert re.fullmatch(
-        rb'\{"type":"group","messageId":"' + UUID4.encode() + rb'","timestamp":"' + TS.encode()
+        rb'\{"type":"group","messageId":"'
+        + UUID4.encode()
+        + rb'","timestamp":"'
+        + TS.encode()
         + rb'","groupId":"org_456","userId":"user_123","traits":\{"name":"Acme Inc"\},'
-        + CTX.encode() + rb"\}",
+        + CTX.encode()
+        + rb"\}",
         raw,
     ), raw
     link = decode(encode_group("org_456", None, "user_123"))
@@ -244,6 +257,6 @@ def test_str_subclass_event_name():
 
 
 def test_json_roundtrip_is_valid():
-    raw = encode_track("q\"uote\\", {"x": "line\nbreak", "e": "\u2028"}, "u\"", None)
+    raw = encode_track('q"uote\\', {"x": "line\nbreak", "e": "\u2028"}, 'u"', None)
     ev = json.loads(raw)
     assert ev["event"] == 'q"uote\\' and ev["userId"] == 'u"'

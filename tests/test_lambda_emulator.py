@@ -94,7 +94,9 @@ def test_echo_round_trip():
 
 
 def test_context_and_environment():
-    with emulator("context_info", function_name="fn-under-test", memory_mb=256, env={"KLIME_TEST_EXTRA": "x"}) as emu:
+    with emulator(
+        "context_info", function_name="fn-under-test", memory_mb=256, env={"KLIME_TEST_EXTRA": "x"}
+    ) as emu:
         inv = emu.invoke({})
         assert inv.ok, emu.log_tail()
         p = inv.payload

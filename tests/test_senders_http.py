@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import WRITE_KEY
 from klime import ConfigurationError
 from klime._batching import batch_body
 from klime._deadline import Deadline
@@ -17,8 +18,6 @@ from klime._events import encode_group, encode_identify, encode_track
 from klime.devserver import Fault
 from klime.senders._retry import RetryPolicy
 from klime.senders.http import HttpSender, validate_endpoint
-
-from conftest import WRITE_KEY
 
 
 def make_sender(collector, **kw):
@@ -33,7 +32,11 @@ def events(n=3):
 
 def test_wire_request_exactly(collector):
     sender = make_sender(collector)
-    batch = [encode_track("T", {"a": 1}, "u", None), encode_identify("u", {"e": "x"}), encode_group("g", None, "u")]
+    batch = [
+        encode_track("T", {"a": 1}, "u", None),
+        encode_identify("u", {"e": "x"}),
+        encode_group("g", None, "u"),
+    ]
     result = sender.send(batch, Deadline())
     assert result.error is None and result.response.accepted == 3 and result.requests == 1
     (req,) = collector.requests()

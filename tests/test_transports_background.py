@@ -11,10 +11,9 @@ import time
 import pytest
 
 import klime
+from conftest import WRITE_KEY, Recorder, conserved, wait_until
 from klime.devserver import Fault
 from klime.transports.background import BackgroundTransport
-
-from conftest import WRITE_KEY, Recorder, conserved, wait_until
 
 
 def sender_threads():
@@ -307,7 +306,9 @@ def test_explicit_shutdown_unregisters_the_exit_hook(collector, src_env):
         print(len(lc._exit_hooks))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], env=src_env, capture_output=True, timeout=30, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=src_env, capture_output=True, timeout=30, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "0"
     assert len(collector.events()) == 1

@@ -11,16 +11,16 @@ import math
 import numbers
 import os
 import threading
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from . import _config, _events, _lifecycle
+from ._aio import AsyncClientMixin
 from ._deadline import check_timeout
 from ._delivery import Delivery, ErrorCallback, SuccessCallback
 from ._logging import log
 from ._models import BatchResponse, FlushResult
 from .errors import ConfigurationError, SendError
 from .senders.base import Sender
-from ._aio import AsyncClientMixin
 from .transports import make_sync_transport, make_transport
 from .transports.base import Transport
 
@@ -111,7 +111,9 @@ class Client(AsyncClientMixin):
             )
             batch = _config.MAX_BATCH_EVENTS
         self.max_batch_size = batch
-        self.max_queue_size = _integer("max_queue_size", max_queue_size, _config.DEFAULT_MAX_QUEUE_SIZE, minimum=1)
+        self.max_queue_size = _integer(
+            "max_queue_size", max_queue_size, _config.DEFAULT_MAX_QUEUE_SIZE, minimum=1
+        )
         self.retry_max_attempts = _integer(
             "retry_max_attempts", retry_max_attempts, _config.DEFAULT_RETRY_MAX_ATTEMPTS, minimum=1
         )
@@ -121,9 +123,7 @@ class Client(AsyncClientMixin):
         if flush_on_shutdown is not None and not isinstance(flush_on_shutdown, bool):
             raise ConfigurationError("flush_on_shutdown must be True or False")
         self.flush_on_shutdown = True if flush_on_shutdown is None else flush_on_shutdown
-        self.exit_timeout = _number(
-            "exit_timeout", exit_timeout, _config.DEFAULT_EXIT_TIMEOUT_S, minimum=0
-        )
+        self.exit_timeout = _number("exit_timeout", exit_timeout, _config.DEFAULT_EXIT_TIMEOUT_S, minimum=0)
         self.on_error = _callback("on_error", on_error)
         self.on_success = _callback("on_success", on_success)
 
@@ -154,10 +154,9 @@ class Client(AsyncClientMixin):
         _lifecycle.register(self)
 
     def __repr__(self) -> str:  # the write key never appears
-        return (
-            f"<klime.Client endpoint={self.endpoint!r} transport={self._transport.name or type(self._transport).__name__!r}"
-            f"{' closed' if self._closed else ''}>"
-        )
+        transport = self._transport.name or type(self._transport).__name__
+        closed = " closed" if self._closed else ""
+        return f"<klime.Client endpoint={self.endpoint!r} transport={transport!r}{closed}>"
 
     @property
     def transport(self) -> Transport:
@@ -334,7 +333,7 @@ class Client(AsyncClientMixin):
         except Exception:
             log.exception("klime: flushing at exit failed")
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -47,9 +47,7 @@ Properties = Optional[Mapping[str, Any]]
 
 
 LIBRARY_NAME = "python-sdk"
-_CONTEXT = json.dumps(
-    {"library": {"name": LIBRARY_NAME, "version": __version__}}, separators=(",", ":")
-)
+_CONTEXT = json.dumps({"library": {"name": LIBRARY_NAME, "version": __version__}}, separators=(",", ":"))
 _TAIL = f',"context":{_CONTEXT}}}'
 
 # ---------------------------------------------------------------------------------------
@@ -190,7 +188,9 @@ def _plain_key(key: Any, path: str) -> str:
         ) from None
 
 
-def to_json_value(value: Any, path: str = "value", _depth: int = 0, _seen: frozenset[int] = frozenset()) -> Any:
+def to_json_value(
+    value: Any, path: str = "value", _depth: int = 0, _seen: frozenset[int] = frozenset()
+) -> Any:
     """Return ``value`` as plain JSON data, or raise ValidationError naming where it is bad.
 
     This is the slow path, used only when the fast C encoder refused a value, to explain why
@@ -223,7 +223,9 @@ def to_json_value(value: Any, path: str = "value", _depth: int = 0, _seen: froze
             "(convert it to a str, number, bool, None, list or dict)"
         ) from None
     except Exception as exc:
-        raise ValidationError(f"{_clip(path)} ({_describe(value)}) cannot be turned into JSON: {exc}") from None
+        raise ValidationError(
+            f"{_clip(path)} ({_describe(value)}) cannot be turned into JSON: {exc}"
+        ) from None
     return to_json_value(converted, path, _depth + 1, _seen | {id(value)})
 
 
@@ -309,9 +311,7 @@ def encode_track(event: Any, properties: Properties, user_id: Any, group_id: Any
     props = _json_object(properties, "properties")
     if uid is None:
         if gid is None:
-            raise ValidationError(
-                "track needs a user_id or a group_id (anonymous events are not accepted)"
-            )
+            raise ValidationError("track needs a user_id or a group_id (anonymous events are not accepted)")
         ids = f',"groupId":{_c_quote(gid)}'
     elif gid is None:
         ids = f',"userId":{_c_quote(uid)}'

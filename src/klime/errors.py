@@ -74,7 +74,10 @@ class SendError(KlimeError):
         )
 
     def __reduce__(self) -> Any:  # picklable across multiprocessing
-        return (_rebuild_send_error, (self.message, self.status_code, self.events, self.response, self.retryable))
+        return (
+            _rebuild_send_error,
+            (self.message, self.status_code, self.events, self.response, self.retryable),
+        )
 
 
 def _rebuild_send_error(

@@ -183,7 +183,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "klime-lambda-emulator"
     sys_version = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     # -- plumbing ---------------------------------------------------------
@@ -220,7 +220,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(code, json.dumps(obj).encode())
 
     # -- routes -------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         emu: LambdaEmulator = self.server.emulator  # type: ignore[attr-defined]
         if self.path != _NEXT:
             self._send_json(404, {"errorType": "NotFound", "errorMessage": self.path})
@@ -239,7 +239,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         self._send(200, pending.body, headers)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         emu: LambdaEmulator = self.server.emulator  # type: ignore[attr-defined]
         body = self._read_body()
         received = time.monotonic()
@@ -258,7 +258,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 else:
                     self._send_json(
                         400,
-                        {"errorType": "InvalidRequestID", "errorMessage": "unknown or finished request " + request_id},
+                        {
+                            "errorType": "InvalidRequestID",
+                            "errorMessage": "unknown or finished request " + request_id,
+                        },
                     )
                 return
         self._send_json(404, {"errorType": "NotFound", "errorMessage": path})
@@ -267,14 +270,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    emulator: "LambdaEmulator"
+    emulator: LambdaEmulator
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Connections die when the runtime is stopped/killed; nothing to report.
         pass
 
 
-_LIVE: "set[LambdaEmulator]" = set()
+_LIVE: set[LambdaEmulator] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -296,7 +299,7 @@ class LambdaEmulator:
         self,
         handler: str,
         *,
-        cwd: Union[str, "os.PathLike[str]", None] = None,
+        cwd: Union[str, os.PathLike[str], None] = None,
         env: Optional[Dict[str, str]] = None,
         function_name: str = "klime-test",
         timeout_s: float = 30.0,
@@ -385,7 +388,7 @@ class LambdaEmulator:
         env["AWS_LAMBDA_RUNTIME_API"] = self.address
         return env
 
-    def start(self, ready_timeout: float = 30.0) -> "LambdaEmulator":
+    def start(self, ready_timeout: float = 30.0) -> LambdaEmulator:
         """Start the API server and the runtime; return after its first GET /next."""
         if self._started:
             raise LambdaEmulatorError("already started")
@@ -531,7 +534,7 @@ class LambdaEmulator:
         lines = data.decode("utf-8", "replace").splitlines()
         return "\n".join(lines[-n:])
 
-    def __enter__(self) -> "LambdaEmulator":
+    def __enter__(self) -> LambdaEmulator:
         if not self._started:
             self.start()
         return self
@@ -540,7 +543,12 @@ class LambdaEmulator:
         self.stop()
 
     def __repr__(self) -> str:
-        return "LambdaEmulator(%r, pid=%s, port=%s, frozen=%s)" % (self.handler, self.pid, self.port, self._frozen)
+        return "LambdaEmulator(%r, pid=%s, port=%s, frozen=%s)" % (
+            self.handler,
+            self.pid,
+            self.port,
+            self._frozen,
+        )
 
     # -- internals: process ----------------------------------------------------
     def _start_server(self) -> None:
@@ -549,7 +557,10 @@ class LambdaEmulator:
         self._server = server
         self.port = server.server_address[1]
         t = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="lambda-emulator-api", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="lambda-emulator-api",
+            daemon=True,
         )
         t.start()
         self._server_thread = t
@@ -572,7 +583,9 @@ class LambdaEmulator:
         finally:
             log.close()
         self.pid = self._proc.pid
-        threading.Thread(target=self._monitor, args=(self._proc,), name="lambda-emulator-monitor", daemon=True).start()
+        threading.Thread(
+            target=self._monitor, args=(self._proc,), name="lambda-emulator-monitor", daemon=True
+        ).start()
 
     def _monitor(self, proc: subprocess.Popen) -> None:
         rc = proc.wait()

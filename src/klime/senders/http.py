@@ -54,13 +54,11 @@ def validate_endpoint(endpoint: str, *, allow_insecure: bool = False) -> str:
     try:
         parts = urlsplit(endpoint)
         host = parts.hostname
-        parts.port  # raises ValueError on a bad port
+        _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
         raise ConfigurationError(f"endpoint is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not host:
-        raise ConfigurationError(
-            "endpoint must be an http(s) URL with a host, such as https://i.klime.com"
-        )
+        raise ConfigurationError("endpoint must be an http(s) URL with a host, such as https://i.klime.com")
     if parts.username or parts.password:
         raise ConfigurationError("endpoint must not carry credentials; pass write_key instead")
     if parts.query or parts.fragment:
@@ -157,9 +155,7 @@ class HttpSender(Sender):
                 session = self._session
                 if session is None:
                     session = requests.Session()
-                    adapter = HTTPAdapter(
-                        pool_connections=1, pool_maxsize=self._pool_size, max_retries=0
-                    )
+                    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size, max_retries=0)
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
                     session.verify = True
@@ -212,7 +208,9 @@ class HttpSender(Sender):
             except _PERMANENT_REQUEST_ERRORS as exc:
                 reason = f"request could not be made: {type(exc).__name__}"
                 logger.error("klime: batch of %d events not sent: %s", count, reason)
-                return SendResult(None, SendError(reason), all_failed, requests_made, max(0, requests_made - 1))
+                return SendResult(
+                    None, SendError(reason), all_failed, requests_made, max(0, requests_made - 1)
+                )
             except requests.exceptions.RequestException as exc:
                 requests_made += 1
                 status: Optional[int] = None

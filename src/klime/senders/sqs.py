@@ -561,9 +561,7 @@ class SqsSender(Sender):
         )
         if not accepted:
             if too_large_hit and not transient and len(events) > 1:
-                return SendResult(
-                    None, SendError(text, first.status), failed, calls, retries, too_large=True
-                )
+                return SendResult(None, SendError(text, first.status), failed, calls, retries, too_large=True)
             if not deadline_hit and transient:
                 logger.warning("klime: %s", text)
             elif not transient:

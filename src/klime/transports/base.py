@@ -58,7 +58,7 @@ class Transport(abc.ABC):
         ``on_error`` and counted. Idempotent.
         """
 
-    def sync_transport(self) -> Optional["Transport"]:
+    def sync_transport(self) -> Optional[Transport]:
         """The transport for this client's ``*_sync`` calls, if this one wants to serve
         them itself (the memory transport records them); None: a blocking transport."""
         return None

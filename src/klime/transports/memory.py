@@ -59,7 +59,7 @@ class MemoryTransport(Transport):
                 return None
         return BatchResponse("ok", len(events))
 
-    def sync_transport(self) -> "MemoryTransport":
+    def sync_transport(self) -> MemoryTransport:
         return self
 
     def clear(self) -> None:
