@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .._deadline import Deadline
 from .._models import BatchResponse, FlushResult
@@ -40,7 +40,7 @@ class BlockingTransport(Transport):
     def _settler(self, count: int) -> Callable[[], bool]:
         """Ends the in-flight count once: when Delivery settles the events (before any
         callback runs, so stats() inside a callback adds up) or, failing that, after."""
-        done = []
+        done: List[bool] = []
 
         def settle() -> bool:
             if not done:
