@@ -181,14 +181,14 @@ def shutdown(timeout: Optional[float] = None) -> FlushResult:
 
 
 def restart() -> None:
-    """Re-arm the default client in this process (Ruby's ``Klime.restart!``).
+    """Re-arm every client in this process after a fork (Ruby's ``Klime.restart!``).
 
     Forks are detected automatically; call this only if your server forks in a way klime
     cannot see. The child forgets events queued by its parent (the parent sends them).
     """
-    current = client
-    if current is not None:
-        current._restart()
+    from . import _lifecycle
+
+    _lifecycle.rearm()
 
 
 def __getattr__(name: str) -> Any:

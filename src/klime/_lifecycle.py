@@ -2,12 +2,25 @@
 
 Fork is detected two ways: ``os.register_at_fork`` (through a weak set, so a hook never
 keeps a client alive) and a pid comparison at every Client entry point, for servers such as
-uWSGI that fork without running Python's fork hooks.
+uWSGI that fork without running Python's fork hooks. Nothing here holds a lock across a
+fork: the child makes its own lock before it looks at anything.
 
 At exit every client that was not shut down explicitly is shut down with its
-``exit_timeout``: by ``atexit`` in a normally exiting interpreter, and by a
-``multiprocessing`` finalizer in multiprocessing children, which leave through
-``os._exit`` and never run ``atexit``.
+``exit_timeout``:
+
+- by ``atexit`` in a normally exiting interpreter;
+- by a ``multiprocessing`` finalizer in multiprocessing children (fork, spawn and
+  forkserver), which leave through ``os._exit`` and never run ``atexit``. The finalizer is
+  registered in the child itself: at client creation when the client is made there, and
+  through multiprocessing's after-fork callbacks for clients the child inherited or made
+  while its main module was being imported (``multiprocessing`` clears the finalizers it
+  finds at that point, then runs those callbacks);
+- by uWSGI's own hooks inside uWSGI (see :mod:`klime.integrations.uwsgi`, installed here
+  when a client is created in a uWSGI process), and by the Celery integration in Celery's
+  pool processes, which also leave through ``os._exit``.
+
+The helpers :func:`clients`, :func:`flush_pending`, :func:`exit_all` and :func:`rearm` act
+on every live client of this process; the integrations use them.
 """
 
 from __future__ import annotations
@@ -17,38 +30,135 @@ import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+from . import _events
+from ._deadline import Deadline
+from ._logging import log
 
 if TYPE_CHECKING:
     from ._client import Client
 
-__all__ = ["register", "unregister"]
+__all__ = ["register", "unregister", "clients", "flush_pending", "exit_all", "rearm"]
 
-_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _exit_hooks: Dict[int, Callable[[], None]] = {}
 _lock = threading.Lock()
+_lock_pid = os.getpid()
 
 #: multiprocessing finalizers run in descending priority; run ours before the pool's own.
 _MP_EXIT_PRIORITY = 20
 
+#: The process whose message-id generator this is. uWSGI forks without Python's fork
+#: hooks: a worker that imported klime's modules from its master (``--lazy-apps`` with
+#: ``--import``, or any master-side import) and creates its own client must not reuse the
+#: master's sequence — every worker would send the same messageIds.
+_ids_pid = os.getpid()
+
+#: Set once multiprocessing's after-fork registry holds our callback. Inherited by forked
+#: children together with the registry itself, so it is registered once per process tree
+#: (and again in each spawned interpreter).
+_mp_after_fork_registered = False
+
+
+def _guard() -> threading.Lock:
+    """This process's lock. After a fork that ran no Python hook (uWSGI) the copied lock
+    may be held by a thread that does not exist here: make a new one."""
+    global _lock, _lock_pid
+    pid = os.getpid()
+    if _lock_pid != pid:
+        _lock = threading.Lock()
+        _lock_pid = pid
+    return _lock
+
 
 def register(client: Client) -> None:
-    """Watch ``client`` for forks and shut it down at exit."""
+    """Watch ``client`` for forks and shut it down at exit. Thread-safe, non-blocking."""
+    global _ids_pid
+    pid = os.getpid()
+    if _ids_pid != pid:
+        _events.reseed()
+        _ids_pid = pid
     hook = _exit_hook(client)
-    with _lock:
+    with _guard():
         _clients.add(client)
         _exit_hooks[id(client)] = hook
     atexit.register(hook)
-    _register_mp_finalizer(hook)
+    if "multiprocessing" in sys.modules:
+        _register_mp_after_fork()
+        _register_mp_finalizer(hook)
+    from ._runtime import uwsgi_module
+
+    if uwsgi_module() is not None:
+        try:
+            from .integrations.uwsgi import install
+
+            install()
+        except Exception:  # never let exit plumbing break a client
+            log.exception("klime: installing the uWSGI hooks failed")
 
 
 def unregister(client: Client) -> None:
     """Forget ``client`` (after an explicit shutdown): nothing more to do at exit."""
-    with _lock:
+    with _guard():
         _clients.discard(client)
         hook = _exit_hooks.pop(id(client), None)
     if hook is not None:
         atexit.unregister(hook)
+
+
+def clients() -> List[Client]:
+    """Every live, registered client of this process (a new list). Thread-safe."""
+    with _guard():
+        return list(_clients)
+
+
+# ---------------------------------------------------------------------------------------
+# what the integrations call
+
+
+def flush_pending(timeout: Optional[float] = None) -> int:
+    """Flush every live client that has queued events, within one ``timeout`` (seconds).
+
+    Blocks up to ``timeout`` (None: until sent or retries run out); thread-safe; never
+    raises. Returns how many events were still unsent when it returned.
+    """
+    deadline = Deadline.after(timeout)
+    unsent = 0
+    for client in clients():
+        try:
+            if client._closed or client.stats()["queued"] == 0:
+                continue
+            result = client.flush(deadline.remaining())
+            unsent += result.unsent
+        except Exception:
+            log.exception("klime: flushing a client failed")
+    return unsent
+
+
+def exit_all() -> None:
+    """Shut down every client not shut down yet, each within its ``exit_timeout``.
+
+    For a process about to leave without running ``atexit`` (uWSGI's and Celery's exit
+    hooks call it). Blocks; never raises; later calls do nothing for clients already done.
+    """
+    for client in clients():
+        client._at_exit()
+
+
+def rearm() -> None:
+    """Re-arm every live client in this process after a fork (``klime.restart()``).
+
+    A client whose process changed starts afresh (empty queue, fresh locks, connections
+    and thread); in the process that created it, a client is left as it is: its queue is
+    its own. Idempotent, thread-safe; blocks only briefly.
+    """
+    for client in clients():
+        client._check_fork()
+
+
+# ---------------------------------------------------------------------------------------
+# exit hooks
 
 
 def _exit_hook(client: Client) -> Callable[[], None]:
@@ -75,33 +185,58 @@ def _register_mp_finalizer(hook: Callable[[], None]) -> None:
         pass
 
 
-def _after_fork_in_child() -> None:
-    with _lock:
-        clients = list(_clients)
-    for client in clients:
-        client._check_fork()
-    # multiprocessing clears its finalizers in the child after this hook runs, then calls
-    # its own after-fork callbacks: register ours there so they survive.
-    util = sys.modules.get("multiprocessing.util")
-    if util is not None and clients:
-        try:
-            util.register_after_fork(_MpReRegister, _mp_reregister)  # type: ignore[attr-defined]
-        except Exception:
-            pass
+def _register_mp_after_fork() -> None:
+    """Have multiprocessing call :func:`_mp_reregister` in each child it starts.
+
+    A child's bootstrap clears the finalizers it finds (inherited, or registered while the
+    main module was imported in a spawned child) and then runs the after-fork callbacks:
+    ours registers a finalizer for every live client again.
+    """
+    global _mp_after_fork_registered
+    if _mp_after_fork_registered:
+        return
+    try:
+        from multiprocessing import util
+
+        util.register_after_fork(_MP_TOKEN, _mp_reregister)
+        _mp_after_fork_registered = True
+    except Exception:
+        pass
 
 
-class _MpReRegisterType:
-    """A weak-referenceable token for multiprocessing's after-fork registry."""
+class _MpToken:
+    """A weak-referenceable key for multiprocessing's after-fork registry."""
 
 
-_MpReRegister = _MpReRegisterType()
+_MP_TOKEN = _MpToken()
 
 
 def _mp_reregister(_token: Any) -> None:
-    with _lock:
+    with _guard():
         hooks = [_exit_hooks[id(c)] for c in list(_clients) if id(c) in _exit_hooks]
     for hook in hooks:
         _register_mp_finalizer(hook)
+
+
+# ---------------------------------------------------------------------------------------
+# fork
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _lock_pid, _ids_pid
+    # Another thread of the parent may have held the lock at the fork: never wait on it.
+    _lock = threading.Lock()
+    _lock_pid = _ids_pid = os.getpid()  # klime._events re-seeds itself in its own fork hook
+    found = list(_clients)
+    for client in found:
+        try:
+            client._check_fork()
+        except Exception:
+            log.exception("klime: re-arming a client after fork failed")
+    if found and "multiprocessing.util" in sys.modules:
+        # multiprocessing runs its after-fork callbacks in its own children after this
+        # hook: make sure ours is among them (see _register_mp_after_fork).
+        _register_mp_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

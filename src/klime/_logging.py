@@ -58,6 +58,16 @@ class _Log:
 log = _Log()
 
 
+def _after_fork_in_child() -> None:
+    # the lock may have been held by another thread of the parent at the fork
+    log._once_lock = threading.Lock()
+
+
+import os as _os  # noqa: E402
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def set_logger(logger: Any) -> None:
     """Send klime's log records to ``logger`` (any object with logging's methods)."""
     log.target = logger if logger is not None else logging.getLogger("klime")

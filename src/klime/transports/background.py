@@ -34,6 +34,9 @@ __all__ = ["BackgroundTransport"]
 
 _monotonic = time.monotonic
 
+#: How long a send on the caller's thread (no background thread here) may take.
+_INLINE_TIMEOUT_S = 5.0
+
 #: Dropped events are handed to on_error at most this many at a time.
 _REPORT_SLICE = 1000
 
@@ -163,7 +166,9 @@ class BackgroundTransport(Transport):
             thread = self._start()
         if thread is _NO_THREAD:
             if self._inline_each or size >= self.max_batch_size or overflow:
-                self._drain_inline(Deadline(), full=self._inline_each)
+                # bounded: an unreachable endpoint must not stall the caller for the whole
+                # retry budget (what is not sent in time is reported, not kept)
+                self._drain_inline(Deadline.after(_INLINE_TIMEOUT_S), full=self._inline_each)
         elif size == self.max_batch_size:
             self._wake.set()
         elif overflow:

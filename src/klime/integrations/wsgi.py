@@ -1,0 +1,106 @@
+"""WSGI: flush klime's events after each response (the per-request flush of Klime's other
+SDKs), for servers where klime cannot send in the background or where you want every
+request's events out before the worker takes the next one::
+
+    from klime.integrations.wsgi import KlimeMiddleware
+    application = KlimeMiddleware(application)              # flush only where needed
+    application = KlimeMiddleware(application, flush=True)  # after every response
+
+The flush runs when the server closes the response (after the body was sent), so the
+client does not wait for it; the worker does, up to ``timeout`` seconds. Imports only the
+standard library and klime.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
+
+from .. import _lifecycle, _runtime
+from .._logging import log
+
+if TYPE_CHECKING:
+    from .._client import Client
+
+__all__ = ["KlimeMiddleware", "FLUSH_TIMEOUT"]
+
+#: Seconds a flush after a response may take, by default.
+FLUSH_TIMEOUT = 2.0
+
+WSGIApp = Callable[[Any, Any], Iterable[bytes]]
+
+
+def should_flush(flush: Optional[bool]) -> bool:
+    """The per-request flush decision: ``flush`` when given; by default, only where
+    klime's background thread cannot run (uWSGI without threads)."""
+    if flush is not None:
+        return flush
+    return not _runtime.background_threads_allowed()
+
+
+def flush_now(client: Optional[Client], timeout: Optional[float]) -> None:
+    """Flush ``client`` (or every live client) if it has queued events. Never raises."""
+    try:
+        if client is None:
+            _lifecycle.flush_pending(timeout)
+        elif client.stats()["queued"]:
+            client.flush(timeout)
+    except Exception:
+        log.exception("klime: flushing after the response failed")
+
+
+class KlimeMiddleware:
+    """Wrap a WSGI application; flush klime after each response.
+
+    Args:
+        app: the WSGI application.
+        client: the client to flush; None flushes every live klime client of the process
+            (the default client included) that has queued events.
+        flush: True flushes after every response, False never; None (default) flushes
+            only where klime cannot run its background thread (uWSGI without
+            ``--enable-threads``).
+        timeout: seconds one flush may take (None: until sent or retries run out).
+
+    Calling it is thread-safe; the flush blocks the worker, not the client.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        client: Optional[Client] = None,
+        flush: Optional[bool] = None,
+        timeout: Optional[float] = FLUSH_TIMEOUT,
+    ) -> None:
+        self.app = app
+        self.client = client
+        self.flush = flush
+        self.timeout = timeout
+
+    def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
+        if not should_flush(self.flush):
+            return self.app(environ, start_response)
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            flush_now(self.client, self.timeout)  # what the request tracked before it failed
+            raise
+        return _FlushOnClose(result, lambda: flush_now(self.client, self.timeout))
+
+
+class _FlushOnClose:
+    """The application's response, with a flush after the server closes it."""
+
+    def __init__(self, result: Iterable[bytes], after: Callable[[], None]) -> None:
+        self._result = result
+        self._after = after
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._after()
