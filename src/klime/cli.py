@@ -64,6 +64,18 @@ def _positive(text: str) -> float:
     return value
 
 
+def _pairs_option(parser: argparse.ArgumentParser, flag: str, short: str, what: str) -> None:
+    parser.add_argument(
+        flag,
+        short,
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{what} (repeatable); VALUE is JSON if it parses, else a string",
+    )
+
+
 def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # Given on the top level (before the command) or on the command; the command's copy
     # must not overwrite the top level's value when absent, hence SUPPRESS there.
@@ -120,15 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     track.add_argument("event", metavar="EVENT", help='the event name, e.g. "Button Clicked"')
     track.add_argument("--user-id", metavar="ID", help="the user who did it")
     track.add_argument("--group-id", metavar="ID", help="the group (account) it belongs to")
-    track.add_argument(
-        "--prop",
-        "-p",
-        type=_pair,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a property (repeatable); VALUE is JSON if it parses, else a string",
-    )
+    _pairs_option(track, "--prop", "-p", "a property")
     _connection_options(track, top=False)
 
     identify = commands.add_parser(
@@ -137,15 +141,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Attach traits to a user now and print the server's answer.",
     )
     identify.add_argument("user_id", metavar="USER_ID")
-    identify.add_argument(
-        "--trait",
-        "-t",
-        type=_pair,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a trait (repeatable); VALUE is JSON if it parses, else a string",
-    )
+    _pairs_option(identify, "--trait", "-t", "a trait")
     _connection_options(identify, top=False)
 
     group = commands.add_parser(
@@ -155,15 +151,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("group_id", metavar="GROUP_ID")
     group.add_argument("--user-id", metavar="ID", help="link this user to the group")
-    group.add_argument(
-        "--trait",
-        "-t",
-        type=_pair,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a trait (repeatable); VALUE is JSON if it parses, else a string",
-    )
+    _pairs_option(group, "--trait", "-t", "a trait")
     _connection_options(group, top=False)
 
     listen = commands.add_parser(
