@@ -527,6 +527,7 @@ def test_a_callback_raising_system_exit_loses_no_event(make_client, collector):
     assert len(collector.events()) == 5 and conserved(client.stats()) and len(calls) == 5
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_flush_waiting_on_a_sender_thread_that_dies_falls_back_at_once(make_client, collector):
     hold, entered = threading.Event(), threading.Event()
 
