@@ -106,8 +106,7 @@ def _live_clients() -> List[Client]:
     """Every client of this process that was not shut down."""
     from .. import _lifecycle
 
-    with _lifecycle._lock:
-        return list(_lifecycle._clients)
+    return _lifecycle.clients()
 
 
 def _clients(options: Options) -> List[Client]:
