@@ -21,6 +21,7 @@ from klime._logging import set_logger  # noqa: E402
 from klime.devserver import Collector  # noqa: E402
 
 WRITE_KEY = "test-write-key-0123456789"
+AWS_REGION = "us-east-1"
 
 
 @pytest.fixture(autouse=True)
@@ -111,3 +112,17 @@ def src_env() -> dict:
     src = str(TESTS.parent / "src")
     env["PYTHONPATH"] = src + os.pathsep + str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake AWS credentials and region; boto3 never reads this machine's AWS config."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", AWS_REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import time
 import uuid
 from typing import Any, Dict, Iterator, List, Optional
@@ -83,20 +82,6 @@ def forward(collector: Collector) -> Any:
 
 
 # ------------------------------------------------------------------------------ with moto's SQS
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    """Fake credentials and region; boto3 never reads this machine's AWS config."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture
