@@ -6,19 +6,17 @@ events that arrived by messageId."""
 from __future__ import annotations
 
 import collections
-import http.client
-import json
 import signal
-import socket
 import subprocess
 import sys
-import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
 from conftest import WRITE_KEY
+from support.fd_server import FdServer as Server
+from support.fd_server import gunicorn_options
 
 pytest.importorskip("django")
 
@@ -28,15 +26,6 @@ PROJECT = Path(__file__).resolve().parent.parent / "examples" / "django_app"
 @pytest.fixture
 def env(src_env: Dict[str, str], collector: Any) -> Dict[str, str]:
     return dict(src_env, KLIME_WRITE_KEY=WRITE_KEY, KLIME_ENDPOINT=collector.url, PYTHONUNBUFFERED="1")
-
-
-def gunicorn_options() -> List[str]:
-    """Recent gunicorn (27 here) opens a control socket at a fixed path in $HOME: keep parallel
-    runs from sharing it."""
-    import gunicorn.config
-
-    names = {setting.name for setting in gunicorn.config.KNOWN_SETTINGS}
-    return ["--no-control-socket"] if "control_socket_disable" in names else []
 
 
 def manage(env: Dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,65 +39,12 @@ def manage(env: Dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-class Server:
-    """A server process listening on a socket this test bound (127.0.0.1, a free port), so
-    requests queue in the backlog until the server is up: no port race, no polling."""
-
-    def __init__(self, argv: List[str], env: Dict[str, str], log: Path) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        fd = self.listener.fileno()
-        self.log = log
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                [arg.replace("{fd}", str(fd)) for arg in argv],
-                cwd=PROJECT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                pass_fds=(fd,),
-            )
-
-    def request(self, method: str, path: str, form: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            body = urllib.parse.urlencode(form) if form is not None else None
-            headers = {"Content-Type": "application/x-www-form-urlencoded"} if form is not None else {}
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        finally:
-            conn.close()
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM (what systemd, Kubernetes and Docker send) and wait for the exit.
-
-        uvicorn (0.29 and later) re-raises the signal once it has shut down, so it exits
-        killed by SIGTERM (-15), without running ``atexit`` hooks; gunicorn exits with 0."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"the server ignored SIGTERM:\n{self.log.read_text()}") from None
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.listener.close()
-
-
 @pytest.fixture
 def serve(tmp_path: Path, env: Dict[str, str]) -> Iterator[Any]:
     started: List[Server] = []
 
     def start(*argv: str) -> Server:
-        server = Server(list(argv), env, tmp_path / f"server{len(started)}.log")
+        server = Server(list(argv), cwd=PROJECT, env=env, log=tmp_path / f"server{len(started)}.log")
         started.append(server)
         return server
 
@@ -120,7 +56,7 @@ def serve(tmp_path: Path, env: Dict[str, str]) -> Iterator[Any]:
 def drive(server: Server, signups: int, upgrades: int) -> None:
     """POST /signup (2 events queued each) and GET /upgrade (1 event sent before answering)."""
     for i in range(signups):
-        status, body = server.request("POST", "/signup", {"user_id": f"u{i}", "plan": "pro"})
+        status, body = server.request("POST", "/signup", form={"user_id": f"u{i}", "plan": "pro"})
         assert (status, body) == (200, {"ok": True}), server.log.read_text()
     for i in range(upgrades):
         status, body = server.request("GET", f"/upgrade?user_id=u{i}")

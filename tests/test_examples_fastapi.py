@@ -5,19 +5,17 @@ requests, then stopped with SIGTERM: every event arrives at the local collector,
 from __future__ import annotations
 
 import collections
-import http.client
-import json
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
 from conftest import WRITE_KEY
+from support.fd_server import FdServer
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -45,43 +43,10 @@ def test_the_examples_own_tests_pass_without_sending(env, collector):
     assert collector.requests() == []
 
 
-class Uvicorn:
-    """uvicorn serving ``main:app`` on a socket this test bound (127.0.0.1, a free port):
-    requests wait in the backlog until the app is up, so there is no port race."""
-
-    def __init__(self, env: Dict[str, str], log: Path) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
-        self.log = log
-        fd = self.listener.fileno()
-        argv = [sys.executable, "-m", "uvicorn", "main:app", "--fd", str(fd), "--log-level", "warning"]
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                argv, cwd=EXAMPLE, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=(fd,)
-            )
-
-    def request(self, method: str, path: str, payload: Optional[Any] = None) -> Tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            body = json.dumps(payload) if payload is not None else None
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.listener.close()
-
-
 @pytest.fixture
-def uvicorn_server(tmp_path: Path, env: Dict[str, str]) -> Iterator[Uvicorn]:
-    server = Uvicorn(env, tmp_path / "uvicorn.log")
+def uvicorn_server(tmp_path: Path, env: Dict[str, str]) -> Iterator[FdServer]:
+    argv = [sys.executable, "-m", "uvicorn", "main:app", "--fd", "{fd}", "--log-level", "warning"]
+    server = FdServer(argv, cwd=EXAMPLE, env=env, log=tmp_path / "uvicorn.log")
     try:
         yield server
     finally:

@@ -6,20 +6,17 @@ with two workers, each against the local collector on 127.0.0.1, counting messag
 from __future__ import annotations
 
 import collections
-import http.client
-import json
 import logging
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
 import klime
 from conftest import WRITE_KEY
+from support.fd_server import FdServer, gunicorn_options
 
 flask = pytest.importorskip("flask")
 
@@ -110,66 +107,17 @@ def test_cli_send_test_event_fails_when_klime_refuses(apps, collector):
     assert "not every event reached Klime" in result.output
 
 
-def gunicorn_options() -> List[str]:
-    """Recent gunicorn (27 here) opens a control socket at a fixed path in $HOME: keep parallel
-    runs from sharing it."""
-    import gunicorn.config
-
-    names = {setting.name for setting in gunicorn.config.KNOWN_SETTINGS}
-    return ["--no-control-socket"] if "control_socket_disable" in names else []
-
-
-class Gunicorn:
-    """gunicorn serving the example on a socket this test bound (127.0.0.1, free port):
-    requests wait in the backlog until a worker is up, so there is no port race."""
-
-    def __init__(self, env: Dict[str, str], log: Path, *options: str) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.log = log
-        fd = self.listener.fileno()
-        argv = [sys.executable, "-m", "gunicorn", "shop:create_app()", "--bind", f"fd://{fd}"]
-        argv += ["--workers", "2", "--graceful-timeout", "20", "--log-level", "warning"]
-        argv += [*gunicorn_options(), *options]
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                argv, cwd=EXAMPLE, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=(fd,)
-            )
-
-    def request(self, method: str, path: str, payload: Optional[Any] = None) -> Tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            body = json.dumps(payload) if payload is not None else None
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        finally:
-            conn.close()
-
-    def stop(self) -> int:
-        """SIGTERM, as systemd, Kubernetes and Docker send it; wait for the exit."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"gunicorn ignored SIGTERM:\n{self.log.read_text()}") from None
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.listener.close()
-
-
 @pytest.fixture
 def gunicorn(tmp_path: Path, env: Dict[str, str]) -> Iterator[Any]:
     pytest.importorskip("gunicorn")
-    started: List[Gunicorn] = []
+    started: List[FdServer] = []
 
-    def start(*options: str, **extra_env: str) -> Gunicorn:
-        server = Gunicorn(dict(env, **extra_env), tmp_path / f"gunicorn{len(started)}.log", *options)
+    def start(*options: str, **extra_env: str) -> FdServer:
+        argv = [sys.executable, "-m", "gunicorn", "shop:create_app()", "--bind", "fd://{fd}"]
+        argv += ["--workers", "2", "--graceful-timeout", "20", "--log-level", "warning"]
+        argv += [*gunicorn_options(), *options]
+        log = tmp_path / f"gunicorn{len(started)}.log"
+        server = FdServer(argv, cwd=EXAMPLE, env=dict(env, **extra_env), log=log)
         started.append(server)
         return server
 
@@ -178,7 +126,7 @@ def gunicorn(tmp_path: Path, env: Dict[str, str]) -> Iterator[Any]:
         server.close()
 
 
-def drive(server: Gunicorn, signups: int) -> None:
+def drive(server: FdServer, signups: int) -> None:
     for i in range(signups):
         status, body = server.request("POST", "/signup", {"user_id": f"u{i}", "plan": "pro"})
         assert (status, body) == (200, {"ok": True}), server.log.read_text()
