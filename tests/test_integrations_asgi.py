@@ -122,8 +122,20 @@ def run_uvicorn(tmp_path: Path, flush: bool) -> Tuple[Dict[str, Any], Any, Any]:
         env = servers.app_env(
             collector, ledger, KLIME_TEST_FLUSH_INTERVAL="60000", KLIME_TEST_ASGI_FLUSH="1" if flush else "0"
         )
-        argv = [sys.executable, "-m", "uvicorn", "apps.process.asgi_app:application",
-                "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on", "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "apps.process.asgi_app:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lifespan",
+            "on",
+            "--log-level",
+            "warning",
+        ]
         with Server(argv, env, tmp_path / "uvicorn.log", port) as server:
             assert servers.wait_for(lambda: _answers(server), 30, interval=0.05), server.log()
             for _ in range(4):

@@ -30,6 +30,7 @@ import klime
 from conftest import WRITE_KEY
 from klime import InvocationTransport, klime_cloud_function
 from klime.devserver import Collector, Fault
+from support.arrivals import arrivals
 
 APPS = Path(__file__).resolve().parent / "apps" / "serverless"
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -262,17 +263,6 @@ def call(url: str, *, data: bytes | None = None, headers=None, timeout: float = 
         return status, json.loads(body), answered
     except ValueError:
         return status, body.decode("utf-8", "replace"), answered
-
-
-def arrivals(collector, tag):
-    found = []
-    for request in collector.requests():
-        if request.status != 200:
-            continue
-        for event in request.json()["batch"]:
-            if event.get("properties", {}).get("tag") == tag:
-                found.append((event["messageId"], request.received_at))
-    return found
 
 
 def assert_arrived_before(collector, tag, n, answered):

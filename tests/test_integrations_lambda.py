@@ -26,6 +26,7 @@ from klime import InvocationTransport, klime_lambda
 from klime.devserver import Fault
 from klime.errors import ConfigurationError
 from klime.integrations import _serverless
+from support.arrivals import arrivals
 
 APPS = Path(__file__).resolve().parent / "apps" / "serverless"
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -233,8 +234,13 @@ def test_events_the_deadline_kept_go_with_the_next_invocation(make_client, colle
     handler({"n": 25, "tag": "first"}, Context(400))
     assert time.monotonic() - started < 5, "the flush must stop at the invocation's deadline"
     assert client.stats()["queued"] == 25 and conserved(client.stats())
-    assert sum("could not be sent before the invocation's deadline" in r.getMessage()
-               for r in caplog_klime.records) == 1
+    assert (
+        sum(
+            "could not be sent before the invocation's deadline" in r.getMessage()
+            for r in caplog_klime.records
+        )
+        == 1
+    )
 
     collector.set_mode(None)
     before_flush = handler({"n": 1, "tag": "second"}, Context(3000))
@@ -319,8 +325,13 @@ def test_async_handler_called_inside_a_running_loop_is_refused(make_client):
 
 @pytest.mark.parametrize(
     "options",
-    [{"client": "not a client"}, {"flush_timeout": -1}, {"flush_timeout": "2"}, {"deadline_margin": None},
-     {"deadline_margin": float("nan")}],
+    [
+        {"client": "not a client"},
+        {"flush_timeout": -1},
+        {"flush_timeout": "2"},
+        {"deadline_margin": None},
+        {"deadline_margin": float("nan")},
+    ],
 )
 def test_bad_options_are_refused_at_decoration(options):
     with pytest.raises(ConfigurationError):
@@ -392,18 +403,6 @@ def lambda_runtime(collector):
         # 2 s wait (its SIGCONT races the freeze's wait for every thread to stop).
         emulator.wait_frozen(2.0)
         emulator.stop()
-
-
-def arrivals(collector, tag):
-    """(messageId, received_at) of every accepted event whose properties.tag is ``tag``."""
-    found = []
-    for request in collector.requests():
-        if request.status != 200:
-            continue
-        for event in request.json()["batch"]:
-            if event.get("properties", {}).get("tag") == tag:
-                found.append((event["messageId"], request.received_at))
-    return found
 
 
 def assert_arrived_before(collector, tag, n, invocation):
