@@ -622,6 +622,162 @@ def test_many_requests_per_second_on_one_connection(collector: Collector) -> Non
 
 
 # ---------------------------------------------------------------------------------------
+# Timing and concurrency: started_at / answered_at, in_flight / peak_in_flight
+# ---------------------------------------------------------------------------------------
+
+
+def _post_from_threads(collector: Collector, n: int, outcome: list[Any]) -> list[threading.Thread]:
+    """``n`` threads, each posting one batch on its own connection; outcomes appended."""
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        try:
+            result: Any = post(collector, batch_body(track(i)), timeout=60)
+        except Exception as exc:  # the outcome is what the test checks
+            result = exc
+        with lock:
+            outcome.append(result)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _overlap_bounds(requests: list[RecordedRequest]) -> tuple[int, int]:
+    """The most requests open at once by their [started_at, answered_at] times: ties read
+    as ends first (the lower bound) and as starts first (the upper bound)."""
+    bounds = []
+    for ends_first in (True, False):
+        points = []
+        for r in requests:
+            assert r.started_at is not None and r.answered_at is not None
+            points.append((r.started_at, 0 if ends_first else 1, +1))
+            points.append((r.answered_at, 1 if ends_first else 0, -1))
+        level = most = 0
+        for _, _, step in sorted(points):
+            level += step
+            most = max(most, level)
+        bounds.append(most)
+    return bounds[0], bounds[1]
+
+
+def test_a_request_records_when_it_started_and_was_answered(collector: Collector) -> None:
+    before = time.monotonic()
+    assert post(collector)[0] == 200
+    after = time.monotonic()
+    collector.respond(Fault.slow(0.2))
+    assert post(collector, batch_body(track(1)))[0] == 200
+
+    quick, slow = collector.requests()
+    times = [(r.started_at, r.received_at, r.answered_at) for r in (quick, slow)]
+    assert all(None not in t for t in times), times
+    (q_start, q_received, q_answered), (s_start, s_received, s_answered) = times
+    assert before <= q_start <= q_received <= q_answered <= after
+    assert s_start <= s_received and s_answered - s_received >= 0.2
+    first = _control(collector, "GET", "/_klime/requests")[0]
+    assert (first["started_at"], first["answered_at"]) == (q_start, q_answered)
+
+
+@pytest.mark.parametrize(
+    "fault", [Fault.slow(30), Fault.status_code(503, delay=30), Fault.blackhole()], ids=lambda f: f.kind
+)
+def test_requests_held_by_a_fault_count_in_flight(fault: Fault) -> None:
+    n = 5
+    collector = Collector().start()
+    outcome: list[Any] = []
+    try:
+        collector.set_mode(fault)
+        threads = _post_from_threads(collector, n, outcome)
+        assert collector.wait_for_in_flight(n, timeout=10), collector.in_flight
+        assert collector.wait_for_requests(n, timeout=10)
+        assert (collector.in_flight, collector.peak_in_flight) == (n, n)
+        assert outcome == []  # every answer is still held
+        held = collector.requests()
+        assert all(r.started_at is not None and r.answered_at is None for r in held)
+        assert collector.wait_for_in_flight(n + 1, timeout=0.05) is False
+    finally:
+        collector.stop()  # resets the held connections
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert len(outcome) == n and all(isinstance(o, ConnectionError) for o in outcome)
+    assert (collector.in_flight, collector.peak_in_flight) == (0, n)
+    assert all(r.answered_at is not None for r in collector.requests())
+
+
+def test_a_delayed_answer_counts_until_it_is_handed_over(collector: Collector) -> None:
+    collector.respond(Fault.status_code(503, delay=0.3))
+    outcome: list[Any] = []
+    [thread] = _post_from_threads(collector, 1, outcome)
+    assert collector.wait_for_in_flight(1, timeout=10)
+    assert collector.wait_for_requests(1, timeout=10)
+    assert collector.requests()[0].answered_at is None  # recorded at once, answered later
+    thread.join(timeout=10)
+
+    assert outcome[0][0] == 503
+    # The count drops before the answer's last byte is written: no wait needed here.
+    assert (collector.in_flight, collector.peak_in_flight) == (0, 1)
+    [request] = collector.requests()
+    assert request.answered_at is not None and request.started_at is not None
+    assert request.answered_at - request.received_at >= 0.3
+
+
+def test_peak_in_flight_agrees_with_the_recorded_times(collector: Collector) -> None:
+    threads_n, per_thread = 8, 15
+    collector.set_mode(Fault.slow(0.005))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=30)
+        try:
+            for i in range(per_thread):
+                assert post(conn, batch_body(track(i)))[0] == 200
+                post(conn, b"", method="GET")  # a 405 on /v1/batch: not a batch request
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert errors == []
+
+    batches = [r for r in collector.requests() if r.method == "POST"]
+    assert len(batches) == threads_n * per_thread
+    low, high = _overlap_bounds(batches)
+    assert collector.in_flight == 0
+    assert 1 <= low <= collector.peak_in_flight <= high <= threads_n
+
+    collector.reset()
+    assert (collector.in_flight, collector.peak_in_flight) == (0, 0)
+
+
+def test_reset_keeps_the_requests_still_in_flight_in_the_peak() -> None:
+    collector = Collector().start()
+    outcome: list[Any] = []
+    try:
+        assert post(collector)[0] == 200
+        collector.respond(Fault.slow(30), Fault.slow(30))
+        threads = _post_from_threads(collector, 2, outcome)
+        assert collector.wait_for_in_flight(2, timeout=10)
+        assert collector.wait_for_requests(3, timeout=10)  # both held requests recorded, too
+        collector.reset()  # forgets the record, not the requests being handled
+        assert (collector.in_flight, collector.peak_in_flight) == (2, 2)
+        assert collector.requests() == []
+    finally:
+        collector.stop()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert collector.in_flight == 0
+    assert collector.requests() == []  # answers of before the reset do not come back
+
+
+# ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
 
