@@ -545,15 +545,15 @@ def test_a_flush_waiting_on_a_sender_thread_that_dies_falls_back_at_once(make_cl
     klime.configure(logger=HoldingLogger())
     client = make_client(flush_interval=60_000, max_batch_size=1)
     transport = client.transport
-    real_drain = transport._drain  # type: ignore[attr-defined]
+    real_fly = transport._fly  # type: ignore[attr-defined]
 
-    def drain_then_die(*args: Any, **kwargs: Any) -> None:
+    def fly_then_die(*args: Any, **kwargs: Any) -> None:
         # a bug in klime itself is the only way left to kill the thread (callbacks cannot)
-        real_drain(*args, **kwargs)
+        real_fly(*args, **kwargs)
         if threading.current_thread().name == "klime-sender":
             raise RuntimeError("simulated bug in the sender thread")
 
-    transport._drain = drain_then_die  # type: ignore[attr-defined]
+    transport._fly = fly_then_die  # type: ignore[attr-defined]
     client.track("A", user_id="u")  # a full batch: the worker sends it, then dies
     assert entered.wait(SETTLE)
     client.track("B", user_id="u")  # queued behind a worker that is going away

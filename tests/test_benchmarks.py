@@ -83,3 +83,84 @@ def test_run_py_measures_every_sdk_on_a_small_workload(tmp_path: Path) -> None:
     assert klime["collector"]["unique"] == klime["collector"]["events"] == 200
     assert len(report["targets"]) == 7
     assert all(isinstance(t["passed"], bool) for t in report["targets"])
+
+
+def test_collector_delays_each_connection_independently_and_can_reject() -> None:
+    """A run configured with a delay answers each request after it, concurrent requests on
+    their own connections in parallel (the peak in flight counts them); a run configured
+    with 503 rejects every batch and counts none of its ids as delivered."""
+    import threading
+
+    with CountingCollector() as collector:
+        collector.configure("slow", delay=0.5)
+        collector.configure("down", status=503)
+        gate = threading.Barrier(3)
+        statuses: list = []
+
+        def post(k: int) -> None:
+            body = json.dumps({"batch": [{"messageId": f"m{k}"}]}).encode()
+            gate.wait()
+            statuses.append(_post(collector.port, "/slow/v1/batch", body, {})[0])
+
+        threads = [threading.Thread(target=post, args=(k,)) for k in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=10)
+        try:
+            conn.request("POST", "/down/v1/batch", body=json.dumps({"batch": [{"messageId": "x"}]}).encode())
+            response = conn.getresponse()
+            down_status = response.status
+            response.read()
+        finally:
+            conn.close()
+        slow, down = collector.stats("slow"), collector.stats("down")
+        spans = collector.spans("slow")
+    assert statuses == [200, 200, 200]
+    assert (slow["unique"], slow["connections"], slow["peak_in_flight"]) == (3, 3, 3)
+    assert len(spans) == 3 and all(answered >= arrived for arrived, answered, _ in spans)
+    assert down_status == 503
+    assert (down["requests"], down["rejected"], down["rejected_events"], down["unique"]) == (1, 1, 1, 0)
+
+
+@pytest.mark.timeout(120)
+def test_roundtrip_py_runs_each_case_on_a_tiny_workload(tmp_path: Path) -> None:
+    """``benchmarks/roundtrip.py --quick`` (200 events per run at 0 and 5 ms, the exit case
+    and the 503 case) runs every SDK, and a baseline klime, each in its own process and
+    reports each figure; nothing about the figures themselves is asserted."""
+    out = tmp_path / "roundtrip.json"
+    src = BENCH.parent / "src"
+    command = [sys.executable, str(BENCH / "roundtrip.py"), "--quick", "--baseline-src", str(src)]
+    proc = subprocess.run(
+        [*command, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for heading in ("Paced runs", "Exit:", "503 to everything", "Targets"):
+        assert heading in proc.stdout, heading
+    report = json.loads(out.read_text())
+    assert report["broken"] == []
+    sdks = set(report["plan"]["sdks"])
+    assert {"klime", "klime-base"} <= sdks
+    runs = report["runs"]
+    cells = {(r["case"], r["sdk"], r["delay_ms"]) for r in runs}
+    for sdk in sdks:
+        assert {("paced", sdk, 0.0), ("paced", sdk, 5.0), ("exit", sdk, 5.0)} <= cells, sdk
+    assert {("fault", "klime", 5.0), ("fault", "klime-base", 5.0)} <= cells
+    for run in runs:
+        m = run["metrics"]
+        assert m["tracked"] == run["worker"]["events"] == 200, run["sdk"]
+        assert m["delivered"] + m["lost"] == m["tracked"], run["sdk"]
+        assert isinstance(m["stderr_lines"], int) and m["duplicates"] >= 0
+        assert run["collector"]["bad_requests"] == 0
+        if run["case"] == "pacer":
+            assert run["sdk"] == "none" and m["requests"] == 0
+        elif run["case"] != "exit":
+            assert m["requests"] >= 1 and m["peak_in_flight"] >= 1
+            assert m["p50_us"] > 0 and m["cpu_s"] > 0
+        if run["case"] == "fault":
+            assert m["delivered"] == 0 and m["rejected"] == m["requests"]
+    assert len(report["targets"]) == 8

@@ -81,7 +81,7 @@ def test_a_sender_that_raises_fails_the_batch():
 
 def test_claim_refused_means_nothing_is_counted():
     delivery = Delivery(ScriptedSender(ok))
-    outcome = delivery.send(evs(2), Deadline(), claim=lambda: False)
+    outcome = delivery.send(evs(2), Deadline(), claim=lambda outcome: False)
     assert outcome.sent == 0 and delivery.counters()["sent"] == 0
 
 

@@ -240,3 +240,73 @@ def test_retry_after_parsing_is_capped():
     assert policy.retry_after("100000") == 60
     assert policy.retry_after("garbage") is None
     assert policy.retry_after(None) is None
+
+
+# ---------------------------------------------------------------------------------------
+# the environment requests reads (proxies), read once per session
+
+
+class _RecordingProxy:
+    """A plain-HTTP forward proxy stand-in on 127.0.0.1: records each request line and
+    answers as Klime would, without forwarding anything."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        lines = self.lines = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                count = len(json.loads(self.rfile.read(length))["batch"])
+                lines.append(self.requestline)
+                body = json.dumps({"status": "ok", "accepted": count, "failed": 0, "errors": []}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy():
+    p = _RecordingProxy()
+    yield p
+    p.close()
+
+
+def test_proxy_variables_are_honoured(collector, proxy, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("http_proxy", proxy.url)
+    sender = make_sender(collector)
+    for _ in range(3):
+        assert sender.send(events(2), Deadline.after(5)).error is None
+    assert proxy.lines == [f"POST {collector.url}/v1/batch HTTP/1.1"] * 3  # through the proxy
+    assert collector.requests() == []
+
+
+def test_no_proxy_is_honoured(collector, proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("http_proxy", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    sender = make_sender(collector)
+    assert sender.send(events(2), Deadline.after(5)).error is None
+    assert proxy.lines == [] and len(collector.events()) == 2

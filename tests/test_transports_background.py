@@ -69,7 +69,9 @@ def test_backlog_is_drained_back_to_back(make_client, collector):
     assert collector.wait_for_events(50, timeout=5)  # no 60 s interval waits between them
     sizes = [len(r.json()["batch"]) for r in collector.requests()]
     assert sizes == [10] * 5
-    assert [e["properties"]["i"] for e in collector.events()] == list(range(50))
+    # several batches may be in flight at once: order holds within a batch, not across
+    batches = sorted([e["properties"]["i"] for e in r.json()["batch"]] for r in collector.requests())
+    assert batches == [list(range(k, k + 10)) for k in range(0, 50, 10)]
 
 
 def test_overflow_drops_the_oldest_counts_and_reports_in_batches(make_client, collector, caplog_klime):
@@ -321,6 +323,7 @@ def test_no_thread_can_start_then_events_are_sent_inline(collector, monkeypatch)
         def start(self):
             raise RuntimeError("can't create new thread at interpreter shutdown")
 
+    monkeypatch.setattr("klime.transports._flights.Thread", Refused)
     monkeypatch.setattr("klime.transports.background.Thread", Refused)
     client = klime.Client(WRITE_KEY, endpoint=collector.url, max_batch_size=2, flush_interval=60_000)
     try:
@@ -332,3 +335,173 @@ def test_no_thread_can_start_then_events_are_sent_inline(collector, monkeypatch)
         monkeypatch.undo()
         client.shutdown(timeout=5)
     assert [e["event"] for e in collector.events()] == ["A", "B", "C"]
+
+
+# --------------------------------------------------------------------------- round trips
+# A collector that answers each request after 50 ms, like Klime's API seen from a data
+# centre: one request at a time could deliver at most max_batch_size / 50 ms.
+
+ROUND_TRIP = 0.05
+
+
+def peak_in_flight_since(collector, since: float) -> int:
+    """The most batch requests the collector handled at once from ``since`` on
+    (time.monotonic()), from each request's arrival and answer times."""
+    now = time.monotonic()
+    points = []
+    for request in collector.requests():
+        end = request.answered_at if request.answered_at is not None else now
+        if end >= since:
+            points += [(max(request.started_at, since), 1), (end, -1)]
+    peak = current = 0
+    for _, step in sorted(points, key=lambda p: (p[0], p[1])):  # an end before a start at a tie
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def test_requests_in_flight_grow_under_a_backlog_at_slow_round_trips(make_client, collector):
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    client = make_client(max_queue_size=2000)  # batch 20, max_concurrent_requests 32
+    for i in range(2000):
+        client.track("Backlog", {"i": i}, user_id="u")
+    assert client.flush(timeout=30).unsent == 0
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == 2000
+    # 100 batches behind one another: several take off at once, never more than the ceiling
+    assert 8 <= collector.peak_in_flight <= client.max_concurrent_requests
+    assert collector.connection_count() <= client.max_concurrent_requests
+    state = client.transport.in_flight()  # type: ignore[attr-defined]
+    assert 1 <= state["threads"] <= client.max_concurrent_requests
+    assert state["requests"] == 0 and conserved(client.stats())
+
+
+def test_less_than_a_batch_goes_one_request_at_a_time(make_client, collector):
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    client = make_client(flush_interval=20, max_batch_size=20)
+    for i in range(60):  # a trickle: never a full batch waiting
+        client.track("Trickle", {"i": i}, user_id="u")
+        if i % 5 == 4:
+            assert wait_until(lambda n=i + 1: len(collector.events()) == n, 5)
+    assert collector.peak_in_flight == 1
+
+
+def test_max_concurrent_requests_bounds_requests_connections_and_threads(make_client, collector):
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    before = {t for t in threading.enumerate() if t.name.startswith("klime-sender")}
+    client = make_client(max_queue_size=1000, max_concurrent_requests=3)
+    for i in range(600):
+        client.track("Bounded", {"i": i}, user_id="u")
+    assert client.flush(timeout=30).unsent == 0
+    assert collector.peak_in_flight == 3
+    assert collector.connection_count() <= 3
+    ours = [t for t in threading.enumerate() if t.name.startswith("klime-sender") and t not in before]
+    assert len(ours) <= 3
+
+
+def test_in_flight_falls_to_one_on_503_and_nothing_is_lost_or_doubled(make_client, collector, on_error):
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    client = make_client(
+        max_queue_size=5000, retry_initial_delay=300, retry_max_attempts=20, on_error=on_error
+    )
+    transport = client.transport
+    for i in range(1000):
+        client.track("Before", {"i": i}, user_id="u")
+    assert collector.wait_for_in_flight(4, timeout=10)  # the backlog has several in the air
+    collector.set_mode(Fault.status_code(503, delay=ROUND_TRIP))
+    for i in range(1000):
+        client.track("During", {"i": i}, user_id="u")
+    # every batch in the air is answered 503: the limit halves with each, the excess batches
+    # are deferred (not retried now) and one batch retries with backoff
+    assert wait_until(lambda: transport.in_flight()["requests"] == 1, 10), transport.in_flight()
+    assert transport.in_flight()["limit"] == 1 and transport.in_flight()["deferred"] >= 1
+    since, seen = time.monotonic(), len(collector.requests())
+    assert collector.wait_for_requests(seen + 3, timeout=10)  # three more retries of that one batch
+    assert peak_in_flight_since(collector, since) == 1, "a retry storm: more than one request at a time"
+    collector.set_mode(Fault.slow(ROUND_TRIP))  # the server is back
+    assert client.flush(timeout=60).unsent == 0
+    arrived = collector.message_ids()
+    assert len(arrived) == len(set(arrived)), "a messageId arrived twice after the recovery"
+    stats = client.stats()
+    assert on_error.events == [] and stats["failed"] == 0 and stats["dropped"] == 0, stats
+    assert conserved(stats) and stats["sent"] == 2000
+    # deferred batches kept their messageIds: everything that arrived after the outage is
+    # the same set of events, each once
+    names = {e["event"] for e in collector.events()}
+    assert names <= {"Before", "During"}
+
+
+def test_a_deferred_batch_never_gets_more_attempts_than_retry_max_attempts(make_client, collector, on_error):
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    client = make_client(max_queue_size=2000, retry_initial_delay=20, retry_max_attempts=3, on_error=on_error)
+    for i in range(600):
+        client.track("Grow", {"i": i}, user_id="u")
+    assert collector.wait_for_in_flight(4, timeout=10)
+    collector.set_mode(Fault.status_code(503, delay=0.01))
+    for i in range(200):
+        client.track("Doomed", {"i": i}, user_id="u")
+    client.flush(timeout=60)
+    attempts: dict = {}
+    for request in collector.requests():
+        if request.status == 503:
+            for event in request.json()["batch"]:
+                attempts[event["messageId"]] = attempts.get(event["messageId"], 0) + 1
+    assert attempts and max(attempts.values()) <= 3, max(attempts.values())
+    stats = client.stats()
+    assert conserved(stats) and stats["queued"] == 0
+    assert stats["failed"] == len(on_error.events) and stats["failed"] >= 200
+
+
+def test_conservation_is_exact_under_an_eight_thread_storm_at_50ms(make_client, collector, on_error):
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    client = make_client(on_error=on_error)  # every default: queue 1000, batch 20
+    per_thread, threads = 2500, 8
+    barrier = threading.Barrier(threads)
+
+    def produce(t):
+        barrier.wait()
+        for i in range(per_thread):
+            client.track("Storm", {"t": t, "i": i}, user_id=f"user_{i % 100}")
+
+    workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert client.flush(timeout=60).unsent == 0
+    assert wait_until(lambda: client.stats()["dropped"] == len(on_error.events), 10)
+    stats = client.stats()
+    total = per_thread * threads
+    assert stats["tracked"] == total and conserved(stats) and stats["queued"] == 0, stats
+    arrived = collector.message_ids()
+    assert len(arrived) == len(set(arrived)) == stats["sent"]
+    reported = {e["messageId"] for e in on_error.events}
+    assert len(reported) == stats["dropped"] + stats["failed"]
+    assert not reported & set(arrived), "an event was both delivered and reported lost"
+    seen = {(e["properties"]["t"], e["properties"]["i"]) for e in collector.events()}
+    seen |= {(e["properties"]["t"], e["properties"]["i"]) for e in on_error.events}
+    assert len(seen) == total  # every event accounted for, once
+
+
+EXIT_1000 = """
+import time, klime
+client = klime.Client({key!r}, endpoint={url!r})  # every default: exit_timeout 2 s
+for i in range(1000):
+    client.track("Exit", {{"i": i}}, user_id="u")
+print(time.monotonic(), flush=True)
+"""
+
+
+def test_exit_flush_delivers_1000_events_at_50ms_within_exit_timeout(collector, src_env):
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    script = EXIT_1000.format(key=WRITE_KEY, url=collector.url)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=src_env, capture_output=True, timeout=60, text=True
+    )
+    ended = time.monotonic()
+    assert proc.returncode == 0, proc.stderr
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == 1000, proc.stderr
+    # one at a time this would take 50 round trips (2.5 s), beyond exit_timeout (2 s)
+    assert ended - float(proc.stdout.split()[-1]) < 2.0 + 0.5  # + process teardown
+    assert proc.stderr == "", proc.stderr

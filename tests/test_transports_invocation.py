@@ -16,6 +16,7 @@ from conftest import Recorder, conserved
 from klime import InvocationTransport
 from klime._deadline import Deadline
 from klime.devserver import Fault
+from klime.transports import _flights as flights_module
 from klime.transports import invocation as invocation_module
 
 LEFTOVER_WARNING = "events recorded before this invocation were still waiting"
@@ -26,7 +27,7 @@ def invocation_client(make_client, **options):
         flush_interval=options.pop("flush_interval", 2000),
         max_batch_size=options.pop("max_batch_size", 20),
         max_queue_size=options.pop("max_queue_size", 1000),
-        concurrency=options.pop("concurrency", 4),
+        max_concurrent_requests=options.pop("max_concurrent_requests", 4),
         inline_timeout=options.pop("inline_timeout", 2.0),
     )
     return make_client(transport=transport, **options), transport
@@ -84,27 +85,34 @@ def test_buffers_without_a_thread_until_flush(make_client, collector):
 
 
 def test_flush_sends_batches_concurrently_and_keeps_order_within_batches(make_client, collector):
-    client, transport = invocation_client(make_client, max_batch_size=10, concurrency=4)
+    client, transport = invocation_client(make_client, max_batch_size=10, max_concurrent_requests=4)
     transport.begin_invocation()
-    track(client, 80)
     collector.set_mode(Fault.slow(0.2))  # every request is held: batches must overlap
+    for round_ in range(2):
+        collector.reset()
+        track(client, 80, tag=str(round_))
+        started = time.monotonic()
+        result = client.flush(timeout=10)
+        took = time.monotonic() - started
 
-    result = client.flush(timeout=10)
-
-    assert result.sent == 80 and result.ok
-    requests = [r for r in collector.requests() if r.status == 200]
-    assert len(requests) == 8 and all(len(r.json()["batch"]) == 10 for r in requests)
-    # Sequential sends would have reused one keep-alive connection; four at once need four.
-    assert collector.connection_count() == 4
-    batches = sorted([e["properties"]["i"] for e in r.json()["batch"]] for r in requests)
-    assert batches == [list(range(k, k + 10)) for k in range(0, 80, 10)]
+        assert result.sent == 80 and result.ok
+        requests = [r for r in collector.requests() if r.status == 200]
+        assert len(requests) == 8 and all(len(r.json()["batch"]) == 10 for r in requests)
+        batches = sorted([e["properties"]["i"] for e in r.json()["batch"]] for r in requests)
+        assert batches == [list(range(k, k + 10)) for k in range(0, 80, 10)]
+        # One after the other would take 8 round trips (1.6 s). The first flush learns
+        # (one request, then two, three, four at once: 4 round trips); the next one starts
+        # at the learned limit: 8 batches, 4 at a time, 2 round trips.
+        assert took < (1.2 if round_ == 0 else 0.7), took
+    # Several connections at once, never more than max_concurrent_requests.
+    assert 2 <= collector.connection_count() <= 4
 
 
 def test_fast_requests_are_sent_one_after_the_other(make_client, collector, monkeypatch):
     # Requests faster than the threshold (here: anything under 10 s) are not worth threads.
-    monkeypatch.setattr(invocation_module, "CONCURRENT_ABOVE_S", 10.0)
+    monkeypatch.setattr(flights_module, "SLOW_ROUND_TRIP_S", 10.0)
     before = set(threading.enumerate())
-    client, transport = invocation_client(make_client, max_batch_size=10, concurrency=4)
+    client, transport = invocation_client(make_client, max_batch_size=10, max_concurrent_requests=4)
     transport.begin_invocation()
     for _ in range(3):
         track(client, 80)

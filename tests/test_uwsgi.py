@@ -60,7 +60,9 @@ CONFIGS: Dict[str, Config] = {
     # thread. There is no stats server to tell when workers are idle (it would turn the
     # master on): the server is stopped once everything arrived, or after 5 s.
     "no-master": Config(NEW, (), env=(("KLIME_TEST_FLUSH_INTERVAL", "100"),)),
-    "2.0.26-threads-off": Config(OLD, ("--master",)),
+    # No logging configured by the app here: klime's own warning must reach uWSGI's log
+    # through stderr (one line, naming the flag that fixes it).
+    "2.0.26-threads-off": Config(OLD, ("--master",), env=(("KLIME_TEST_DEBUG", "0"),)),
 }
 
 REQUESTS, PER_REQUEST, BIG = 16, 3, 25
@@ -108,7 +110,7 @@ def run(
     ]
     started = time.monotonic()
     with Collector(write_key=WRITE_KEY) as collector:
-        env = servers.app_env(collector, ledger, KLIME_TEST_DEBUG="1", **dict(config.env))
+        env = servers.app_env(collector, ledger, **{"KLIME_TEST_DEBUG": "1", **dict(config.env)})
         with Server(argv, env, base / "server.log", port) as server:
             server.wait_ready(ledger, config.importers)
             answers = server.traffic(REQUESTS, PER_REQUEST)
@@ -192,6 +194,8 @@ def test_threads_off_sends_after_each_request_and_warns_once(run: Run) -> None:
         return
     assert "Python threads support is disabled" in run.log
     assert run.log.count("uWSGI runs without Python threads") == 1, run.log
+    line = next(line for line in run.log.splitlines() if "uWSGI runs without Python threads" in line)
+    assert line.startswith("klime: ") and "--enable-threads" in line, line
     # no thread ran, yet every request's events were out before the stop (after-request hook)
     request_tags = [t for a in run.answers for t in a["tags"]]
     assert set(request_tags) <= set(run.before_stop), run.delivery.describe()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from ._aio import asgi_lifespan
 from ._client import Client
+from ._logging import NULL_HANDLER as _NULL_HANDLER
 from ._logging import set_logger as _set_logger
 from ._models import BatchResponse, EventError, FlushResult
 from ._settings import defaults as _defaults
@@ -69,7 +70,9 @@ __all__ = [
     "klime_cloud_function",
 ]
 
-logging.getLogger("klime").addHandler(logging.NullHandler())
+# The library convention; warnings that mean lost events still reach stderr when the app
+# configured no logging (klime._logging writes that one line itself).
+logging.getLogger("klime").addHandler(_NULL_HANDLER)
 
 #: The default client used by the module-level functions; set it, or let it be created on
 #: first use from the environment (``KLIME_WRITE_KEY``, ``KLIME_ENDPOINT``).

@@ -86,6 +86,7 @@ class Client(AsyncClientMixin):
         sender: Optional[Sender] = None,
         exit_timeout: Optional[float] = None,
         allow_insecure_endpoint: bool = False,
+        max_concurrent_requests: Optional[int] = None,
     ) -> None:
         if write_key is None:
             write_key = _config.env(_config.ENV_WRITE_KEY)
@@ -104,7 +105,8 @@ class Client(AsyncClientMixin):
         )
         batch = _integer("max_batch_size", max_batch_size, _config.DEFAULT_MAX_BATCH_SIZE, minimum=1)
         if batch > _config.MAX_BATCH_EVENTS:
-            log.warning(
+            log.warning_once(
+                "max-batch-size-capped",
                 "klime: max_batch_size=%d is above the server's limit; using %d",
                 batch,
                 _config.MAX_BATCH_EVENTS,
@@ -123,6 +125,17 @@ class Client(AsyncClientMixin):
         if flush_on_shutdown is not None and not isinstance(flush_on_shutdown, bool):
             raise ConfigurationError("flush_on_shutdown must be True or False")
         self.flush_on_shutdown = True if flush_on_shutdown is None else flush_on_shutdown
+        self.max_concurrent_requests = _integer(
+            "max_concurrent_requests",
+            max_concurrent_requests,
+            _config.DEFAULT_MAX_CONCURRENT_REQUESTS,
+            minimum=1,
+        )
+        if self.max_concurrent_requests > _config.MAX_CONCURRENT_REQUESTS:
+            raise ConfigurationError(
+                f"max_concurrent_requests must be at most {_config.MAX_CONCURRENT_REQUESTS}, "
+                f"got {self.max_concurrent_requests}"
+            )
         self.exit_timeout = _number("exit_timeout", exit_timeout, _config.DEFAULT_EXIT_TIMEOUT_S, minimum=0)
         self.on_error = _callback("on_error", on_error)
         self.on_success = _callback("on_success", on_success)
@@ -136,6 +149,7 @@ class Client(AsyncClientMixin):
                 retry_max_attempts=self.retry_max_attempts,
                 retry_initial_delay=self.retry_initial_delay,
                 allow_insecure_endpoint=allow_insecure_endpoint,
+                pool_size=self.max_concurrent_requests,
             )
         self._sender = sender
         self._delivery = Delivery(sender, on_error=self.on_error, on_success=self.on_success)
@@ -144,6 +158,7 @@ class Client(AsyncClientMixin):
             flush_interval=self.flush_interval,
             max_batch_size=self.max_batch_size,
             max_queue_size=self.max_queue_size,
+            max_concurrent_requests=self.max_concurrent_requests,
         )
         self._transport.attach(self._delivery)
         self._sync = make_sync_transport(self._transport)

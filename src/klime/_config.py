@@ -17,6 +17,11 @@ DEFAULT_MAX_QUEUE_SIZE = 1000
 DEFAULT_RETRY_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_INITIAL_DELAY_MS = 1000
 DEFAULT_EXIT_TIMEOUT_S = 2.0
+#: Requests in flight at once at most (under a backlog, with slow round trips; one at a
+#: time otherwise). Also the size of the HTTP sender's keep-alive connection pool.
+DEFAULT_MAX_CONCURRENT_REQUESTS = 32
+#: Largest value accepted for max_concurrent_requests.
+MAX_CONCURRENT_REQUESTS = 128
 
 #: Each backoff delay is capped at this many seconds.
 MAX_RETRY_DELAY_S = 16.0

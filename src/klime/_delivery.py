@@ -14,13 +14,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ._batching import split_batches
 from ._deadline import Deadline
 from ._events import decode_all
+from ._logging import log
 from ._logging import log as logger
 from ._models import BatchResponse, EventError
 from ._settings import defaults
 from .errors import SendError
-from .senders.base import Sender, SendResult
+from .senders.base import Feedback, Sender, SendResult
 
-__all__ = ["Delivery", "Outcome", "ErrorCallback", "SuccessCallback"]
+__all__ = ["Delivery", "Outcome", "ErrorCallback", "SuccessCallback", "EPISODE_FAILED", "EPISODE_REJECTED",
+           "EPISODE_UNSENT"]
+
+#: Loss episodes (see :meth:`klime._logging._Log.notice`): a server that keeps failing,
+#: a server that refuses events; both end at the next fully successful request.
+EPISODE_FAILED = "loss-failed"
+EPISODE_REJECTED = "loss-rejected"
+#: Events given up on without a server's verdict (a shutdown deadline, a closed client).
+EPISODE_UNSENT = "loss-unsent"
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 ErrorCallback = Callable[[SendError, List[Dict[str, Any]]], Any]
@@ -36,6 +49,10 @@ class Outcome:
     unsent: Optional[List[bytes]] = None
     responses: Optional[List[BatchResponse]] = None
     errors: Optional[List[SendError]] = None
+    #: the most attempts any deferred event has had (earlier calls included)
+    attempts: int = 0
+    #: why the last deferred batch's last attempt failed
+    last_error: Optional[SendError] = None
 
 
 class _Books:
@@ -96,20 +113,28 @@ class Delivery:
         events: Sequence[bytes],
         deadline: Deadline,
         *,
-        claim: Optional[Callable[[], bool]] = None,
+        claim: Optional[Callable[[Outcome], bool]] = None,
         report: bool = True,
         keep_unsent: bool = False,
+        feedback: Optional[Feedback] = None,
+        attempts_made: int = 0,
     ) -> Outcome:
         """Deliver ``events`` (any number), in order, within ``deadline``.
 
         The events are split to the sender's limits; a batch refused as too large (413) is
-        halved and retried down to single events. When ``claim`` is given it is called once
-        before anything is counted: if it returns False the events were already accounted
-        for elsewhere (a shutdown that gave up on them) and this outcome is dropped. With
-        ``report`` False, failures are counted but not handed to ``on_error`` (the caller
-        raises them instead). With ``keep_unsent``, events the deadline kept from being
-        delivered (not started, or cut off while retrying a transient failure) are neither
-        counted nor reported but returned in ``Outcome.unsent`` for the caller to keep.
+        halved and retried down to single events. When ``claim`` is given it is called once,
+        with the outcome (its ``unsent`` are handed back to the caller, see below), before
+        anything is counted:
+        if it returns False the events were already accounted for elsewhere (a shutdown
+        that gave up on them) and this outcome is dropped. With ``report`` False, failures
+        are counted but not handed to ``on_error`` (the caller raises them instead).
+
+        Events come back to the caller in ``Outcome.unsent``, neither counted nor reported,
+        when the sender deferred them (``feedback`` asked it to stop retrying for now) and,
+        with ``keep_unsent``, when the deadline kept them from being delivered (not started,
+        or cut off while retrying a transient failure). ``feedback`` and ``attempts_made``
+        go to :meth:`Sender.send_attempts`; ``Outcome.attempts`` is then the most attempts
+        any deferred event has had.
         """
         outcome = Outcome(responses=[], errors=[], unsent=[])
         failed_events: List[tuple[SendError, List[bytes]]] = []
@@ -123,7 +148,7 @@ class Delivery:
                 break
             batch = pending.pop(0)
             try:
-                result = sender.send(batch, deadline)
+                result = sender.send_attempts(batch, deadline, feedback=feedback, attempts_made=attempts_made)
             except Exception as exc:  # a sender must not raise; if it does, the batch failed
                 logger.exception("klime: sender %r raised", sender)
                 result = SendResult(
@@ -141,10 +166,13 @@ class Delivery:
             if result.error is None:
                 outcome.sent += len(batch)
                 continue
-            if keep_unsent and result.deadline_reached:
+            if result.deferred or (keep_unsent and result.deadline_reached):
                 kept = set(result.failed)
                 outcome.unsent.extend(batch[i] for i in sorted(kept))  # type: ignore[union-attr]
                 outcome.sent += len(batch) - len(kept)
+                if result.deferred:
+                    outcome.attempts = max(outcome.attempts, attempts_made + result.requests)
+                    outcome.last_error = result.error
                 continue
             failed_set = set(result.failed)
             outcome.sent += len(batch) - len(failed_set)
@@ -152,7 +180,7 @@ class Delivery:
             lost = [batch[i] for i in sorted(failed_set)]
             failed_events.append((result.error, lost))
             outcome.errors.append(result.error)  # type: ignore[union-attr]
-        if claim is not None and not claim():
+        if claim is not None and not claim(outcome):
             logger.debug("klime: a batch finished after its owner gave up on it; not counted")
             return Outcome()
         b = self._books
@@ -161,8 +189,11 @@ class Delivery:
             b.failed += outcome.failed
             b.requests += requests
             b.retries += retries
+        if outcome.sent and not failed_events:
+            self._recovered()
         for error, lost in failed_events:
             error.events = decode_all(lost)
+            self._notice_loss(error, len(lost))
             if report:
                 self.report_error(error)
         on_success = self.on_success or defaults.on_success
@@ -171,12 +202,50 @@ class Delivery:
                 self._call(on_success, response)
         return outcome
 
+    # ---------------------------------------------------------------- loss episodes
+
+    @staticmethod
+    def _notice_loss(error: SendError, count: int) -> None:
+        """One warning per episode of lost events (stderr too when no logging is set up)."""
+        if error.response is not None:
+            log.notice(
+                EPISODE_REJECTED,
+                "klime: the server rejected %d events of a batch (%s); they are reported to "
+                "on_error, not retried. Further rejections are logged per batch until the "
+                "next fully accepted one",
+                count,
+                _cut(error.message),
+            )
+        elif error.retryable:
+            log.notice(
+                EPISODE_FAILED,
+                "klime: events are not being delivered: %s. %d events were reported to "
+                "on_error and are lost; further failures are logged per batch until a "
+                "request succeeds",
+                _cut(error.message),
+                count,
+            )
+        else:
+            log.notice(
+                EPISODE_REJECTED,
+                "klime: the server refused a batch for good: %s. %d events were reported to "
+                "on_error and are lost; check the write key and the endpoint",
+                _cut(error.message),
+                count,
+            )
+
+    @staticmethod
+    def _recovered() -> None:
+        for key in (EPISODE_FAILED, EPISODE_REJECTED, EPISODE_UNSENT):
+            if log.end_episode(key):
+                log.info("klime: delivery works again")
+
     def send_sync(
         self,
         events: Sequence[bytes],
         deadline: Deadline,
         *,
-        claim: Optional[Callable[[], bool]] = None,
+        claim: Optional[Callable[[Outcome], bool]] = None,
     ) -> BatchResponse:
         """Deliver now on this thread; return the combined response or raise SendError."""
         outcome = self.send(events, deadline, report=False, claim=claim)
@@ -196,11 +265,14 @@ class Delivery:
         with b.lock:
             b.sent += count
 
-    def drop(self, events: Sequence[bytes], reason: str, *, counted: bool = False) -> None:
+    def drop(
+        self, events: Sequence[bytes], reason: str, *, counted: bool = False, notice: bool = True
+    ) -> None:
         """Count ``events`` as dropped (never sent) and report them to ``on_error``.
 
         ``counted``: the caller already counted them (a transport that counts drops the
-        moment they happen and reports them later, off the hot path).
+        moment they happen and reports them later, off the hot path). ``notice``: warn once
+        per episode (False: the caller warns in its own words, e.g. a full queue).
         """
         if not events:
             return
@@ -208,7 +280,7 @@ class Delivery:
             b = self._books
             with b.lock:
                 b.dropped += len(events)
-        self._report_lost(events, reason, retryable=False)
+        self._report_lost(events, reason, retryable=False, notice=notice)
 
     def fail(self, events: Sequence[bytes], reason: str) -> None:
         """Count ``events`` as failed (sent, outcome unknown or negative) and report them."""
@@ -217,9 +289,16 @@ class Delivery:
         b = self._books
         with b.lock:
             b.failed += len(events)
-        self._report_lost(events, reason, retryable=True)
+        self._report_lost(events, reason, retryable=True, notice=True)
 
-    def _report_lost(self, events: Sequence[bytes], reason: str, *, retryable: bool) -> None:
+    def _report_lost(self, events: Sequence[bytes], reason: str, *, retryable: bool, notice: bool) -> None:
+        if notice:
+            log.notice(
+                EPISODE_UNSENT,
+                "klime: %d events were not delivered: %s",
+                len(events),
+                _cut(reason),
+            )
         if (self.on_error or defaults.on_error) is None:  # nobody to hand the events to
             logger.error("klime: %d events not delivered: %s", len(events), reason)
             return

@@ -1,36 +1,52 @@
-"""The background transport: a bounded queue drained by one daemon thread.
+"""The background transport: a bounded queue drained by klime's own daemon threads.
 
 The default outside serverless. ``submit`` appends to a deque under a lock held for
-microseconds and returns; one named daemon thread (``klime-sender``), started on the first
+microseconds and returns. A named daemon thread (``klime-sender``), started on the first
 event of each process, sends a batch every ``flush_interval`` ms or as soon as
-``max_batch_size`` events wait, back to back while a backlog remains.
+``max_batch_size`` events wait, back to back while a backlog remains. When a backlog
+waits and round trips are slow, more requests fly at once, on more threads of a bounded
+pool (``klime-sender-2``, ...; at most ``max_concurrent_requests``), started only then and
+retired after :data:`IDLE_RETIRE_S` without work; how many is decided by the server's
+answers (:mod:`klime.transports._flights`). With less than a batch waiting, one request
+at a time.
 
-Where no thread can run (uWSGI without threads, interpreter shutdown) the same queue is
-drained on the caller's thread instead: at ``max_batch_size`` events, and by ``flush``.
+Where no thread can run (uWSGI without threads, a uWSGI master, interpreter shutdown) the
+same queue is drained on the caller's thread instead: at ``max_batch_size`` events, and by
+``flush``. At exit the flushing thread sends batches too, beside the pool (on Python 3.12+
+no new thread may start then).
 
 Book-keeping: every event gets a sequence number when queued. Events leave the queue in
-that order, either popped into a batch or dropped as the oldest on overflow, so "everything
+that order, either taken into a batch or dropped as the oldest on overflow, so "everything
 queued before this call is resolved" is a comparison of sequence numbers (see
-:meth:`BackgroundTransport._settled`).
+:meth:`BackgroundTransport._settled`); a batch remembers the number of its first event
+while it is in the air or deferred.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import time
 from collections import deque
 from threading import Thread
 from typing import Callable, Deque, Dict, List, Optional
 
-from .._config import DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE
+from .._config import (
+    DEFAULT_FLUSH_INTERVAL_MS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_QUEUE_SIZE,
+)
 from .._deadline import Deadline
+from .._delivery import Outcome
 from .._logging import log
 from .._models import FlushResult
+from ._flights import Batch, Flights
 from .base import Transport
 
-__all__ = ["BackgroundTransport"]
+__all__ = ["BackgroundTransport", "IDLE_RETIRE_S"]
 
 _monotonic = time.monotonic
 
@@ -40,16 +56,11 @@ _INLINE_TIMEOUT_S = 5.0
 #: Dropped events are handed to on_error at most this many at a time.
 _REPORT_SLICE = 1000
 
+#: A helper thread of the pool with nothing to send for this long (seconds) ends.
+IDLE_RETIRE_S = 10.0
 
-class _Claim:
-    """Who settles an in-flight batch: its sender, or a shutdown that gave up waiting.
-
-    Taken once, under the transport's lock."""
-
-    __slots__ = ("taken",)
-
-    def __init__(self) -> None:
-        self.taken = False
+#: The loss episode of a full queue (see klime._logging).
+EPISODE_OVERFLOW = "loss-overflow"
 
 
 class _NoThread:
@@ -78,13 +89,15 @@ def _send_at_once() -> bool:
 
 
 class BackgroundTransport(Transport):
-    """Queue in the caller's thread, send from a background thread.
+    """Queue in the caller's thread, send from klime's background threads.
 
     Args:
         flush_interval: milliseconds between flushes of a partial batch (Ruby SDK parity).
         max_batch_size: events per batch (1..100); a full batch is sent at once.
         max_queue_size: queued events at most; beyond it the OLDEST event is dropped,
             counted, and handed to ``on_error`` (in batches, one warning per episode).
+        max_concurrent_requests: requests in flight at once at most (and threads sending
+            them); reached only under a backlog with slow round trips.
         threads: force (True) or forbid (False) the background thread; by default it is
             used unless the runtime cannot run Python threads (see :mod:`klime._runtime`).
 
@@ -100,11 +113,13 @@ class BackgroundTransport(Transport):
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_MS,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
         threads: Optional[bool] = None,
     ) -> None:
         self.flush_interval = float(flush_interval) / 1000.0
         self.max_batch_size = max(1, min(100, int(max_batch_size)))
         self.max_queue_size = max(1, int(max_queue_size))
+        self.max_concurrent_requests = max(1, int(max_concurrent_requests))
         self._threads_option = threads
         self._reset()
 
@@ -112,14 +127,13 @@ class BackgroundTransport(Transport):
         closed = getattr(self, "_closed", False)  # a client shut down before a fork stays shut
         self._lock = threading.Lock()
         self._settled_cond = threading.Condition(self._lock)
-        self._drain_lock = threading.Lock()
-        self._wake = threading.Event()
+        self._drain_lock = threading.RLock()  # re-entered by a flush() inside a callback
+        self._flights = Flights(self._lock, ceiling=self.max_concurrent_requests, name="klime-sender")
         self._queue: Deque[bytes] = deque()
         self._accepted = 0
         self._left = 0  # events that have left the queue (batched or dropped), in order
-        self._inflight: Optional[_Claim] = None
-        self._inflight_start = 0
-        self._inflight_events: List[bytes] = []
+        self._release_to = 0  # events numbered below this may go in a partial batch
+        self._next_due = 0.0  # when the next interval flush is due (monotonic)
         self._overflow: List[bytes] = []  # dropped (and counted), not yet reported
         self._overflow_unheld = 0  # dropped with nobody to hand them to: counted, not kept
         self._dropped = 0
@@ -128,10 +142,9 @@ class BackgroundTransport(Transport):
         self._overflow_episode = 0
         self._reporter: Optional[Thread] = None
         self._report_wake = threading.Event()
-        self._flush_pending = False
         self._closed = closed
         self._stopping = False
-        self._thread: Optional[object] = None
+        self._thread: Optional[object] = None  # the first sender thread, or _NO_THREAD
         self._inline_each = False  # no thread, and no later moment to send: send every event
         self._worker_deadline = Deadline()
         self._pid = os.getpid()
@@ -162,15 +175,19 @@ class BackgroundTransport(Transport):
             self._accepted += 1
             size = len(queue)
             thread = self._thread
+            if size % self.max_batch_size == 0:
+                flights = self._flights
+                if flights.idle and not flights.flying:
+                    # a full batch and nobody in the air who would come back for it (while
+                    # requests are in the air, the sender threads wake each other)
+                    flights.work.notify()
         if thread is None:
             thread = self._start()
         if thread is _NO_THREAD:
             if self._inline_each or size >= self.max_batch_size or overflow:
                 # bounded: an unreachable endpoint must not stall the caller for the whole
                 # retry budget (what is not sent in time is reported, not kept)
-                self._drain_inline(Deadline.after(_INLINE_TIMEOUT_S), full=self._inline_each)
-        elif size == self.max_batch_size:
-            self._wake.set()
+                self._drain_here(Deadline.after(_INLINE_TIMEOUT_S), release=self._inline_each)
         elif overflow:
             self._report_soon()
         return True
@@ -181,7 +198,7 @@ class BackgroundTransport(Transport):
         return delivery is not None and delivery.has_error_callback()
 
     def _report_soon(self) -> None:
-        """Have dropped events reported now, even while the sender thread is stuck in a
+        """Have dropped events reported now, even while every sender thread is stuck in a
         request: by a second daemon thread, started at the first overflow."""
         reporter = self._reporter
         if reporter is None:
@@ -222,90 +239,167 @@ class BackgroundTransport(Transport):
                 # e.g. a uWSGI master before it forks: nothing of ours runs there later
                 self._inline_each = self._threads_option is None and _send_at_once()
                 return _NO_THREAD
-            thread = Thread(target=self._run, name="klime-sender", daemon=True)
+            self._next_due = _monotonic() + self.flush_interval
+            thread = self._flights.prepare_locked(functools.partial(self._work, True), name="klime-sender")
             self._thread = thread
-        try:
-            thread.start()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            with self._lock:
-                self._thread = _NO_THREAD
-            return _NO_THREAD
-        return thread
+        if self._flights.launch(thread):
+            return thread
+        with self._lock:  # "can't create new thread at interpreter shutdown"
+            self._thread = _NO_THREAD
+        return _NO_THREAD
 
-    # ------------------------------------------------------------------ the worker
+    # ------------------------------------------------------------------ the senders
 
-    def _run(self) -> None:
-        interval = self.flush_interval
-        next_due = _monotonic() + interval
+    def _work(self, primary: bool) -> None:
+        """The loop of every sender thread. The primary one (``klime-sender``) also keeps
+        the flush interval and never retires; helpers end after IDLE_RETIRE_S idle."""
+        me = threading.current_thread()
         try:
             while True:
-                self._wake.wait(max(0.0, next_due - _monotonic()))
-                self._wake.clear()
                 self._report_overflow()
-                with self._lock:
-                    stopping = self._stopping
-                    full = stopping or self._flush_pending or _monotonic() >= next_due
-                    self._flush_pending = False
-                if full:
-                    next_due = _monotonic() + interval
-                self._drain(self._worker_deadline, full=full)
-                with self._lock:
-                    if self._stopping and (not self._queue or self._worker_deadline.expired()):
-                        return
+                batch, more = self._next(primary, me)
+                if batch is None:
+                    return
+                if more:
+                    self._flights.spawn(functools.partial(self._work, False))
+                self._fly(batch, self._worker_deadline)
         except BaseException:  # never expected; keep the books honest and say so
             with self._lock:
-                self._thread = _NO_THREAD  # from now on, callers drain inline
+                if primary:
+                    self._thread = _NO_THREAD  # from now on, callers drain inline
                 self._settled_cond.notify_all()  # a waiting flush must not wait for a dead thread
-            log.exception("klime: the sender thread stopped unexpectedly")
+            log.exception("klime: a sender thread stopped unexpectedly")
             raise
+        finally:
+            with self._lock:
+                self._flights.retire_locked(me)
 
-    def _drain(self, deadline: Deadline, *, full: bool) -> None:
-        """Send batches until the queue is empty (``full``) or holds less than a batch."""
-        batch_size = self.max_batch_size
-        with self._drain_lock:
+    def _next(self, primary: bool, me: Thread) -> tuple[Optional[Batch], bool]:
+        """Wait for a batch this thread may send: (batch, start another thread?), or
+        (None, False) when this thread should end."""
+        flights = self._flights
+        idle_since: Optional[float] = None
+        with self._lock:
             while True:
-                with self._lock:
-                    queue = self._queue
-                    if not queue or (not full and len(queue) < batch_size) or deadline.expired():
-                        return
-                    n = min(batch_size, len(queue))
-                    popleft = queue.popleft
-                    batch = [popleft() for _ in range(n)]
-                    claim = _Claim()
-                    self._inflight = claim
-                    self._inflight_start = self._left
-                    self._inflight_events = batch
-                    self._left += n
+                now = _monotonic()
+                if now >= self._next_due:  # the flush interval: partial batches may go
+                    self._release_to = max(self._release_to, self._accepted)
+                    self._next_due = now + self.flush_interval
+                if self._stopping and (
+                    self._worker_deadline.expired() or not (self._queue or flights.parked)
+                ):
+                    return None, False
+                batch = self._take_locked()
+                if batch is not None:
+                    more = self._more_locked()
+                    if more and flights.idle:
+                        flights.work.notify()  # another batch may go: an idle thread takes it
+                        more = False
+                    return batch, flights.want_thread_locked(more)
+                if primary:
+                    timeout = self._next_due - now
+                    if self._stopping:
+                        timeout = min(timeout, 0.05)
+                else:
+                    if self._stopping or len(flights.threads) > flights.limit.limit:
+                        return None, False  # nothing to do, or more threads than the limit needs
+                    if idle_since is None:
+                        idle_since = now
+                    timeout = idle_since + IDLE_RETIRE_S - now
+                    if timeout <= 0:
+                        return None, False
+                    timeout = min(timeout, self._next_due - now)
+                flights.idle += 1
                 try:
-                    self.delivery.send(batch, deadline, claim=functools.partial(self._settle, claim))
+                    flights.work.wait(max(0.0, timeout))
                 finally:
-                    with self._lock:
-                        if self._inflight is claim:  # only if send raised before settling
-                            self._inflight = None
-                            self._inflight_events = []
-                        self._settled_cond.notify_all()
-                self._report_overflow()
+                    flights.idle -= 1
 
-    def _settle(self, claim: _Claim) -> bool:
-        """Called by Delivery just before it counts a batch's outcome: the batch stops being
-        in flight at that instant (so ``stats()`` never counts it twice), unless a shutdown
+    def _take_locked(self) -> Optional[Batch]:
+        """The next batch that may take off now, already counted as in the air; deferred
+        batches first. A full batch goes while the limit allows; a partial one only when
+        released (interval, flush, shutdown) and nothing else is in the air."""
+        flights = self._flights
+        if flights.parked:
+            return flights.take_parked_locked()
+        queue = self._queue
+        waiting = len(queue)
+        if not waiting:
+            return None
+        size = self.max_batch_size
+        if waiting >= size:
+            if not flights.room_locked():
+                return None
+            n = size
+        else:
+            if flights.flying or not (self._stopping or self._left < self._release_to):
+                return None
+            n = waiting
+        popleft = queue.popleft
+        batch = Batch(self._left, [popleft() for _ in range(n)])
+        self._left += n
+        return flights.board_locked(batch)
+
+    def _more_locked(self) -> bool:
+        """Is there work waiting that another thread could send now?"""
+        flights = self._flights
+        return flights.room_locked() and (bool(flights.parked) or len(self._queue) >= self.max_batch_size)
+
+    def _fly(self, batch: Batch, deadline: Deadline) -> None:
+        """Send one batch (blocks); settle it; deferred events wait, first in line."""
+        try:
+            self.delivery.send(
+                batch.events,
+                deadline,
+                claim=functools.partial(self._land, batch),
+                feedback=functools.partial(self._feedback, batch),
+                attempts_made=batch.attempts,
+            )
+        except Exception:  # Delivery never raises; if it does, the batch is not lost silently
+            log.exception("klime: sending a batch failed unexpectedly")
+            with self._lock:
+                orphan = self._flights.land_locked(batch, [], 0, None)
+            if orphan:
+                self.delivery.fail(batch.events, "an unexpected error happened while sending")
+        finally:
+            with self._lock:
+                self._settled_cond.notify_all()
+        self._report_overflow()
+
+    def _land(self, batch: Batch, outcome: Outcome) -> bool:
+        """Called by Delivery just before it counts a batch's outcome: the batch leaves the
+        air at that instant (so ``stats()`` never counts it twice), unless a shutdown
         already gave up on it and accounted for it."""
         with self._lock:
-            if claim.taken:
-                return False
-            claim.taken = True
-            if self._inflight is claim:
-                self._inflight = None
-                self._inflight_events = []
-            return True
+            return self._flights.land_locked(
+                batch, outcome.unsent or [], outcome.attempts, outcome.last_error
+            )
 
-    def _drain_inline(self, deadline: Deadline, *, full: bool) -> None:
+    def _feedback(self, batch: Batch, outcome: str, seconds: float) -> bool:
+        with self._lock:
+            flights = self._flights
+            backlog = len(flights.parked) + len(self._queue) // self.max_batch_size
+            return flights.feedback_locked(outcome, seconds, backlog=backlog)
+
+    def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
+        """Send from the calling thread, one batch at a time, until nothing may go (or the
+        deadline). ``release``: partial batches too, up to everything queued now."""
         self._report_overflow()
-        self._drain(deadline, full=full)
+        with self._drain_lock:
+            if release:
+                with self._lock:
+                    self._release_to = max(self._release_to, self._accepted)
+            while not deadline.expired():
+                with self._lock:
+                    batch = self._take_locked()
+                if batch is None:
+                    return
+                self._fly(batch, deadline)
 
     def _report_overflow(self) -> None:
-        """Hand dropped events to ``on_error``, at most ``_REPORT_SLICE`` per call; log the
-        start and end of an overflow episode once each. Thread-safe."""
+        """Hand dropped events to ``on_error``, at most ``_REPORT_SLICE`` per call; warn at
+        the start of an overflow episode (stderr too without logging) and log its end.
+        Thread-safe."""
         while True:
             with self._lock:
                 dropped = self._overflow
@@ -313,6 +407,7 @@ class BackgroundTransport(Transport):
                 if not dropped and not unheld:
                     if self._overflow_episode and len(self._queue) < self.max_queue_size:
                         total, self._overflow_episode = self._overflow_episode, 0
+                        log.end_episode(EPISODE_OVERFLOW)
                         log.warning("klime: the queue has room again; %d events were dropped", total)
                     return
                 if len(dropped) > _REPORT_SLICE:  # bound the memory and GIL time of one report
@@ -325,19 +420,19 @@ class BackgroundTransport(Transport):
                     self._overflow = []
                     first = self._overflow_first
                 self._reporting.append(first)
-                first_of_episode = self._overflow_episode == 0
                 self._overflow_episode += len(dropped) + unheld
             try:
-                if first_of_episode:
-                    log.warning(
-                        "klime: the queue is full (max_queue_size=%d); dropping the oldest events "
-                        "and reporting them to on_error. Raise max_queue_size, or check that the "
-                        "endpoint is reachable",
-                        self.max_queue_size,
-                    )
+                log.notice(
+                    EPISODE_OVERFLOW,
+                    "klime: the queue is full (max_queue_size=%d): events are being dropped, "
+                    "oldest first, and reported to on_error. The endpoint is slower than "
+                    "the events come (or unreachable); raise max_queue_size or "
+                    "max_concurrent_requests, or check the endpoint",
+                    self.max_queue_size,
+                )
                 reason = f"queue full (max_queue_size={self.max_queue_size}); event dropped"
                 if dropped:
-                    self.delivery.drop(dropped, reason, counted=True)
+                    self.delivery.drop(dropped, reason, counted=True, notice=False)
                 if unheld:
                     log.error("klime: %d events not delivered: %s", unheld, reason)
             finally:
@@ -351,16 +446,14 @@ class BackgroundTransport(Transport):
         """Are all events with sequence number < ``target`` resolved? (Hold the lock.)"""
         return (
             self._left >= target
-            and (self._inflight is None or self._inflight_start >= target)
+            and self._flights.settled_locked(target)
             and (not self._overflow or self._overflow_first >= target)
             and all(first >= target for first in self._reporting)
         )
 
     def _unsettled(self, target: int) -> int:
         """How many events with sequence number < ``target`` are unresolved. (Hold the lock.)"""
-        count = max(0, target - self._left)
-        if self._inflight is not None and self._inflight_start < target:
-            count += min(len(self._inflight_events), target - self._inflight_start)
+        count = max(0, target - self._left) + self._flights.unsettled_locked(target)
         if self._overflow and self._overflow_first < target:
             count += min(len(self._overflow), target - self._overflow_first)
         return count
@@ -374,32 +467,40 @@ class BackgroundTransport(Transport):
         thread = self._thread
         return thread is not None and thread is not _NO_THREAD and thread.is_alive()  # type: ignore[attr-defined]
 
-    def _wait_settled(self, deadline: Deadline) -> FlushResult:
+    def _own_thread(self) -> bool:
+        current = threading.current_thread()
+        return current is self._reporter or current in self._flights.alive()
+
+    def _wait_settled(self, deadline: Deadline, *, help: bool = False) -> FlushResult:
+        """Wait until everything queued so far is resolved (or the deadline). ``help``:
+        send batches from this thread too (at shutdown, where the deadline is final)."""
         before = self._snapshot()
         with self._lock:
             target = self._accepted
-        current = threading.current_thread()
-        if current is self._thread or current is self._reporter:
+            self._release_to = max(self._release_to, target)
+        if self._own_thread():
             # flush() from inside a callback, on klime's own thread: it cannot wait for
             # itself. The events go out as soon as the callback returns.
             with self._lock:
-                self._flush_pending = True
                 unsent = self._unsettled(target)
             return FlushResult(unsent=unsent)
         if self._worker_alive():
             with self._lock:
-                self._flush_pending = True
-            self._wake.set()
-            with self._settled_cond:
-                while not self._settled(target):
+                self._flights.work.notify_all()
+            while True:
+                if help:
+                    self._drain_here(deadline, release=False)
+                with self._settled_cond:
+                    if self._settled(target):
+                        break
                     left = deadline.remaining()
                     if left is not None and left <= 0:
                         break
                     self._settled_cond.wait(left)
-                    if not self._worker_alive():
-                        break
+                if not self._worker_alive():
+                    break
         if not self._worker_alive():
-            self._drain_inline(deadline, full=True)
+            self._drain_here(deadline, release=True)
         with self._lock:
             unsent = self._unsettled(target)
         after = self._snapshot()
@@ -417,7 +518,7 @@ class BackgroundTransport(Transport):
         return self._wait_settled(Deadline.after(timeout))
 
     def shutdown(self, timeout: Optional[float] = None, *, flush: bool = True) -> FlushResult:
-        """Flush (if ``flush``), stop the thread, report what is left. Idempotent."""
+        """Flush (if ``flush``), stop the threads, report what is left. Idempotent."""
         deadline = Deadline.after(timeout)
         with self._lock:
             if self._closed:
@@ -427,32 +528,36 @@ class BackgroundTransport(Transport):
                 leftovers = list(self._queue)
                 self._queue.clear()
                 self._left += len(leftovers)
+                parked = list(self._flights.parked)
+                self._flights.parked.clear()
             else:
-                leftovers = []
+                leftovers, parked = [], []
         before = self._snapshot()
+        lost_before = before["failed"] + before["dropped"]
         self._worker_deadline.tighten(deadline.at if flush else _monotonic())
         if flush:
-            self._wait_settled(deadline)
+            self._wait_settled(deadline, help=True)
         with self._lock:
             self._stopping = True
-        self._wake.set()
+            self._release_to = sys.maxsize
+            self._flights.work.notify_all()
         self._report_wake.set()
-        thread = self._thread
-        if isinstance(thread, Thread) and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(deadline.remaining())
+        current = threading.current_thread()
+        for thread in self._flights.alive():
+            if thread is not current:
+                thread.join(deadline.remaining())
         with self._lock:
             leftovers += list(self._queue)
             self._left += len(self._queue)
             self._queue.clear()
-            claim, abandoned = self._inflight, self._inflight_events
-            taken = claim is not None and not claim.taken
-            if claim is not None and taken:
-                claim.taken = True  # the sender's outcome, if it ever comes, is not counted
-                self._inflight = None
-                self._inflight_events = []
+            abandoned, deferred = self._flights.abandon_locked()
+            parked += deferred
         self._report_overflow()
-        if taken:
-            self.delivery.fail(abandoned, "shutdown deadline reached while this batch was being sent")
+        for batch in abandoned:
+            self.delivery.fail(batch.events, "shutdown deadline reached while this batch was being sent")
+        for batch in parked:
+            why = f" after: {batch.error}" if batch.error is not None else ""
+            self.delivery.fail(batch.events, f"shutdown deadline reached while retrying{why}")
         if leftovers:
             reason = (
                 "shutdown deadline reached before the event was sent"
@@ -462,16 +567,29 @@ class BackgroundTransport(Transport):
             self.delivery.drop(leftovers, reason)
         after = self._snapshot()
         with self._lock:
-            unsent = len(self._queue) + (len(self._inflight_events) if self._inflight else 0)
+            unsent = len(self._queue) + self._flights.held_locked()
         return FlushResult(
             sent=after["sent"] - before["sent"],
             failed=after["failed"] - before["failed"],
             dropped=after["dropped"] - before["dropped"],
             unsent=unsent,
-            timed_out=deadline.expired() and bool(leftovers or taken),
+            timed_out=deadline.expired()
+            and bool(leftovers or abandoned or parked or after["failed"] + after["dropped"] > lost_before),
         )
 
     def counts(self) -> Dict[str, int]:
         with self._lock:
-            pending = len(self._queue) + (len(self._inflight_events) if self._inflight is not None else 0)
+            pending = len(self._queue) + self._flights.held_locked()
             return {"accepted": self._accepted, "pending": pending, "dropped": self._dropped}
+
+    def in_flight(self) -> Dict[str, int]:
+        """What is being sent now: requests in the air, deferred batches, sender threads and
+        the adaptive limit. For tests and debugging; thread-safe, non-blocking."""
+        with self._lock:
+            flights = self._flights
+            return {
+                "requests": len(flights.flying),
+                "deferred": len(flights.parked),
+                "threads": len(flights.threads),
+                "limit": flights.limit.limit,
+            }

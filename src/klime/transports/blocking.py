@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .._deadline import Deadline
 from .._models import BatchResponse, FlushResult
@@ -37,12 +37,12 @@ class BlockingTransport(Transport):
             self._inflight += count
             return True
 
-    def _settler(self, count: int) -> Callable[[], bool]:
+    def _settler(self, count: int) -> Callable[..., bool]:
         """Ends the in-flight count once: when Delivery settles the events (before any
         callback runs, so stats() inside a callback adds up) or, failing that, after."""
         done: List[bool] = []
 
-        def settle() -> bool:
+        def settle(_outcome: Any = None) -> bool:
             if not done:
                 done.append(True)
                 with self._lock:

@@ -5,10 +5,12 @@ its CPU), so a background thread cannot be trusted to send anything. This transp
 no thread of its own: events wait in a buffer until ``flush`` sends them — called by
 :func:`klime.klime_lambda` / :func:`klime.klime_cloud_function` before the handler returns —
 over the sender's keep-alive connections, which are reused across warm invocations. When
-a flush has several batches and requests are slow (network-bound, see
-:data:`CONCURRENT_ABOVE_S`), it sends ``concurrency`` of them at once on short-lived threads
-that end before it returns. Events the flush's deadline kept from being sent
-stay buffered, first in line for the next flush, and count as ``queued``.
+a flush has several batches and round trips are slow, it sends several at once — as many
+as the adaptive limit it shares with the background transport allows
+(:mod:`klime.transports._flights`; learned across invocations, so a warm invocation sends
+its batches in about one round trip) — on the caller's thread and helper threads that end
+before it returns. Events the flush's deadline kept from being sent stay buffered, first
+in line for the next flush, and count as ``queued``.
 
 Without the decorator events still go out, on the caller's thread: a full batch
 (``max_batch_size``) is sent inline, and so are events left over from before the current
@@ -28,15 +30,24 @@ faster than many sequential sends; such a send is bounded by the invocation's de
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
 
-from .._config import DEFAULT_FLUSH_INTERVAL_MS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE
+from .._config import (
+    DEFAULT_FLUSH_INTERVAL_MS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_QUEUE_SIZE,
+)
 from .._deadline import Deadline
+from .._delivery import Outcome
 from .._logging import log
 from .._models import FlushResult
+from ._flights import Batch, Flights
 from .base import Transport
 
 __all__ = ["InvocationTransport", "enter_invocation", "exit_invocation", "invocation_deadline"]
@@ -49,12 +60,6 @@ LAMBDA_TRACE_ENV = "_X_AMZN_TRACE_ID"
 
 #: Longest pause of inline sending after inline sends could not deliver, in seconds.
 MAX_INLINE_PAUSE_S = 60.0
-
-#: A flush sends batches concurrently only while one request takes longer than this
-#: (seconds): then the network, not Python, is what the flush waits for. On a fast link
-#: extra threads only add start-up and GIL contention (measured: 100 events in 5
-#: requests to a loopback collector took 3.6 ms one after the other, 7.5 ms on 4 threads).
-CONCURRENT_ABOVE_S = 0.002
 
 #: The deadline of the invocation running in this context (thread or asyncio task).
 _deadline_var: contextvars.ContextVar[Optional[Deadline]] = contextvars.ContextVar(
@@ -97,8 +102,8 @@ class InvocationTransport(Transport):
         max_batch_size: events per request (1..100).
         max_queue_size: buffered events at most; beyond it the oldest are dropped and
             reported to ``on_error`` (reachable only while sends keep failing).
-        concurrency: batches sent at once by ``flush`` when requests are slow (the HTTP
-            sender keeps 4 connections).
+        max_concurrent_requests: batches sent at once by ``flush`` at most, reached when
+            round trips are slow (the adaptive limit decides below it).
         inline_timeout: seconds an inline send outside a decorated invocation may take.
 
     Thread-safe. ``submit`` returns at once, except when it sends inline (see above);
@@ -113,13 +118,13 @@ class InvocationTransport(Transport):
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_MS,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-        concurrency: int = 4,
+        max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
         inline_timeout: float = 2.0,
     ) -> None:
         self.flush_interval = float(flush_interval) / 1000.0
         self.max_batch_size = max(1, min(100, int(max_batch_size)))
         self.max_queue_size = max(1, int(max_queue_size))
-        self.concurrency = max(1, int(concurrency))
+        self.max_concurrent_requests = max(1, int(max_concurrent_requests))
         self.inline_timeout = max(0.0, float(inline_timeout))
         #: True once a serverless decorator has called :meth:`begin_invocation`.
         self.managed = False
@@ -137,7 +142,7 @@ class InvocationTransport(Transport):
         self._inflight = 0
         self._inline_failures = 0
         self._paused_until = 0.0
-        self._request_time: Optional[float] = None  # moving average of one batch's send, s
+        self._flights = Flights(self._lock, ceiling=self.max_concurrent_requests, name="klime-flush")
         self._closed = closed
 
     def after_fork(self) -> None:
@@ -241,15 +246,10 @@ class InvocationTransport(Transport):
             batches, oldest_at, oldest_marker = self._take(full_only)
             if not batches:
                 return True
-            results: List[Optional[List[bytes]]] = [None] * len(batches)
+            kept = [event for batch in batches for event in batch]  # if all else fails
             try:
-                self._send_all(batches, deadline, results)
+                kept = self._fly_all(batches, deadline)
             finally:
-                kept: List[bytes] = []
-                for batch, unsent in zip(batches, results):
-                    # A batch without a result was never handed over (an unexpected
-                    # error): keep it rather than lose it.
-                    kept.extend(batch if unsent is None else unsent)
                 with self._lock:
                     self._inflight -= sum(map(len, batches))
                     if kept:  # first in line for the next flush, with their original age
@@ -260,58 +260,98 @@ class InvocationTransport(Transport):
                         self._buffer[0:0] = kept
             return not kept
 
-    def _send_all(
-        self, batches: List[List[bytes]], deadline: Deadline, results: List[Optional[List[bytes]]]
-    ) -> None:
-        """Send every batch: one after the other on the caller's thread while requests are
-        fast, ``concurrency`` at a time (the caller's thread is one worker) while they are
-        slow. Until a request was timed, the first batch goes alone and decides."""
-        first = 0
-        if self._request_time is None and self.concurrency > 1 and len(batches) > 1:
-            results[0] = self._timed_send(batches[0], deadline)
-            first = 1
-        workers = min(self.concurrency, len(batches) - first)
-        request_time = self._request_time
-        if workers <= 1 or request_time is None or request_time < CONCURRENT_ABOVE_S:
-            for i in range(first, len(batches)):
-                results[i] = self._timed_send(batches[i], deadline)
-            return
-        position = [first]
-        position_lock = threading.Lock()
+    def _fly_all(self, batches: List[List[bytes]], deadline: Deadline) -> List[bytes]:
+        """Send every batch, as many at once as the adaptive limit allows: the caller's
+        thread is one sender, helper threads (``klime-flush-<n>``) the others; they end
+        before this returns. Returns the events not delivered by the deadline (not
+        counted: the caller keeps them). Blocks until then."""
+        flights = self._flights
+        lock = self._lock
+        waiting: Deque[Batch] = deque(Batch(0, batch) for batch in batches)
 
-        def work() -> None:
-            while True:
-                with position_lock:
-                    i = position[0]
-                    if i >= len(batches):
-                        return
-                    position[0] = i + 1
-                try:
-                    results[i] = self._timed_send(batches[i], deadline)
-                except Exception:  # Delivery never raises; if it does, keep the batch
-                    log.exception("klime: sending a batch failed unexpectedly")
+        def take_locked() -> Optional[Batch]:
+            if deadline.expired():
+                return None
+            batch = flights.take_parked_locked()
+            if batch is None and waiting and flights.room_locked():
+                batch = flights.board_locked(waiting.popleft())
+            return batch
 
-        helpers = [
-            threading.Thread(target=work, name=f"klime-flush-{n}", daemon=True) for n in range(1, workers)
-        ]
-        for thread in helpers:
-            thread.start()
+        def more_locked() -> bool:
+            return flights.room_locked() and bool(waiting or flights.parked)
+
+        def land(batch: Batch, outcome: Outcome) -> bool:
+            with lock:
+                return flights.land_locked(batch, outcome.unsent or [], outcome.attempts, outcome.last_error)
+
+        def feedback(outcome: str, seconds: float) -> bool:
+            with lock:
+                return flights.feedback_locked(outcome, seconds, backlog=len(waiting) + len(flights.parked))
+
+        def fly(batch: Batch) -> None:
+            try:
+                self.delivery.send(
+                    batch.events,
+                    deadline,
+                    keep_unsent=True,
+                    claim=functools.partial(land, batch),
+                    feedback=feedback,
+                    attempts_made=batch.attempts,
+                )
+            except Exception:  # Delivery never raises; if it does, keep the batch
+                log.exception("klime: sending a batch failed unexpectedly")
+                with lock:
+                    flights.land_locked(batch, batch.events, batch.attempts, None)
+            finally:
+                with lock:
+                    flights.work.notify_all()
+
+        def helper() -> None:
+            me = threading.current_thread()
+            try:
+                while True:
+                    with lock:
+                        batch = take_locked()
+                        if batch is None:
+                            return
+                    fly(batch)
+            finally:
+                with lock:
+                    flights.retire_locked(me, relax=False)
+
+        helpers: List[threading.Thread] = []
+        me = threading.current_thread()
+        with lock:
+            flights.threads.append(me)  # the caller's thread is one of the senders
         try:
-            work()
+            while True:
+                with lock:
+                    batch = take_locked()
+                    if batch is None:
+                        if not flights.flying:
+                            break
+                        left = deadline.remaining()  # flights in the air stop at it themselves
+                        flights.idle += 1
+                        try:
+                            flights.work.wait(1.0 if left is None else max(0.01, min(1.0, left)))
+                        finally:
+                            flights.idle -= 1
+                        continue
+                    spawn = flights.want_thread_locked(more_locked())
+                if spawn:
+                    thread = flights.spawn(helper)
+                    if thread is not None:
+                        helpers.append(thread)
+                fly(batch)
         finally:
             for thread in helpers:
                 thread.join()
-
-    def _timed_send(self, batch: List[bytes], deadline: Deadline) -> List[bytes]:
-        if deadline.expired():
-            return batch
-        started = _monotonic()
-        unsent = self.delivery.send(batch, deadline, keep_unsent=True).unsent or []
-        took = _monotonic() - started
-        with self._lock:
-            previous = self._request_time
-            self._request_time = took if previous is None else 0.7 * previous + 0.3 * took
-        return unsent
+            with lock:
+                flights.retire_locked(me, relax=False)
+                kept = [event for batch in waiting for event in batch.events]
+                _, parked = flights.abandon_locked()
+                kept[0:0] = [event for batch in parked for event in batch.events]
+        return kept
 
     def _report_overflow(self) -> None:
         with self._lock:

@@ -1,0 +1,203 @@
+"""The in-flight machinery (src/klime/transports/_flights.py): the adaptive limit's rules,
+one by one and as properties, and the book-keeping of batches in the air and deferred."""
+
+from __future__ import annotations
+
+import threading
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from klime.senders.base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT
+from klime.transports._flights import SLOW_ROUND_TRIP_S, AdaptiveLimit, Batch, Flights
+
+SLOW = 0.05  # a 50 ms round trip
+FAST = 0.0002  # loopback
+
+
+def grown(limit: AdaptiveLimit, steps: int, *, seconds: float = SLOW, backlog: int = 100) -> AdaptiveLimit:
+    """Feed ``steps`` accepted requests, each with the whole window in use."""
+    for _ in range(steps):
+        limit.observe(ATTEMPT_OK, seconds, backlog=backlog, in_flight=limit.limit)
+    return limit
+
+
+def test_starts_with_one_request_at_a_time():
+    assert AdaptiveLimit(32).limit == 1
+
+
+def test_grows_under_a_backlog_when_round_trips_are_slow():
+    limit = grown(AdaptiveLimit(32), 1)
+    assert limit.limit == 2  # at most doubling per accepted request
+    grown(limit, 3)
+    assert limit.limit == 16
+    grown(limit, 5)
+    assert limit.limit == 32  # the ceiling
+
+
+def test_grows_toward_what_the_backlog_needs_not_beyond():
+    limit = AdaptiveLimit(32)
+    for _ in range(10):
+        # 3 batches in the air, 2 waiting: 5 are enough
+        limit.observe(ATTEMPT_OK, SLOW, backlog=2, in_flight=min(limit.limit, 3))
+    assert limit.limit <= 5
+
+
+def test_does_not_grow_on_fast_round_trips():
+    limit = grown(AdaptiveLimit(32), 50, seconds=FAST)
+    assert limit.limit == 1
+    assert not limit.slow()
+    assert FAST < SLOW_ROUND_TRIP_S <= SLOW
+
+
+def test_does_not_grow_without_a_backlog():
+    limit = grown(AdaptiveLimit(32), 50, backlog=0)
+    assert limit.limit == 1
+
+
+def test_does_not_grow_while_the_window_is_not_in_use():
+    limit = grown(AdaptiveLimit(32), 3)
+    at = limit.limit
+    for _ in range(3):
+        limit.observe(ATTEMPT_OK, SLOW, backlog=100, in_flight=1)
+    assert limit.limit <= at
+
+
+def test_halves_on_every_transient_failure_down_to_one():
+    limit = grown(AdaptiveLimit(32), 10)
+    assert limit.limit == 32
+    seen = []
+    for _ in range(6):
+        limit.observe(ATTEMPT_TRANSIENT, 10.0, backlog=100, in_flight=32)
+        seen.append(limit.limit)
+    assert seen == [16, 8, 4, 2, 1, 1]
+
+
+def test_permanent_rejections_say_nothing_about_load():
+    limit = grown(AdaptiveLimit(32), 3)
+    at = limit.limit
+    limit.observe(ATTEMPT_REJECTED, SLOW, backlog=100, in_flight=at)
+    assert limit.limit == at
+
+
+def test_stops_growing_when_round_trips_grow_past_twice_the_best():
+    limit = grown(AdaptiveLimit(32), 2)  # best: 50 ms
+    at = limit.limit
+    grown(limit, 5, seconds=3 * SLOW)  # the server slows down under the load
+    assert limit.limit == at
+    grown(limit, 1, seconds=1.5 * SLOW)  # within twice the best: growth again
+    assert limit.limit > at
+
+
+def test_an_unused_limit_falls_back_to_what_is_used():
+    limit = grown(AdaptiveLimit(32), 10)
+    assert limit.limit == 32
+    for _ in range(200):  # a steady load that needs 10 in the air
+        limit.observe(ATTEMPT_OK, SLOW, backlog=0, in_flight=10)
+    assert limit.limit == 15  # what was used, plus half as much again
+
+
+def test_relax_follows_the_pool_down_but_never_below_one():
+    limit = grown(AdaptiveLimit(32), 4)
+    limit.relax(3)
+    assert limit.limit == 3
+    limit.relax(0)
+    assert limit.limit == 1
+
+
+outcomes = st.sampled_from([ATTEMPT_OK, ATTEMPT_TRANSIENT, ATTEMPT_REJECTED])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ceiling=st.integers(1, 64),
+    steps=st.lists(
+        st.tuples(outcomes, st.floats(0, 2), st.integers(0, 200), st.integers(0, 80)), max_size=200
+    ),
+)
+def test_the_limit_always_stays_between_one_and_the_ceiling(ceiling, steps):
+    limit = AdaptiveLimit(ceiling)
+    for outcome, seconds, backlog, in_flight in steps:
+        before = limit.limit
+        limit.observe(outcome, seconds, backlog=backlog, in_flight=in_flight)
+        assert 1 <= limit.limit <= ceiling
+        if outcome == ATTEMPT_TRANSIENT:
+            assert limit.limit == max(1, before // 2)
+        if seconds < SLOW_ROUND_TRIP_S or backlog == 0:
+            assert limit.limit <= before  # no evidence that more in the air would help
+
+
+# ---------------------------------------------------------------------------------------
+# Flights: batches in the air and deferred
+
+
+def flights(ceiling: int = 4) -> Flights:
+    return Flights(threading.Lock(), ceiling=ceiling, name="test-flights")
+
+
+def test_a_batch_lands_once():
+    f = flights()
+    batch = f.board_locked(Batch(0, [b"a", b"b"]))
+    assert f.held_locked() == 2
+    assert f.land_locked(batch, [], 1, None) is True
+    assert f.land_locked(batch, [b"a"], 1, None) is False  # settled already: nothing changes
+    assert f.held_locked() == 0 and not f.parked
+
+
+def test_deferred_events_wait_first_in_line_with_their_attempts():
+    f = flights()
+    batch = f.board_locked(Batch(7, [b"a", b"b", b"c"]))
+    f.land_locked(batch, [b"b", b"c"], 2, "HTTP 503")
+    assert f.held_locked() == 2
+    again = f.take_parked_locked()
+    assert again is not None and again.events == [b"b", b"c"] and again.attempts == 2
+    assert again.start == 7  # still counts as holding events from sequence number 7 on
+    assert not f.settled_locked(8) and f.settled_locked(7)
+
+
+def test_deferred_batches_wait_for_room_under_the_limit():
+    f = flights()
+    f.limit.limit = 1
+    first = f.board_locked(Batch(0, [b"a"]))
+    second = f.board_locked(Batch(1, [b"b"]))  # the transport boarded it while the limit was higher
+    f.land_locked(second, [b"b"], 1, None)
+    assert f.take_parked_locked() is None  # one is in the air: the limit is full
+    f.land_locked(first, [], 1, None)
+    again = f.take_parked_locked()
+    assert again is not None and again.events == [b"b"]
+
+
+def test_a_transient_failure_beyond_the_limit_asks_to_defer():
+    f = flights(ceiling=8)
+    grown(f.limit, 3)
+    assert f.limit.limit == 8
+    for n in range(8):
+        f.board_locked(Batch(n, [b"x"]))
+    answers = []
+    for batch in list(f.flying):
+        answers.append(f.feedback_locked(ATTEMPT_TRANSIENT, SLOW, backlog=10))
+        if not answers[-1]:
+            f.land_locked(batch, batch.events, 1, None)  # what the transport does: defer it
+    # the limit halves at each failure; only what fits under it keeps retrying
+    assert answers.count(True) == 1 and f.limit.limit == 1
+    assert len(f.flying) == 1 and len(f.parked) == 7
+
+
+def test_unsettled_counts_events_below_a_sequence_number():
+    f = flights()
+    f.board_locked(Batch(0, [b"a", b"b", b"c"]))
+    f.board_locked(Batch(3, [b"d", b"e"]))
+    assert f.unsettled_locked(2) == 2
+    assert f.unsettled_locked(4) == 4
+    assert f.unsettled_locked(100) == 5
+
+
+def test_abandon_hands_back_everything_once():
+    f = flights()
+    a = f.board_locked(Batch(0, [b"a"]))
+    b = f.board_locked(Batch(1, [b"b"]))
+    f.land_locked(b, [b"b"], 1, None)
+    abandoned, parked = f.abandon_locked()
+    assert abandoned == [a] and [p.events for p in parked] == [[b"b"]]
+    assert f.land_locked(a, [], 1, None) is False  # its flight's outcome is no longer counted
+    assert f.held_locked() == 0
