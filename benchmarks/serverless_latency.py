@@ -1,6 +1,22 @@
 """What @klime_lambda adds to an invocation, and what importing klime costs a cold start.
 
     .venv/bin/python benchmarks/serverless_latency.py [--repeat 50] [--json]
+        [--sections inprocess,runtime,imports] [--delays 0,50,200] [--runtime-events 100,250]
+        [--runtime-repeat 50]
+
+On the real runtime (section ``runtime``): tests/apps/serverless/lambda_bench_app.py runs
+in the real Lambda runtime client (awslambdaric) under the Runtime/Extensions API emulator
+of the tests (tests/support/lambda_emulator.py, which freezes the sandbox between
+invocations), in three modes: ``none`` (the same handler without klime: the baseline),
+``before`` (``@klime_lambda``: flush before returning) and ``after``
+(``@klime_lambda(after_response=True)``: klime is an internal extension and sends after
+the response). The collector is klime.devserver in another process, answering each
+request after ``--delays`` milliseconds (0, 50, 200: loopback, a nearby and a far
+endpoint). Per mode: the latency the invoker sees (from handing the event to the runtime
+to receiving its response) and the post-runtime duration (from the response to the end of
+the Invoke phase, when the runtime and every extension have called next: Lambda bills it),
+median and 90th percentile of ``--runtime-repeat`` warm invocations (after three
+warm-ups; the first, cold one is reported apart). Every event is checked to have been sent.
 
 Added latency: a decorated handler tracks N events (1, 20, 100, 1,000) and returns; the
 time from the end of the handler's body to the decorator's return is what the caller (and
@@ -34,6 +50,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
+TESTS = ROOT / "tests"
+APPS = TESTS / "apps" / "serverless"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
@@ -125,12 +143,22 @@ def _percentile(values: List[float], fraction: float) -> float:
     return ordered[index]
 
 
+def _client(url: str, n: int, max_batch_size: int, concurrency: int) -> klime.Client:
+    options: Dict[str, Any] = {
+        "endpoint": url,
+        "transport": "invocation",
+        "max_batch_size": max_batch_size,
+        "max_queue_size": max(1000, 2 * n),
+    }
+    try:
+        return klime.Client(WRITE_KEY, max_concurrent_requests=concurrency, **options)
+    except TypeError:  # a klime without the option: its own default concurrency
+        return klime.Client(WRITE_KEY, **options)
+
+
 def added_latency(url: str, n: int, repeat: int, max_batch_size: int, concurrency: int = 4) -> Dict[str, Any]:
     """Milliseconds the decorator adds to a warm invocation that tracked ``n`` events."""
-    transport = klime.InvocationTransport(
-        max_batch_size=max_batch_size, max_queue_size=max(1000, 2 * n), concurrency=concurrency
-    )
-    client = klime.Client(WRITE_KEY, endpoint=url, transport=transport, max_batch_size=max_batch_size)
+    client = _client(url, n, max_batch_size, concurrency)
     body_end = [0.0]
 
     @klime_lambda(client=client)
@@ -220,6 +248,110 @@ def import_times(runs: int) -> Iterator[Dict[str, Any]]:
         yield {"what": label, "median_ms": median, "added_ms": median - baseline}
 
 
+MODES = ("none", "before", "after")
+MODE_LABELS = {"none": "no klime", "before": "`@klime_lambda`", "after": "`after_response=True`"}
+
+
+def runtime_latency(
+    url: str, mode: str, n: int, repeat: int, max_batch_size: int = 20, write_key: str = WRITE_KEY
+) -> Dict[str, Any]:
+    """Invoker latency and post-runtime duration (ms) of ``mode`` on the real awslambdaric."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from support.lambda_emulator import LambdaEmulator
+
+    env = {
+        "KLIME_WRITE_KEY": write_key,
+        "KLIME_ENDPOINT": url,
+        "KLIME_BENCH_MODE": mode,
+        "KLIME_BENCH_BATCH": str(max_batch_size),
+        "PYTHONPATH": str(SRC),
+    }
+    latency: List[float] = []
+    post: List[float] = []
+    with LambdaEmulator("lambda_bench_app.handler", cwd=APPS, env=env, timeout_s=60) as emu:
+        cold = None
+        for round_ in range(repeat + 3):  # the first is the cold one; three warm-ups in all
+            inv = emu.invoke({"n": n}, timeout=90)
+            if not inv.ok:
+                raise RuntimeError(f"{mode}: the invocation failed: {inv.payload}\n{emu.log_tail()}")
+            if not emu.wait_ended(inv, 60):
+                raise RuntimeError(f"{mode}: the invocation never ended\n{emu.log_tail()}")
+            if round_ == 0:
+                cold = inv
+            if round_ >= 3:
+                latency.append(inv.duration * 1000.0)
+                post.append((inv.post_runtime or 0.0) * 1000.0)
+        check = emu.invoke({"n": 0}, timeout=90)  # its stats are taken before any flush
+        stats = check.payload["stats"]
+        if mode != "none":
+            expected = (repeat + 3) * n
+            if stats["sent"] != expected or stats["queued"] != 0:
+                raise RuntimeError(f"{mode}: {stats['sent']} of {expected} events sent: {stats}")
+        extensions = [e.name for e in emu.extensions]
+    assert cold is not None
+    return {
+        "mode": mode,
+        "events": n,
+        "latency_median_ms": statistics.median(latency),
+        "latency_p90_ms": _percentile(latency, 0.9),
+        "post_median_ms": statistics.median(post),
+        "post_p90_ms": _percentile(post, 0.9),
+        "billed_median_ms": statistics.median([a + b for a, b in zip(latency, post)]),
+        "cold_latency_ms": cold.duration * 1000.0,
+        "cold_post_ms": (cold.post_runtime or 0.0) * 1000.0,
+        "extensions": extensions,
+        "runs": len(latency),
+    }
+
+
+def runtime_section(delays_ms: List[int], sizes: List[int], repeat: int) -> List[Dict[str, Any]]:
+    rows = []
+    for delay in delays_ms:
+        options = ("--delay", str(delay / 1000.0)) if delay else ()
+        server = ChildCollector.devserver(*options)
+        try:
+            for n in sizes:
+                for mode in MODES:
+                    row = runtime_latency(server.url, mode, n, repeat)
+                    row["delay_ms"] = delay
+                    rows.append(row)
+        finally:
+            server.stop()
+    baselines = {(r["delay_ms"], r["events"]): r for r in rows if r["mode"] == "none"}
+    for row in rows:
+        base = baselines[(row["delay_ms"], row["events"])]
+        row["added_median_ms"] = row["latency_median_ms"] - base["latency_median_ms"]
+    return rows
+
+
+def runtime_targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The issue's targets, where the run has the row they need."""
+    found = []
+    for row in rows:
+        if row["delay_ms"] == 50 and row["events"] == 100 and row["mode"] == "after":
+            found.append(
+                {
+                    "target": "after_response, 100 events, 50 ms: invoker latency within 2 ms of no klime",
+                    "value_ms": row["added_median_ms"],
+                    "passed": row["added_median_ms"] <= 2.0,
+                }
+            )
+        if row["delay_ms"] == 50 and row["events"] == 250 and row["mode"] == "before":
+            found.append(
+                {
+                    "target": "flush before return, 250 events, 50 ms: adds at most 110 ms (2 round trips)",
+                    "value_ms": row["added_median_ms"],
+                    "passed": row["added_median_ms"] <= 110.0,
+                }
+            )
+    return found
+
+
+def _ints(text: str) -> List[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 def _repeat_for(n: int, repeat: int) -> int:
     return repeat if n < 1000 else max(5, repeat // 3)
 
@@ -228,59 +360,114 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=50, help="warm invocations per size (default 50)")
     parser.add_argument("--import-runs", type=int, default=15, help="processes per import case (default 15)")
+    parser.add_argument(
+        "--sections", default="inprocess,runtime,imports", help="what to measure (default: all three)"
+    )
+    parser.add_argument("--delays", default="0,50,200", help="collector delays in ms (runtime section)")
+    parser.add_argument("--runtime-events", default="100,250", help="events per invocation (runtime section)")
+    parser.add_argument(
+        "--runtime-repeat", type=int, default=50, help="warm invocations per mode (default 50)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     args = parser.parse_args(argv)
+    sections = {part.strip() for part in args.sections.split(",") if part.strip()}
+    unknown = sections - {"inprocess", "runtime", "imports"}
+    if unknown:
+        parser.error(f"unknown sections: {sorted(unknown)}")
 
     results: Dict[str, Any] = {}
-    for name, start in (("minimal", ChildCollector.minimal), ("devserver", ChildCollector.devserver)):
-        server = start()
+    if "inprocess" in sections:
+        for name, start in (("minimal", ChildCollector.minimal), ("devserver", ChildCollector.devserver)):
+            server = start()
+            try:
+                results[name] = [
+                    added_latency(server.url, n, _repeat_for(n, args.repeat), batch)
+                    for batch in (20, 100)
+                    for n in SIZES
+                ]
+                if name == "minimal":
+                    results["cold_first_flush"] = cold_first_flush(server.url, runs=7)
+            finally:
+                server.stop()
+        server = ChildCollector.devserver("--delay", "0.02")  # 20 ms per request, like a far endpoint
         try:
-            results[name] = [
-                added_latency(server.url, n, _repeat_for(n, args.repeat), batch)
-                for batch in (20, 100)
-                for n in SIZES
+            results["slow"] = [
+                added_latency(server.url, n, 5, 20, concurrency)
+                for n in (100, 1000)
+                for concurrency in (1, 4)
             ]
-            if name == "minimal":
-                results["cold_first_flush"] = cold_first_flush(server.url, runs=7)
         finally:
             server.stop()
-    server = ChildCollector.devserver("--delay", "0.02")  # 20 ms per request, like a far endpoint
-    try:
-        results["slow"] = [
-            added_latency(server.url, n, 5, 20, concurrency) for n in (100, 1000) for concurrency in (1, 4)
-        ]
-    finally:
-        server.stop()
-    results["imports"] = list(import_times(args.import_runs))
+    if "runtime" in sections:
+        results["runtime"] = runtime_section(
+            _ints(args.delays), _ints(args.runtime_events), args.runtime_repeat
+        )
+        results["targets"] = runtime_targets(results["runtime"])
+    if "imports" in sections:
+        results["imports"] = list(import_times(args.import_runs))
     python = f"{platform.python_implementation()} {platform.python_version()}"
     results["machine"] = f"{python}, {os.cpu_count()} CPUs, {platform.system()}"
+    try:
+        results["load_average"] = os.getloadavg()[0]
+    except OSError:
+        pass
 
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     print(f"Machine: {results['machine']}; collectors in other processes on 127.0.0.1\n")
-    print("| events | max_batch_size | requests | minimal: median (p90) | devserver: median (p90) |")
-    print("|---:|---:|---:|---:|---:|")
-    for fast, full in zip(results["minimal"], results["devserver"]):
-        requests = -(-fast["events"] // fast["max_batch_size"])
+    if "inprocess" in sections:
+        print("| events | max_batch_size | requests | minimal: median (p90) | devserver: median (p90) |")
+        print("|---:|---:|---:|---:|---:|")
+        for fast, full in zip(results["minimal"], results["devserver"]):
+            requests = -(-fast["events"] // fast["max_batch_size"])
+            print(
+                f"| {fast['events']:,} | {fast['max_batch_size']} | {requests} "
+                f"| {fast['median_ms']:.2f} ms ({fast['p90_ms']:.2f}) "
+                f"| {full['median_ms']:.2f} ms ({full['p90_ms']:.2f}) |"
+            )
+        cold = results["cold_first_flush"]
         print(
-            f"| {fast['events']:,} | {fast['max_batch_size']} | {requests} "
-            f"| {fast['median_ms']:.2f} ms ({fast['p90_ms']:.2f}) "
-            f"| {full['median_ms']:.2f} ms ({full['p90_ms']:.2f}) |"
+            f"\nFirst invocation of a fresh process (1 event, TCP connect included, minimal collector): "
+            f"median {cold['median_ms']:.2f} ms, max {cold['max_ms']:.2f} ms ({cold['runs']} processes)\n"
         )
-    cold = results["cold_first_flush"]
-    print(
-        f"\nFirst invocation of a fresh process (1 event, TCP connect included, minimal collector): "
-        f"median {cold['median_ms']:.2f} ms, max {cold['max_ms']:.2f} ms ({cold['runs']} processes)\n"
-    )
-    print("| 20 ms per request | concurrency | added, median |")
-    print("|---:|---:|---:|")
-    for row in results["slow"]:
-        print(f"| {row['events']:,} events | {row['concurrency']} | {row['median_ms']:.1f} ms |")
-    print("\n| cold start | wall time, median | added |")
-    print("|---|---:|---:|")
-    for row in results["imports"]:
-        print(f"| {row['what']} | {row['median_ms']:.1f} ms | {row['added_ms']:.1f} ms |")
+        print("| 20 ms per request | concurrency | added, median |")
+        print("|---:|---:|---:|")
+        for row in results["slow"]:
+            print(f"| {row['events']:,} events | {row['concurrency']} | {row['median_ms']:.1f} ms |")
+        print()
+    if "runtime" in sections:
+        runs = results["runtime"][0]["runs"] if results["runtime"] else 0
+        print(
+            f"On awslambdaric under the emulator, {runs} warm invocations per row "
+            "(median, p90 in brackets):\n"
+        )
+        print(
+            "| collector delay | events | mode | invoker latency | vs no klime | post-runtime (billed) "
+            "| first invocation: latency / post-runtime |"
+        )
+        print("|---:|---:|---|---:|---:|---:|---:|")
+        for row in results["runtime"]:
+            added = "—" if row["mode"] == "none" else f"{row['added_median_ms']:+.1f} ms"
+            print(
+                f"| {row['delay_ms']} ms | {row['events']} | {MODE_LABELS[row['mode']]} "
+                f"| {row['latency_median_ms']:.1f} ms ({row['latency_p90_ms']:.1f}) | {added} "
+                f"| {row['post_median_ms']:.1f} ms ({row['post_p90_ms']:.1f}) "
+                f"| {row['cold_latency_ms']:.1f} / {row['cold_post_ms']:.1f} ms |"
+            )
+        if results["targets"]:
+            print()
+            for target in results["targets"]:
+                mark = "PASS" if target["passed"] else "FAIL"
+                print(f"- {mark}: {target['target']} (measured {target['value_ms']:+.1f} ms)")
+        print()
+    if "imports" in sections:
+        print("| cold start | wall time, median | added |")
+        print("|---|---:|---:|")
+        for row in results["imports"]:
+            print(f"| {row['what']} | {row['median_ms']:.1f} ms | {row['added_ms']:.1f} ms |")
+    if "load_average" in results:
+        print(f"\nLoad average at the end: {results['load_average']:.2f}")
     return 0
 
 

@@ -201,3 +201,46 @@ def test_abandon_hands_back_everything_once():
     assert abandoned == [a] and [p.events for p in parked] == [[b"b"]]
     assert f.land_locked(a, [], 1, None) is False  # its flight's outcome is no longer counted
     assert f.held_locked() == 0
+
+
+def test_a_known_set_of_batches_jumps_to_what_it_needs():
+    limit = AdaptiveLimit(32, jump=True)
+    limit.observe(ATTEMPT_OK, SLOW, backlog=12, in_flight=1)
+    assert limit.limit == 13  # the first accepted request opens it to the whole set
+
+
+def test_a_warm_flush_opens_to_its_batches_at_once_when_round_trips_were_slow():
+    limit = AdaptiveLimit(32, jump=True)
+    limit.open_to(13)
+    assert limit.limit == 1  # nothing known yet: one batch goes first and decides
+    limit.observe(ATTEMPT_OK, SLOW, backlog=0, in_flight=1)
+    limit.open_to(13)
+    assert limit.limit == 13
+    limit.open_to(100)
+    assert limit.limit == 32  # never beyond the ceiling
+
+
+def test_no_opening_after_a_failure_or_on_a_fast_link():
+    fast = AdaptiveLimit(32, jump=True)
+    fast.observe(ATTEMPT_OK, FAST, backlog=0, in_flight=1)
+    fast.open_to(13)
+    assert fast.limit == 1
+    failing = AdaptiveLimit(32, jump=True)
+    failing.observe(ATTEMPT_OK, SLOW, backlog=0, in_flight=1)
+    failing.observe(ATTEMPT_TRANSIENT, SLOW, backlog=0, in_flight=1)
+    failing.open_to(13)
+    assert failing.limit == 1
+
+
+def test_threads_wanted_fills_the_room_once_and_not_while_one_is_idle():
+    f = flights(ceiling=8)
+    f.limit.limit = 6
+    f.board_locked(Batch(0, [b"x"]))
+    f.threads.append(threading.current_thread())
+    assert f.threads_wanted_locked(10) == 5  # room for 5 more in the air
+    assert f.threads_wanted_locked(2) == 2  # only 2 batches waiting
+    f.idle = 1
+    assert f.threads_wanted_locked(10) == 0  # the idle one is woken instead
+    f.idle = 0
+    f.no_threads = True
+    assert f.threads_wanted_locked(10) == 0

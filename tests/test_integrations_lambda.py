@@ -77,9 +77,12 @@ class BrokenTransport(InvocationTransport):
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
-    for key in ("invocation-leftovers", "serverless-unsent"):
+    for key in ("invocation-leftovers", "serverless-unsent", "after-response-fallback"):
         klime._logging.log.reset_once(key)
+    extension_module = importlib.import_module("klime.integrations.lambda._extension")
+    extension_module._reset()
     yield
+    extension_module._reset()
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,6 +334,7 @@ def test_async_handler_called_inside_a_running_loop_is_refused(make_client):
         {"flush_timeout": "2"},
         {"deadline_margin": None},
         {"deadline_margin": float("nan")},
+        {"after_response": "yes"},
     ],
 )
 def test_bad_options_are_refused_at_decoration(options):
@@ -569,3 +573,423 @@ def test_control_a_background_thread_is_frozen_with_its_events(lambda_runtime, c
     # Thawed, the thread may now send them itself; the handler's own flush makes sure.
     inv = emu.invoke({"tag": "thaw", "n": 0, "flush": True})
     assert_arrived_before(collector, "frozen", 3, inv)
+
+
+# ---------------------------------------------------------------------------------------
+# After the response (@klime_lambda(after_response=True)): in this process
+
+
+class FakeExtension:
+    """Plays klime's Lambda extension for the wrapper: takes (or refuses) invocations and
+    keeps what was handed over."""
+
+    def __init__(self, take=True):
+        self.take = take
+        self.begun = []
+        self.handed = []
+
+    def begin(self, wrapper, request_id):
+        self.begun.append(request_id)
+        return self.take
+
+    def end(self, request_id, invocation, wrapper_frame, wrapper):
+        self.handed.append((request_id, invocation, wrapper_frame))
+        return self.take
+
+
+def after_response_wrapper(fn, client, extension):
+    options = _serverless.Options("@klime_lambda", client, 2.0, 0.25, True)
+    return _serverless._wrap_after_response(fn, options, _serverless._remaining_seconds, extension)
+
+
+def test_not_on_lambda_after_response_falls_back_with_one_warning(
+    make_client, collector, caplog_klime, monkeypatch
+):
+    monkeypatch.delenv("AWS_LAMBDA_RUNTIME_API", raising=False)
+    client = make_client(transport="invocation")
+
+    @klime_lambda(client=client, after_response=True)
+    def handler(event, context):
+        client.track("Fallback", {"n": event["n"]}, user_id="u")
+        return event["n"]
+
+    @klime_lambda(client=client, after_response=True)  # a second one: no second warning
+    def other(event, context):
+        return "other"
+
+    assert handler({"n": 1}, Context(3000)) == 1
+    assert [e["properties"]["n"] for e in collector.events()] == [1], "sent before it returned"
+    assert other({}, Context(3000)) == "other"
+    warnings = [r.getMessage() for r in caplog_klime.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "after_response=True" in warnings[0] and "AWS_LAMBDA_RUNTIME_API is not set" in warnings[0]
+    assert "sent before the handler returns" in warnings[0]
+
+
+def test_after_response_wrapper_hands_the_invocation_over_instead_of_flushing(make_client, collector):
+    client = make_client(transport="invocation")
+    extension = FakeExtension(take=True)
+
+    def handler(event, context):
+        client.track("Handed Over", user_id="u")
+        return {"same": "object"}
+
+    wrapped = after_response_wrapper(handler, client, extension)
+    context = Context(3000)
+    result = wrapped({}, context)
+    assert result == {"same": "object"}
+    assert extension.begun == ["req-1"]
+    ((request_id, invocation, frame),) = extension.handed
+    assert request_id == "req-1" and frame is not None
+    assert collector.events() == [] and client.stats()["queued"] == 1, "nothing sent before the return"
+    invocation.flush()  # what klime's extension thread does after the response
+    assert [e["event"] for e in collector.events()] == ["Handed Over"]
+    assert conserved(client.stats()) and client.stats()["queued"] == 0
+
+
+def test_after_response_wrapper_flushes_itself_when_the_extension_declines(make_client, collector):
+    client = make_client(transport="invocation")
+    extension = FakeExtension(take=False)
+
+    def handler(event, context):
+        client.track("Declined", user_id="u")
+        return "ok"
+
+    assert after_response_wrapper(handler, client, extension)({}, Context(3000)) == "ok"
+    assert [e["event"] for e in collector.events()] == ["Declined"]
+    assert extension.handed == [], "a declined begin is never ended"
+
+
+def test_after_response_wrapper_passes_the_exception_through(make_client, collector):
+    client = make_client(transport="invocation")
+    extension = FakeExtension(take=True)
+    raised = KeyError("user's")
+
+    def handler(event, context):
+        client.track("Raised", user_id="u")
+        raise raised
+
+    with pytest.raises(KeyError) as info:
+        after_response_wrapper(handler, client, extension)({}, Context(3000))
+    assert info.value is raised
+    assert info.traceback[-1].name == "handler"
+    assert len(extension.handed) == 1 and collector.events() == []
+
+
+def test_a_decorated_call_inside_a_served_invocation_leaves_its_events_to_it(make_client, collector):
+    client = make_client(transport="invocation")
+    extension = FakeExtension(take=True)
+
+    def inner(event, context):
+        client.track("Inner", user_id="u")
+        return "inner"
+
+    inner_wrapped = after_response_wrapper(inner, client, extension)
+
+    def outer(event, context):
+        assert inner_wrapped({}, context) == "inner"
+        assert collector.events() == [], "the inner call did not flush"
+        return "outer"
+
+    assert after_response_wrapper(outer, client, extension)({}, Context(3000)) == "outer"
+    assert extension.begun == ["req-1"] and len(extension.handed) == 1  # the outer only
+    extension.handed[0][1].flush()
+    assert [e["event"] for e in collector.events()] == ["Inner"]
+
+
+def test_without_a_request_id_there_is_nothing_to_hand_over(make_client, collector):
+    client = make_client(transport="invocation")
+
+    class Declines(FakeExtension):
+        def begin(self, wrapper, request_id):
+            self.begun.append(request_id)
+            return request_id is not None  # what LambdaExtension.begin does
+
+    extension = Declines()
+
+    def handler(event, context):
+        client.track("Local Call", user_id="u")
+        return "ok"
+
+    assert after_response_wrapper(handler, client, extension)({}, None) == "ok"
+    assert extension.begun == [None] and [e["event"] for e in collector.events()] == ["Local Call"]
+
+
+# ---------------------------------------------------------------------------------------
+# After the response: on the real Lambda runtime client
+
+
+@pytest.fixture
+def after_runtime(collector):
+    """Start awslambdaric on tests/apps/serverless/<module>.<handler>; always stopped."""
+    started = []
+
+    def start(handler, *, init_type="on-demand", timeout_s=10, **env):
+        base = {
+            "KLIME_WRITE_KEY": WRITE_KEY,
+            "KLIME_ENDPOINT": collector.url,
+            "KLIME_TEST_RETRY_DELAY_MS": "10",
+        }
+        base.update({k: str(v) for k, v in env.items()})
+        if "." not in handler:
+            handler = "lambda_after_app." + handler
+        emulator = LambdaEmulator(
+            handler, cwd=APPS, env=base, freeze=True, timeout_s=timeout_s, init_type=init_type
+        )
+        started.append(emulator)
+        return emulator.start()
+
+    yield start
+    for emulator in started:
+        emulator.wait_frozen(2.0)
+        emulator.stop()
+
+
+def assert_after_response(emu, collector, tag, n, invocation):
+    """All ``n`` events of ``tag`` arrived once, after the response reached the invoker and
+    before the invocation ended (runtime and klime's extension called next: the freeze)."""
+    assert emu.wait_ended(invocation), f"{tag}: the invocation never ended\n{emu.log_tail()}"
+    got = arrivals(collector, tag)
+    assert len(got) == len({m for m, _ in got}) == n, f"{tag}: {len(got)} of {n} events arrived"
+    early = [invocation.responded_at - at for _, at in got if at <= invocation.responded_at]
+    assert not early, f"{tag}: {len(early)} events reached the collector before the response"
+    late = [at - invocation.ended_at for _, at in got if at > invocation.ended_at]
+    assert not late, f"{tag}: {len(late)} events arrived after the invocation ended"
+
+
+@requires_awslambdaric
+def test_after_response_registers_during_init_as_an_internal_extension(after_runtime):
+    emu = after_runtime("handler")
+    (record,) = emu.extensions
+    assert (record.name, record.events, record.external) == ("klime", ("INVOKE",), False)
+    assert record.state == "waiting", "klime's thread called next: Init could complete"
+
+
+@requires_awslambdaric
+def test_after_response_fifty_warm_invocations(after_runtime, collector):
+    emu = after_runtime("handler")
+    for i in range(50):
+        n = 1 + i % 30
+        inv = emu.invoke({"tag": f"warm-{i}", "n": n})
+        assert inv.ok, emu.log_tail()
+        stats = inv.payload["stats"]
+        assert stats["queued"] == n, "at the return only this invocation's events wait: the rest went"
+        assert conserved(stats)
+        assert_after_response(emu, collector, f"warm-{i}", n, inv)
+        assert emu.wait_frozen(), "frozen once klime called next"
+        assert emu.frozen_at >= inv.ended_at
+        assert not inv.timed_out
+    assert emu.extension("klime").next_calls == 51
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == sum(1 + i % 30 for i in range(50))
+    # keep-alive across warm invocations: no new connection per invocation (a flush of two
+    # batches may use two of the sender's pooled connections at once)
+    assert collector.connection_count() <= 4
+
+
+@requires_awslambdaric
+def test_after_response_with_next_polled_from_a_thread(after_runtime, collector):
+    """Lambda's Python 3.12+ runtimes make awslambdaric wait for the next event on a worker
+    thread while the main thread runs the handler: the order holds there too."""
+    emu = after_runtime("handler", AWS_EXECUTION_ENV="AWS_Lambda_python3.12")
+    for i in range(10):
+        inv = emu.invoke({"tag": f"threaded-{i}", "n": 1 + 7 * i})
+        assert inv.ok, emu.log_tail()
+        assert_after_response(emu, collector, f"threaded-{i}", 1 + 7 * i, inv)
+
+
+@requires_awslambdaric
+def test_after_response_after_a_cold_start_with_events_from_init(after_runtime, collector):
+    emu = after_runtime("handler", KLIME_TEST_INIT_EVENTS=7)
+    assert arrivals(collector, "init") == [], "events tracked during Init wait (Init must stay short)"
+    inv = emu.invoke({"tag": "cold", "n": 40})
+    assert inv.ok, emu.log_tail()
+    assert_after_response(emu, collector, "init", 7, inv)
+    assert_after_response(emu, collector, "cold", 40, inv)
+
+
+@requires_awslambdaric
+def test_after_response_with_a_slow_collector_the_invoker_does_not_wait(after_runtime, collector):
+    collector.set_mode(Fault.slow(0.2))
+    emu = after_runtime("handler")
+    for i in range(3):
+        inv = emu.invoke({"tag": f"slow-{i}", "n": 100})
+        assert inv.ok, emu.log_tail()
+        assert inv.duration < 0.2, (
+            f"the invoker waited {inv.duration:.3f}s: klime's requests were on its path"
+        )
+        assert_after_response(emu, collector, f"slow-{i}", 100, inv)
+        assert inv.post_runtime >= 0.2, "the answers (200 ms each) come in the post-runtime window"
+
+
+@requires_awslambdaric
+def test_after_response_when_the_handler_raises(after_runtime, collector):
+    emu = after_runtime("handler")
+    inv = emu.invoke({"tag": "boom", "n": 9, "raise": True})
+    assert not inv.ok
+    assert inv.error_type == "ValueError"
+    assert inv.payload["errorMessage"] == "handler failed: boom"
+    assert_after_response(emu, collector, "boom", 9, inv)
+    again = emu.invoke({"tag": "after-boom", "n": 2})
+    assert again.ok and again.payload["stats"]["queued"] == 2
+    assert_after_response(emu, collector, "after-boom", 2, again)
+
+
+@requires_awslambdaric
+def test_after_response_async_handler(after_runtime, collector):
+    emu = after_runtime("async_handler")
+    for tag in ("async-1", "async-2"):
+        inv = emu.invoke({"tag": tag, "n": 25})
+        assert inv.ok, emu.log_tail()
+        assert_after_response(emu, collector, tag, 25, inv)
+    inv = emu.invoke({"tag": "async-boom", "n": 3, "raise": True})
+    assert not inv.ok and inv.payload["errorMessage"] == "async handler failed: async-boom"
+    assert_after_response(emu, collector, "async-boom", 3, inv)
+
+
+@requires_awslambdaric
+def test_after_response_a_black_hole_never_stretches_the_invocation_past_its_deadline(
+    after_runtime, collector
+):
+    emu = after_runtime("handler", KLIME_TEST_MARGIN=0.3, KLIME_TEST_BUDGET=30)
+    collector.set_mode(Fault.blackhole())
+    first = emu.invoke({"tag": "cut", "n": 30}, deadline_ms=1500)
+    assert first.ok, emu.log_tail()
+    assert first.duration < 0.5
+    assert emu.wait_ended(first, 5.0), "klime called next before the deadline"
+    assert not first.timed_out and first.ended_at < first.deadline_at
+    assert first.ended_at - first.invoked_at >= 1.0, (
+        "klime used the window up to the deadline minus the margin"
+    )
+    assert arrivals(collector, "cut") == []
+    assert emu.wait_frozen()
+
+    collector.set_mode(None)
+    second = emu.invoke({"tag": "next", "n": 1})
+    assert second.ok, emu.log_tail()
+    assert second.payload["stats"]["queued"] == 31, "the 30 cut off stayed queued, and counted"
+    assert conserved(second.payload["stats"])
+    assert_after_response(emu, collector, "cut", 30, second)
+    assert_after_response(emu, collector, "next", 1, second)
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == 31, "sent once each"
+
+
+@requires_awslambdaric
+def test_after_response_decorated_after_init_falls_back_with_one_warning(after_runtime, collector):
+    emu = after_runtime("lambda_late_app.handler")
+    for tag, n in (("late-1", 3), ("late-2", 2)):
+        inv = emu.invoke({"tag": tag, "n": n})
+        assert inv.ok, emu.log_tail()
+        assert_arrived_before(collector, tag, n, inv)  # flushed before the response
+    assert emu.extensions == []
+    assert emu.refused_registrations and emu.refused_registrations[0][:2] == ("klime", 403)
+    emu.wait_frozen()
+    emu.stop()
+    log = emu.log_tail(1000)
+    assert log.count("cannot send after the response") == 1, log
+    assert "refused the registration" in log and "only possible during Init" in log
+
+
+@requires_awslambdaric
+def test_after_response_when_lambda_calls_another_function(after_runtime, collector):
+    emu = after_runtime("not_the_decorated_one")
+    for tag in ("other-1", "other-2"):
+        inv = emu.invoke({"tag": tag, "n": 4})
+        assert inv.ok, emu.log_tail()
+        assert_arrived_before(collector, tag, 4, inv)
+        assert emu.wait_ended(inv)
+        assert inv.post_runtime < 0.5, "klime's extension did not wait for a hand-over that never comes"
+    emu.wait_frozen()
+    emu.stop()
+    log = emu.log_tail(1000)
+    assert log.count("is not the one decorated") == 1, log
+
+
+@requires_awslambdaric
+def test_after_response_with_provisioned_concurrency(after_runtime, collector):
+    """Init runs long before the first invocation and the sandbox is frozen in between:
+    events from Init go with the first invocation, after its response; a connection that
+    went stale meanwhile costs nothing."""
+    emu = after_runtime("handler", init_type="provisioned-concurrency", KLIME_TEST_INIT_EVENTS=5)
+    assert emu.wait_frozen(5.0), "frozen after Init until the first invocation"
+    assert arrivals(collector, "init") == []
+    warm = emu.invoke({"tag": "first", "n": 5})
+    assert warm.ok, emu.log_tail()
+    assert_after_response(emu, collector, "init", 5, warm)
+    assert_after_response(emu, collector, "first", 5, warm)
+    assert emu.wait_frozen()
+    collector.close_idle_connections()  # the peer forgot the connection while frozen
+    inv = emu.invoke({"tag": "second", "n": 3})
+    assert inv.ok, emu.log_tail()
+    assert_after_response(emu, collector, "second", 3, inv)
+    assert inv.payload["stats"]["retries"] == 0, "a closed idle connection costs no retry"
+
+
+@requires_awslambdaric
+@pytest.mark.parametrize("handler", ["lambda_after_app.handler", "lambda_app.tracked"])
+def test_snapstart_sends_init_events_before_the_snapshot_once(after_runtime, collector, handler):
+    emu = after_runtime(handler, init_type="snap-start", KLIME_TEST_INIT_EVENTS=5)
+    assert emu.snapshot_at is not None
+    init = arrivals(collector, "init")
+    assert len(init) == 5, "sent by the before-snapshot hook"
+    assert all(at < emu.snapshot_at for _, at in init)
+    inv = emu.invoke({"tag": "restored", "n": 2})
+    assert inv.ok, emu.log_tail()
+    assert emu.wait_ended(inv)
+    assert len(arrivals(collector, "restored")) == 2
+    assert len(arrivals(collector, "init")) == 5, "not sent again after the restore"
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == 7
+
+
+@requires_awslambdaric
+def test_concurrent_flush_after_response_250_events_at_50ms_at_once(after_runtime, collector):
+    """The extension's flush sends an invocation's 13 batches at once (issue 12, item 3)."""
+    collector.set_mode(Fault.slow(0.05))
+    emu = after_runtime("handler")
+    warm = emu.invoke({"tag": "warm", "n": 1})
+    assert emu.wait_ended(warm)
+    collector.reset()
+    collector.set_mode(Fault.slow(0.05))
+    inv = emu.invoke({"tag": "many", "n": 250})
+    assert inv.ok, emu.log_tail()
+    assert_after_response(emu, collector, "many", 250, inv)
+    # 13 batches: the warm invocation learnt that round trips are slow, so they all go at
+    # once (about one round trip; the time is the benchmark's to measure, not this test's)
+    assert collector.peak_in_flight >= 10, collector.peak_in_flight
+
+
+@requires_awslambdaric
+def test_concurrent_flush_before_return_250_events_at_50ms_at_once(lambda_runtime, collector):
+    """13 batches of 20 at a 50 ms round trip go at once (issue 12, item 3): about one
+    round trip, not thirteen (benchmarks/serverless_latency.py measures it)."""
+    collector.set_mode(Fault.slow(0.05))
+    emu = lambda_runtime("tracked")
+    warm = emu.invoke({"tag": "warm", "n": 1})
+    assert warm.ok, emu.log_tail()
+    collector.reset()
+    collector.set_mode(Fault.slow(0.05))
+    inv = emu.invoke({"tag": "many", "n": 250})
+    assert inv.ok, emu.log_tail()
+    assert_arrived_before(collector, "many", 250, inv)
+    assert collector.peak_in_flight >= 10, collector.peak_in_flight  # 13 batches, at once
+
+
+@requires_awslambdaric
+def test_the_latency_benchmark_runs_each_mode_on_the_runtime(collector):
+    """benchmarks/serverless_latency.py's runtime section (small run): each mode runs,
+    only after_response registers an extension, and every event was sent (it checks)."""
+    spec = importlib.util.spec_from_file_location(
+        "serverless_latency", Path(__file__).resolve().parent.parent / "benchmarks" / "serverless_latency.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {
+        mode: bench.runtime_latency(collector.url, mode, 5, 2, write_key=WRITE_KEY) for mode in bench.MODES
+    }
+    assert rows["none"]["extensions"] == rows["before"]["extensions"] == []
+    assert rows["after"]["extensions"] == ["klime"]
+    assert len(collector.message_ids()) == len(set(collector.message_ids())) == 2 * (2 + 3) * 5
+    for row in rows.values():
+        assert row["runs"] == 2 and row["latency_median_ms"] > 0 and row["post_median_ms"] >= 0

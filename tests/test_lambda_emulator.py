@@ -270,3 +270,187 @@ def test_stop_continues_frozen_runtime_before_sigterm(tmp_path):
     assert emu.returncode == 0, emu.log_tail()
     with open(term_file) as f:
         assert f.read() == "sigterm %d\n" % emu.pid
+
+
+# ---------------------------------------------------------------------------------------
+# The Extensions API
+
+
+def extension_log(path):
+    """[(eventType, requestId, monotonic time)] the test extension wrote."""
+    try:
+        with open(path) as f:
+            rows = [line.split() for line in f if line.strip()]
+    except OSError:
+        return []
+    return [(kind, rid, float(at)) for kind, rid, at in rows]
+
+
+def test_internal_extension_registers_during_init_and_gets_every_invoke(tmp_path):
+    log = str(tmp_path / "ext.log")
+    env = {"KLIME_TEST_EXTENSION": "probe", "KLIME_TEST_EXTENSION_LOG": log}
+    with emulator("extension_info", env=env) as emu:
+        assert emu.init_done_at is not None  # start() returned after Init: runtime + extension called next
+        (record,) = emu.extensions
+        assert (record.name, record.events, record.external) == ("probe", ("INVOKE",), False)
+        assert record.state == "waiting" and record.next_calls == 1
+
+        invs = []
+        for i in range(3):
+            inv = emu.invoke({"i": i}, deadline_ms=10_000)
+            assert inv.ok, emu.log_tail()
+            assert emu.wait_ended(inv)
+            invs.append(inv)
+        answer = invs[0].payload["extension"]
+        assert answer["status"] == 200 and answer["identifier"] == record.identifier
+        assert answer["body"]["functionName"] == "klime-test"
+        assert answer["body"]["handler"] == MOD + ".extension_info"
+        # one INVOKE per invocation, with the runtime's request id and deadline (epoch ms)
+        assert [e["requestId"] for e in record.received] == [inv.request_id for inv in invs]
+        for event, inv in zip(record.received, invs):
+            assert event["eventType"] == "INVOKE"
+            assert (
+                abs(event["deadlineMs"] / 1000.0 - time.time() - (inv.deadline_at - time.monotonic())) < 0.5
+            )
+            assert event["invokedFunctionArn"] == emu.function_arn
+        assert [rid for _, rid, _ in extension_log(log)] == [inv.request_id for inv in invs]
+
+
+def test_response_goes_out_at_once_and_the_freeze_waits_for_the_extension(tmp_path):
+    """The runtime answers at once; the extension works 0.4 s more after the response; the
+    invocation ends (and the sandbox freezes) only once the extension called next."""
+    log = str(tmp_path / "ext.log")
+    env = {
+        "KLIME_TEST_EXTENSION": "slowpoke",
+        "KLIME_TEST_EXTENSION_LOG": log,
+        "KLIME_TEST_EXTENSION_DELAY": "0.4",
+    }
+    with emulator("echo", env=env) as emu:
+        for i in range(2):
+            inv = emu.invoke({"i": i})
+            assert inv.ok, emu.log_tail()
+            assert inv.duration < 0.3, "the invoker does not wait for the extension"
+            assert inv.ended_at is None and not emu.frozen  # the extension is still at work
+            assert emu.wait_frozen(5.0)
+            assert inv.ended_at is not None and inv.ended_at - inv.invoked_at >= 0.4
+            assert inv.post_runtime >= 0.3  # the extension's 0.4 s started with the INVOKE event
+            assert emu.frozen_at >= inv.ended_at
+            (done,) = [at for _, rid, at in extension_log(log) if rid == inv.request_id]
+            assert inv.responded_at < done <= inv.ended_at
+        # the second invocation was handed out only after the first one ended
+        first, second = emu.invocations
+        assert second.invoked_at >= first.ended_at
+
+
+def test_a_queued_invoke_waits_for_the_extension_then_runs_without_a_freeze(tmp_path):
+    env = {"KLIME_TEST_EXTENSION": "slowpoke", "KLIME_TEST_EXTENSION_DELAY": "0.3"}
+    with emulator("echo", env=env) as emu:
+        first = emu.invoke({"i": 1})
+        second = emu.invoke({"i": 2})  # queued while the extension works on the first
+        assert first.ok and second.ok
+        assert second.invoked_at >= first.ended_at
+        assert emu.wait_frozen(5.0)
+        assert emu.freezes == 1  # no freeze between the two: an event was waiting
+
+
+def test_registration_after_init_is_refused(tmp_path):
+    with emulator("register_late") as emu:
+        inv = emu.invoke({"name": "late"})
+        assert inv.ok, emu.log_tail()
+        assert inv.payload["status"] == 403
+        assert "only during Init" in inv.payload["body"]["errorMessage"]
+        assert emu.extensions == []
+        assert emu.refused_registrations[0][:2] == ("late", 403)
+        # nothing waits for a refused extension: the sandbox freezes as usual
+        assert emu.wait_ended(inv) and emu.wait_frozen()
+
+
+def test_internal_extensions_cannot_register_for_shutdown():
+    env = {"KLIME_TEST_EXTENSION": "greedy", "KLIME_TEST_EXTENSION_EVENTS": "INVOKE,SHUTDOWN"}
+    with emulator("extension_info", env=env) as emu:
+        inv = emu.invoke({})
+        assert inv.payload["extension"]["status"] == 400
+        assert "SHUTDOWN" in inv.payload["extension"]["body"]["errorMessage"]
+        assert emu.extensions == []
+
+
+def test_extension_init_error_fails_init():
+    env = {"KLIME_TEST_EXTENSION": "broken", "KLIME_TEST_EXTENSION_FAIL": "init"}
+    emu = emulator("echo", env=env)
+    with pytest.raises(LambdaInitError, match="broken"):
+        emu.start(ready_timeout=20)
+    (record,) = emu.extensions
+    assert record.state == "failed" and record.error[:2] == ("init", "Extension.Test")
+    emu.stop()
+
+
+def test_extension_exit_error_resets_the_sandbox_after_the_invocation():
+    env = {"KLIME_TEST_EXTENSION": "quitter", "KLIME_TEST_EXTENSION_FAIL": "exit"}
+    with emulator("echo", env=env) as emu:
+        inv = emu.invoke({"i": 1})
+        assert inv.ok
+        assert emu.wait_ended(inv), "the failed extension is no longer waited for"
+        (record,) = emu.extensions
+        assert record.state == "failed" and record.error[:2] == ("exit", "Extension.Test")
+        assert wait_until(lambda: emu.returncode is not None, 5.0)
+        assert "exit error of extension quitter" in emu.reset_reason
+        with pytest.raises(RuntimeExitedError):
+            emu.invoke({"i": 2}, timeout=5)
+
+
+def test_the_deadline_covers_the_extension_too(tmp_path):
+    """An extension still busy at deadlineMs times the invocation out; Lambda resets the
+    sandbox (the response had already gone out)."""
+    env = {"KLIME_TEST_EXTENSION": "overtime", "KLIME_TEST_EXTENSION_DELAY": "5"}
+    with emulator("echo", env=env) as emu:
+        started = time.monotonic()
+        inv = emu.invoke({"i": 1}, deadline_ms=700)
+        assert inv.ok and inv.duration < 0.5
+        assert wait_until(lambda: inv.timed_out, 5.0)
+        assert time.monotonic() - started < 3.0
+        assert inv.ended_at is None
+        assert "timeout" in emu.reset_reason
+        assert wait_until(lambda: emu.returncode is not None, 5.0)
+
+
+def test_a_runtime_past_its_deadline_times_out():
+    with emulator("sleepy") as emu:
+        inv = emu.invoke({"s": 5}, deadline_ms=500, timeout=5)
+        assert not inv.ok and inv.timed_out
+        assert inv.error_type == "Sandbox.Timedout"
+        assert inv.duration < 2.0
+
+
+def test_external_extension_gets_invoke_and_shutdown(tmp_path):
+    log = tmp_path / "external.log"
+    script = os.path.join(HANDLERS_DIR, "lambda_external_extension.py")
+    emu = emulator("echo", external_extensions=[script], env={"KLIME_TEST_EXTERNAL_LOG": str(log)}).start()
+    try:
+        (record,) = emu.extensions
+        assert record.external and record.name == "lambda_external_extension.py"
+        assert record.events == ("INVOKE", "SHUTDOWN")
+        inv = emu.invoke({"x": 1})
+        assert inv.ok and emu.wait_ended(inv) and emu.wait_frozen()
+    finally:
+        emu.stop()
+    rows = [__import__("json").loads(line) for line in log.read_text().splitlines()]
+    assert [r["event"]["eventType"] for r in rows] == ["INVOKE", "SHUTDOWN"]
+    assert rows[0]["event"]["requestId"] == inv.request_id
+    assert rows[1]["event"]["shutdownReason"] == "spindown"
+    assert record.state == "gone"
+
+
+def test_provisioned_concurrency_freezes_after_init():
+    with emulator("echo", init_type="provisioned-concurrency") as emu:
+        assert emu.wait_frozen(5.0), "Init done, no invocation yet: frozen until the first one"
+        inv = emu.invoke({"x": 1})
+        assert inv.ok and inv.payload["echo"] == {"x": 1}
+        assert emu.wait_frozen(5.0) and emu.freezes == 2
+
+
+def test_snap_start_calls_restore_next_after_init():
+    with emulator("echo", init_type="snap-start") as emu:
+        assert emu.snapshot_at is not None and emu.snapshot_at <= emu.init_done_at
+        inv = emu.invoke({"x": 1})
+        assert inv.ok, emu.log_tail()
+        assert emu.restore_error is None

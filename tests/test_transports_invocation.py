@@ -88,24 +88,23 @@ def test_flush_sends_batches_concurrently_and_keeps_order_within_batches(make_cl
     client, transport = invocation_client(make_client, max_batch_size=10, max_concurrent_requests=4)
     transport.begin_invocation()
     collector.set_mode(Fault.slow(0.2))  # every request is held: batches must overlap
+    peaks = []
     for round_ in range(2):
         collector.reset()
+        collector.set_mode(Fault.slow(0.2))
         track(client, 80, tag=str(round_))
-        started = time.monotonic()
         result = client.flush(timeout=10)
-        took = time.monotonic() - started
+        peaks.append(collector.peak_in_flight)
 
         assert result.sent == 80 and result.ok
         requests = [r for r in collector.requests() if r.status == 200]
         assert len(requests) == 8 and all(len(r.json()["batch"]) == 10 for r in requests)
         batches = sorted([e["properties"]["i"] for e in r.json()["batch"]] for r in requests)
         assert batches == [list(range(k, k + 10)) for k in range(0, 80, 10)]
-        # One after the other would take 8 round trips (1.6 s). The first flush learns
-        # (one request, then two, three, four at once: 4 round trips); the next one starts
-        # at the learned limit: 8 batches, 4 at a time, 2 round trips.
-        assert took < (1.2 if round_ == 0 else 0.7), took
-    # Several connections at once, never more than max_concurrent_requests.
-    assert 2 <= collector.connection_count() <= 4
+    # The first flush learns (one request, then as many as the rest needs, up to the
+    # ceiling of 4); the next one knows round trips are slow and starts 4 at once.
+    assert peaks == [4, 4], peaks
+    assert collector.connection_count() <= 4  # never more than max_concurrent_requests
 
 
 def test_fast_requests_are_sent_one_after_the_other(make_client, collector, monkeypatch):

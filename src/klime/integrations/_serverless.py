@@ -15,17 +15,26 @@ One :class:`Invocation` per call of a decorated handler:
 
 None of these raises: a klime failure is logged and the handler's result or exception goes
 out unchanged. Standard library and klime only.
+
+``@klime_lambda(after_response=True)`` replaces step 2: the wrapper hands the invocation
+to klime's Lambda internal extension (``klime/integrations/lambda/_extension.py``), whose
+thread flushes it after the runtime has posted the response and before Lambda may freeze
+the sandbox; when that is impossible the wrapper flushes as above.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import importlib
 import inspect
 import math
 import numbers
+import os
+import sys
 import threading
 import time
+import types
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -57,6 +66,7 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 __all__ = [
+    "AfterResponse",
     "DEFAULT_DEADLINE_MARGIN_S",
     "DEFAULT_FLUSH_TIMEOUT_S",
     "Invocation",
@@ -80,17 +90,22 @@ Remaining = Callable[[Tuple[Any, ...], Dict[str, Any]], Optional[float]]
 class Options:
     """A decorator's options, checked once when the handler is decorated."""
 
-    __slots__ = ("client", "deadline_margin", "flush_timeout", "what")
+    __slots__ = ("after_response", "client", "deadline_margin", "flush_timeout", "what")
 
-    def __init__(self, what: str, client: Any, flush_timeout: Any, deadline_margin: Any) -> None:
+    def __init__(
+        self, what: str, client: Any, flush_timeout: Any, deadline_margin: Any, after_response: Any = False
+    ) -> None:
         from .._client import Client
 
         if client is not None and not isinstance(client, Client):
             raise ConfigurationError(f"{what}: client must be a klime.Client, not {type(client).__name__}")
+        if not isinstance(after_response, bool):
+            raise ConfigurationError(f"{what}: after_response must be True or False")
         self.what = what
         self.client: Optional[Client] = client
         self.flush_timeout = None if flush_timeout is None else _seconds(what, "flush_timeout", flush_timeout)
         self.deadline_margin = _seconds(what, "deadline_margin", deadline_margin)
+        self.after_response = after_response
 
 
 def _seconds(what: str, name: str, value: Any) -> float:
@@ -153,13 +168,17 @@ class Invocation:
             )
         return self
 
-    def flush(self) -> None:
+    def flush(self, until: Optional[float] = None) -> None:
         """After the handler: flush every client within the time left. Blocks (up to
-        ``flush_timeout`` and the invocation's deadline); never raises; any thread."""
+        ``flush_timeout`` and the invocation's deadline, and ``until``, a
+        ``time.monotonic()``, when given); never raises; any thread."""
         try:
             timeout = self.options.flush_timeout
-            if self._end_at is not None:
-                left = max(0.0, self._end_at - _monotonic())
+            end_at = self._end_at
+            if until is not None:
+                end_at = until if end_at is None else min(end_at, until)
+            if end_at is not None:
+                left = max(0.0, end_at - _monotonic())
                 timeout = left if timeout is None else min(timeout, left)
             deadline = Deadline.after(timeout)
             unsent = 0
@@ -305,16 +324,162 @@ class LambdaDecorator(Protocol):
     def __call__(self, handler: Callable[P, R]) -> Callable[P, R]: ...
 
 
-def _remaining_seconds(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[float]:
-    """From the Lambda context (the handler's second argument, or ``context=``)."""
+def _lambda_context(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """The Lambda context: the handler's second argument, or ``context=``."""
     context = kwargs.get("context")
     if context is None and len(args) >= 2:
         context = args[1]
-    method = getattr(context, "get_remaining_time_in_millis", None)
+    return context
+
+
+def _remaining_seconds(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[float]:
+    """From the Lambda context (the handler's second argument, or ``context=``)."""
+    method = getattr(_lambda_context(args, kwargs), "get_remaining_time_in_millis", None)
     if not callable(method):
         return None
     millis = method()
     return max(0.0, float(millis) / 1000.0)
+
+
+def _request_id(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
+    try:
+        request_id = getattr(_lambda_context(args, kwargs), "aws_request_id", None)
+    except Exception:
+        return None
+    return request_id if isinstance(request_id, str) and request_id else None
+
+
+# ---------------------------------------------------------------------- after the response
+
+
+class AfterResponse(Protocol):
+    """What the after-response wrapper needs of klime's Lambda extension
+    (``klime.integrations.lambda._extension.LambdaExtension``)."""
+
+    def begin(self, wrapper: Callable[..., Any], request_id: Optional[str]) -> bool: ...
+
+    def end(
+        self,
+        request_id: str,
+        invocation: Invocation,
+        wrapper_frame: Optional[types.FrameType],
+        wrapper: Callable[..., Any],
+    ) -> bool: ...
+
+
+def _extension_module() -> Any:
+    # ``lambda`` is a keyword: the module is reached through importlib.
+    return importlib.import_module("klime.integrations.lambda._extension")
+
+
+#: True while an after-response wrapper serves the current invocation in this context: a
+#: decorated function called inside it leaves its events to that wrapper's hand-over.
+_serving: contextvars.ContextVar[bool] = contextvars.ContextVar("klime_after_response", default=False)
+
+
+def _wrap_after_response(
+    handler: Callable[..., Any], options: Options, remaining: Remaining, extension: Optional[AfterResponse]
+) -> Callable[..., Any]:
+    """A Lambda wrapper that, when ``extension`` takes the invocation, returns without
+    flushing: klime's extension thread flushes after the runtime has posted the response.
+    Otherwise (no extension, not the function Lambda calls, not a real invocation, too
+    late for its round) it flushes before returning, as :func:`_wrap_sync` does."""
+    if not callable(handler):
+        raise ConfigurationError(f"{options.what} decorates a function, not {type(handler).__name__}")
+    is_async = inspect.iscoroutinefunction(handler)
+
+    def call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if is_async:
+            import asyncio
+
+            loop = _thread_loop()
+            asyncio.set_event_loop(loop)
+            return loop.run_until_complete(handler(*args, **kwargs))
+        return handler(*args, **kwargs)
+
+    @functools.wraps(handler)
+    def klime_wrapper(*args: Any, **kwargs: Any) -> Any:
+        if is_async:
+            _refuse_running_loop(options)
+        if _serving.get():  # inside a decorated invocation: its hand-over covers these events
+            inner = Invocation(options).begin(_remaining(remaining, args, kwargs))
+            try:
+                return call(args, kwargs)
+            finally:
+                inner.close()
+        request_id = _request_id(args, kwargs)
+        serving = extension is not None and extension.begin(klime_wrapper, request_id)
+        invocation = Invocation(options).begin(_remaining(remaining, args, kwargs))
+        token = _serving.set(True) if serving else None
+        try:
+            return call(args, kwargs)
+        finally:
+            if token is not None:
+                try:
+                    _serving.reset(token)
+                except ValueError:
+                    _serving.set(False)
+            handed = (
+                extension is not None
+                and serving
+                and request_id is not None
+                and extension.end(request_id, invocation, sys._getframe(), klime_wrapper)
+            )
+            if not handed:
+                invocation.flush()
+            invocation.close()
+
+    return klime_wrapper
+
+
+def _refuse_running_loop(options: Options) -> None:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise ConfigurationError(
+        f"{options.what} turned this async handler into a plain function for the "
+        "runtime; it cannot be called from a running event loop"
+    )
+
+
+def _after_response_extension(options: Options) -> Optional[AfterResponse]:
+    """klime's extension (registered now, during Init) or None (one warning says why)."""
+    try:
+        found: Optional[AfterResponse] = _extension_module().extension(margin=options.deadline_margin)
+        return found
+    except Exception:
+        log.exception(
+            "klime: could not set up the Lambda extension; events are sent before the handler returns"
+        )
+        return None
+
+
+def _flush_everything(timeout: Optional[float]) -> Tuple[int, int]:
+    """Flush the default client and every live client within ``timeout`` seconds; returns
+    (sent, still unsent). Blocks; never raises for one client's failure."""
+    deadline = Deadline.after(timeout)
+    sent = unsent = 0
+    for client in _clients(Options("@klime_lambda", None, None, 0.0)):
+        try:
+            result = client.flush(deadline.remaining())
+        except Exception:
+            log.exception("klime: flushing %r failed", client)
+            continue
+        sent += result.sent
+        unsent += result.unsent
+    return sent, unsent
+
+
+def _prepare_snapstart() -> None:
+    if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") != "snap-start":
+        return
+    try:
+        _extension_module().install_snapshot_flush(_flush_everything)
+    except Exception:
+        log.exception("klime: could not register the SnapStart before-snapshot flush")
 
 
 @overload
@@ -332,6 +497,7 @@ def klime_lambda(
     client: Optional[Client] = None,
     flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT_S,
     deadline_margin: float = DEFAULT_DEADLINE_MARGIN_S,
+    after_response: bool = False,
 ) -> LambdaDecorator: ...
 
 
@@ -341,9 +507,11 @@ def klime_lambda(
     client: Optional[Client] = None,
     flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT_S,
     deadline_margin: float = DEFAULT_DEADLINE_MARGIN_S,
+    after_response: bool = False,
 ) -> Any:
     """Decorate an AWS Lambda handler ``handler(event, context)`` so that the events it
-    records are sent before it returns — and before it raises.
+    records are sent before it returns — and before it raises — or, with
+    ``after_response=True``, right after the runtime has posted its result.
 
     Use it bare (``@klime_lambda``) or with options (``@klime_lambda(client=c)``):
 
@@ -355,18 +523,36 @@ def klime_lambda(
       but the invocation's own).
     - ``deadline_margin``: seconds kept back from ``context.get_remaining_time_in_millis()``
       for the runtime to post the result (default 0.25).
+    - ``after_response``: register klime as a Lambda internal extension (now: decorate at
+      import time, during Init) so that the invoker gets the result first and klime sends
+      in the window Lambda grants before it freezes the sandbox (billed as post-runtime
+      duration, bounded by ``flush_timeout`` and the deadline minus ``deadline_margin``).
+      Where that is impossible (not on Lambda, decorated after Init, the Extensions API
+      refused, the function Lambda calls is another one) it flushes before returning, and
+      one warning says why.
 
     The flush ends by ``min(flush_timeout, remaining time - deadline_margin)``; events not
     sent by then stay queued (``stats()["queued"]``) and go with the next invocation.
     The handler's return value and exception pass through unchanged; a klime failure is
     logged, never raised. An ``async def`` handler becomes a plain function (Lambda calls
     handlers synchronously) that runs the coroutine on an event loop kept across warm
-    invocations. The wrapper blocks while it flushes; it is thread-safe.
+    invocations. The wrapper blocks while it flushes (in after-response mode it does not
+    flush); it is thread-safe. Under SnapStart events recorded during Init are sent before
+    the snapshot, so that restored sandboxes do not send them again.
     """
-    options = Options("@klime_lambda", client, flush_timeout, deadline_margin)
+    options = Options("@klime_lambda", client, flush_timeout, deadline_margin, after_response)
 
     def decorate(fn: Callable[..., Any]) -> Any:
-        return wrap(fn, options, _remaining_seconds, async_to_sync=True)
+        _prepare_snapstart()
+        if not options.after_response:
+            return wrap(fn, options, _remaining_seconds, async_to_sync=True)
+        extension = _after_response_extension(options)
+        wrapper = _wrap_after_response(fn, options, _remaining_seconds, extension)
+        try:
+            _extension_module().remember_wrapper(wrapper)
+        except Exception:
+            log.exception("klime: could not note the after-response wrapper")
+        return wrapper
 
     if handler is None:
         return decorate

@@ -171,12 +171,15 @@ class HttpSender(Sender):
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
                     session.verify = True
-                    settings = session.merge_environment_settings(self.url, {}, None, None, None)
+                    settings: Dict[str, Any] = dict(
+                        session.merge_environment_settings(self.url, {}, None, None, None)
+                    )
                     session.trust_env = False  # read once above; not again per request
                     template = session.prepare_request(
                         requests.Request("POST", self.url, headers=self._headers)
                     )
-                    state = self._state = (session, template, settings)
+                    state = (session, template, settings)
+                    self._state = state
         return state
 
     def after_fork(self) -> None:

@@ -22,7 +22,10 @@ destination answers, attempt by attempt (the sender's :data:`~klime.senders.base
 :class:`Flights` holds, for one transport, the batches in the air and those deferred, and
 the threads that fly them (a bounded pool: started on demand, never more than the limit,
 helpers retired when idle). The background transport keeps its pool for the life of the
-process; the invocation transport's helpers end with each flush. Every method named
+process; the invocation transport's helpers end with each flush. An invocation's flush is
+a known set of batches under a deadline: its limit grows straight to what the set needs
+(``jump``), and a warm invocation whose round trips were slow sends them all at once
+(:meth:`AdaptiveLimit.open_to`) — about one round trip instead of learning again. Every method named
 ``*_locked`` needs the owner's lock, which :class:`Flights` shares.
 
 Imports: the standard library and the sender interface's outcome names only.
@@ -59,7 +62,9 @@ class AdaptiveLimit:
 
     __slots__ = (
         "ceiling",
+        "jump",
         "limit",
+        "_troubled",
         "round_trip",
         "_best",
         "_window_best",
@@ -68,9 +73,13 @@ class AdaptiveLimit:
         "_used_n",
     )
 
-    def __init__(self, ceiling: int) -> None:
+    def __init__(self, ceiling: int, *, jump: bool = False) -> None:
         self.ceiling = max(1, int(ceiling))
+        #: grow straight to what the backlog needs (a flush of a known set of batches
+        #: under a deadline) instead of at most doubling per accepted request
+        self.jump = jump
         self.limit = 1
+        self._troubled = False  # the last attempt was a transient failure
         #: a moving average of accepted round trips, seconds (None until the first)
         self.round_trip: Optional[float] = None
         self._best: Optional[float] = None  # best of the previous window
@@ -84,9 +93,11 @@ class AdaptiveLimit:
         or deferred); ``in_flight``: requests in the air now, this one included."""
         if outcome == ATTEMPT_TRANSIENT:
             self.limit = max(1, self.limit // 2)
+            self._troubled = True
             return
         if outcome != ATTEMPT_OK:
             return
+        self._troubled = False
         previous = self.round_trip
         self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         best = self.best()
@@ -99,7 +110,9 @@ class AdaptiveLimit:
             and (best is None or seconds <= LATENCY_GUARD * best)
         ):
             # toward what the backlog needs, at most doubling per accepted request
-            self.limit = min(self.ceiling, max(self.limit + 1, min(in_flight + backlog, 2 * self.limit)))
+            needed = in_flight + backlog
+            step = needed if self.jump else min(needed, 2 * self.limit)
+            self.limit = min(self.ceiling, max(self.limit + 1, step))
         self._validate(in_flight)
 
     def _validate(self, in_flight: int) -> None:
@@ -125,6 +138,13 @@ class AdaptiveLimit:
         """The recent best round trip, seconds (None until the first)."""
         candidates = [t for t in (self._best, self._window_best) if t is not None]
         return min(candidates) if candidates else None
+
+    def open_to(self, batches: int) -> None:
+        """A known set of ``batches`` is about to go (an invocation's flush): when round
+        trips have been slow and the last attempt did not fail, let them all go at once (up
+        to the ceiling) instead of learning again; else leave the limit as it is."""
+        if self.slow() and not self._troubled:
+            self.limit = max(self.limit, min(self.ceiling, batches))
 
     def slow(self) -> bool:
         """Have round trips been slow enough for concurrency to pay?"""
@@ -161,10 +181,10 @@ class Flights:
     ``lock`` is the owner's lock; ``work`` is a condition on it where idle threads wait.
     """
 
-    def __init__(self, lock: threading.Lock, *, ceiling: int, name: str) -> None:
+    def __init__(self, lock: threading.Lock, *, ceiling: int, name: str, jump: bool = False) -> None:
         self.lock = lock
         self.work = threading.Condition(lock)
-        self.limit = AdaptiveLimit(ceiling)
+        self.limit = AdaptiveLimit(ceiling, jump=jump)
         self.name = name
         self.flying: List[Batch] = []
         self.parked: Deque[Batch] = deque()
@@ -250,16 +270,14 @@ class Flights:
 
     # ------------------------------------------------------------ threads
 
-    def want_thread_locked(self, more_work: bool) -> bool:
-        """Should one more thread be started? When work is waiting that the limit allows,
-        nobody is idle to take it, and the pool is smaller than the limit."""
-        return (
-            more_work
-            and not self.no_threads
-            and self.idle == 0
-            and self.room_locked()
-            and len(self.threads) < self.limit.limit
-        )
+    def threads_wanted_locked(self, takeable: int) -> int:
+        """How many more threads to start so that ``takeable`` batches (waiting, and allowed
+        by the limit) can take off now: none while a thread is idle (it is woken instead)
+        or when threads cannot start; never beyond the limit."""
+        if self.no_threads or self.idle or takeable <= 0:
+            return 0
+        room = self.limit.limit - len(self.flying)
+        return max(0, min(takeable, room, self.limit.limit - len(self.threads)))
 
     def spawn(self, target: Callable[[], None]) -> Optional[threading.Thread]:
         """Start a helper thread (``<name>-<n>``) running ``target``; None when threads cannot

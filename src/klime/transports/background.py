@@ -260,8 +260,9 @@ class BackgroundTransport(Transport):
                 batch, more = self._next(primary, me)
                 if batch is None:
                     return
-                if more:
-                    self._flights.spawn(functools.partial(self._work, False))
+                for _ in range(more):
+                    if self._flights.spawn(functools.partial(self._work, False)) is None:
+                        break
                 self._fly(batch, self._worker_deadline)
         except BaseException:  # never expected; keep the books honest and say so
             with self._lock:
@@ -274,9 +275,9 @@ class BackgroundTransport(Transport):
             with self._lock:
                 self._flights.retire_locked(me)
 
-    def _next(self, primary: bool, me: Thread) -> tuple[Optional[Batch], bool]:
-        """Wait for a batch this thread may send: (batch, start another thread?), or
-        (None, False) when this thread should end."""
+    def _next(self, primary: bool, me: Thread) -> tuple[Optional[Batch], int]:
+        """Wait for a batch this thread may send: (batch, how many more threads to start),
+        or (None, 0) when this thread should end."""
         flights = self._flights
         idle_since: Optional[float] = None
         with self._lock:
@@ -288,26 +289,25 @@ class BackgroundTransport(Transport):
                 if self._stopping and (
                     self._worker_deadline.expired() or not (self._queue or flights.parked)
                 ):
-                    return None, False
+                    return None, 0
                 batch = self._take_locked()
                 if batch is not None:
-                    more = self._more_locked()
+                    more = self._takeable_locked()
                     if more and flights.idle:
                         flights.work.notify()  # another batch may go: an idle thread takes it
-                        more = False
-                    return batch, flights.want_thread_locked(more)
+                    return batch, flights.threads_wanted_locked(more)
                 if primary:
                     timeout = self._next_due - now
                     if self._stopping:
                         timeout = min(timeout, 0.05)
                 else:
                     if self._stopping or len(flights.threads) > flights.limit.limit:
-                        return None, False  # nothing to do, or more threads than the limit needs
+                        return None, 0  # nothing to do, or more threads than the limit needs
                     if idle_since is None:
                         idle_since = now
                     timeout = idle_since + IDLE_RETIRE_S - now
                     if timeout <= 0:
-                        return None, False
+                        return None, 0
                     timeout = min(timeout, self._next_due - now)
                 flights.idle += 1
                 try:
@@ -340,10 +340,13 @@ class BackgroundTransport(Transport):
         self._left += n
         return flights.board_locked(batch)
 
-    def _more_locked(self) -> bool:
-        """Is there work waiting that another thread could send now?"""
+    def _takeable_locked(self) -> int:
+        """How many more batches could take off now (deferred ones, full ones waiting),
+        within the limit."""
         flights = self._flights
-        return flights.room_locked() and (bool(flights.parked) or len(self._queue) >= self.max_batch_size)
+        room = flights.limit.limit - len(flights.flying)
+        waiting = len(flights.parked) + len(self._queue) // self.max_batch_size
+        return max(0, min(room, waiting))
 
     def _fly(self, batch: Batch, deadline: Deadline) -> None:
         """Send one batch (blocks); settle it; deferred events wait, first in line."""

@@ -142,7 +142,9 @@ class InvocationTransport(Transport):
         self._inflight = 0
         self._inline_failures = 0
         self._paused_until = 0.0
-        self._flights = Flights(self._lock, ceiling=self.max_concurrent_requests, name="klime-flush")
+        self._flights = Flights(
+            self._lock, ceiling=self.max_concurrent_requests, name="klime-flush", jump=True
+        )
         self._closed = closed
 
     def after_fork(self) -> None:
@@ -277,8 +279,8 @@ class InvocationTransport(Transport):
                 batch = flights.board_locked(waiting.popleft())
             return batch
 
-        def more_locked() -> bool:
-            return flights.room_locked() and bool(waiting or flights.parked)
+        def takeable_locked() -> int:
+            return max(0, min(flights.limit.limit - len(flights.flying), len(waiting) + len(flights.parked)))
 
         def land(batch: Batch, outcome: Outcome) -> bool:
             with lock:
@@ -323,6 +325,7 @@ class InvocationTransport(Transport):
         me = threading.current_thread()
         with lock:
             flights.threads.append(me)  # the caller's thread is one of the senders
+            flights.limit.open_to(len(waiting))
         try:
             while True:
                 with lock:
@@ -337,11 +340,12 @@ class InvocationTransport(Transport):
                         finally:
                             flights.idle -= 1
                         continue
-                    spawn = flights.want_thread_locked(more_locked())
-                if spawn:
+                    spawn = flights.threads_wanted_locked(takeable_locked())
+                for _ in range(spawn):
                     thread = flights.spawn(helper)
-                    if thread is not None:
-                        helpers.append(thread)
+                    if thread is None:
+                        break
+                    helpers.append(thread)
                 fly(batch)
         finally:
             for thread in helpers:

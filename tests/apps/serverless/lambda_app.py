@@ -2,7 +2,8 @@
 
 The clients are created at import, as users do, from the environment the test gives the
 runtime: KLIME_WRITE_KEY / KLIME_ENDPOINT (the collector), KLIME_TEST_RETRY_DELAY_MS,
-KLIME_TEST_MARGIN (the decorator's deadline_margin, seconds). No transport is named: inside
+KLIME_TEST_MARGIN (the decorator's deadline_margin, seconds), KLIME_TEST_INIT_EVENTS (events
+tracked at import, tag ``init``). No transport is named: inside
 Lambda (AWS_LAMBDA_FUNCTION_NAME is set) klime picks the invocation transport itself.
 
 An event is ``{"tag": str, "n": int, "raise": bool}``: the handler tracks ``n`` events whose
@@ -26,6 +27,9 @@ def _track(client, event):
     tag = event.get("tag", "")
     for i in range(int(event.get("n", 0))):
         client.track("Lambda Event", {"tag": tag, "i": i}, user_id=f"user-{i}")
+
+
+_track(CLIENT, {"tag": "init", "n": int(os.environ.get("KLIME_TEST_INIT_EVENTS", "0"))})
 
 
 def _describe(context):
