@@ -36,10 +36,11 @@ lint: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) benchmarks/run.py
 
-## Full-size soaks (100,000 events against a faulting collector; 60 s black hole) and a
-## scaled-up stateful run; each prints its figures.
+## Full-size soaks (100,000 events against a faulting collector; 60 s black hole; 4 gunicorn
+## workers with the spool through a minute-long outage) and a scaled-up stateful run.
 soak: $(VENV)/.dev
 	KLIME_SOAK_EVENTS=100000 KLIME_SOAK_SECONDS=60 $(PY) -m pytest -q -s -rA -m "slow or soak" tests/test_soak.py
+	KLIME_RUN_SOAK=1 $(PY) -m pytest -q -rA -m soak tests/test_transports_spooled.py
 	KLIME_STATEFUL_RANDOM=1 KLIME_STATEFUL_EXAMPLES=300 KLIME_STATEFUL_STEPS=50 $(PY) -m pytest -q -s tests/test_stateful.py
 
 ## The suite without boto3/moto installed: the AWS tests skip, everything else runs.

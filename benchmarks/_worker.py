@@ -87,6 +87,11 @@ def _make_client(spec: dict, errors: list) -> tuple:
     if sdk == "klime":
         import klime
 
+        if opts.get("spool") == "<fresh>":  # run.py's FRESH_SPOOL: a new directory per run
+            import tempfile
+
+            opts["spool"] = tempfile.mkdtemp(prefix="klime-bench-spool-")
+
         def on_error_k(error: object, events: list) -> None:
             errors[0] += len(events)
 

@@ -42,6 +42,8 @@ sys.path.insert(0, HERE)
 from _collector import CountingCollector  # noqa: E402
 
 WORKER = os.path.join(HERE, "_worker.py")
+#: The ``spool`` option a worker replaces with a new temporary directory.
+FRESH_SPOOL = "<fresh>"
 SDKS = ("klime", "segment", "posthog")
 DISTRIBUTIONS = {"klime": "klime", "segment": "segment-analytics-python", "posthog": "posthog"}
 
@@ -57,13 +59,32 @@ class Config:
     label: str
     options: Dict[str, Any]
     informational: bool = False
+    #: run klime from this ``src`` directory instead of this checkout's (a baseline)
+    src: Optional[str] = None
 
 
-def configs(n: int, sdks: Sequence[str], with_defaults: bool) -> List[Config]:
+#: The klime variants compared with ``klime`` (q=N) of the same run, and their bound on
+#: each caller-latency ratio (variant / klime).
+VARIANT_BOUND = 1.1
+
+
+def configs(
+    n: int,
+    sdks: Sequence[str],
+    with_defaults: bool,
+    *,
+    spool: bool = False,
+    baseline_src: Optional[str] = None,
+) -> List[Config]:
     """The configurations to run for ``n`` events."""
     out: List[Config] = []
     if "klime" in sdks:
-        out.append(Config("klime", "klime", f"klime q={n}", {"max_batch_size": 100, "max_queue_size": n}))
+        base = {"max_batch_size": 100, "max_queue_size": n}
+        out.append(Config("klime", "klime", f"klime q={n}", base))
+        if spool:  # the same, with the durable spool on (a fresh directory per run)
+            out.append(Config("klime-spool", "klime", f"klime q={n} spool", dict(base, spool=FRESH_SPOOL)))
+        if baseline_src:
+            out.append(Config("klime-base", "klime", f"klime@base q={n}", dict(base), src=baseline_src))
         if with_defaults:
             out.append(Config("klime-default", "klime", "klime defaults", {}, informational=True))
     if "segment" in sdks:
@@ -263,9 +284,28 @@ def summarize(
     result = targets()
     if "klime" in med:
         k = med["klime"]
+        for cfg in cfgs:
+            if cfg.sdk != "klime" or cfg.key in ("klime", "klime-default"):
+                continue
+            v = med.get(cfg.key, {})
+            for metric, label in (("p50_us", "caller p50"), ("p99_us", "caller p99")):
+                if cfg.src:  # a baseline: this checkout's klime must not be slower than it
+                    target = Target(f"klime {label}", metric, cfg.label, VARIANT_BOUND)
+                    num, den = k.get(metric), v.get(metric)
+                else:  # an option of this klime: not slower than without it
+                    target = Target(f"{cfg.label}: {label}", metric, "klime q=N", VARIANT_BOUND)
+                    num, den = v.get(metric), k.get(metric)
+                if num and den:
+                    target.value = num / den
+                    target.passed = target.value <= target.bound
+                result.append(target)
+    if "klime" in med:
+        k = med["klime"]
         seg = med.get("segment")
         peers = [med[c.key] for c in cfgs if c.sdk != "klime"]
         for t in result:
+            if t.ratio_to == "klime q=N" or t.ratio_to.startswith("klime@"):
+                continue  # a klime variant, done above
             if t.metric == "lost":
                 t.value = k.get("lost_max", float("nan"))
             elif t.ratio_to == "Segment":
@@ -363,6 +403,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--import-probes", type=int, default=5, help="extra import-only processes per SDK")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per worker process")
     parser.add_argument("--check", action="store_true", help="exit status 1 when a target FAILs")
+    parser.add_argument(
+        "--spool", action="store_true", help="also run klime q=N with the durable spool on"
+    )
+    parser.add_argument(
+        "--baseline-src",
+        metavar="PATH",
+        help="also run klime from another checkout's src directory (klime@base), e.g. a git worktree",
+    )
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeat < 1:
         parser.error("--events and --repeat must be at least 1")
@@ -377,8 +425,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sdks = [s for s in sdks if s not in missing]
 
     n = args.events
-    cfgs = configs(n, sdks, not args.no_defaults)
+    cfgs = configs(
+        n, sdks, not args.no_defaults, spool=args.spool, baseline_src=args.baseline_src
+    )
     env = child_env()
+
+    def env_of(cfg: Config) -> Dict[str, str]:
+        if not cfg.src:
+            return env
+        other = dict(env)
+        other["PYTHONPATH"] = os.path.abspath(cfg.src) + os.pathsep + env["PYTHONPATH"]
+        return other
+
     progress: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     load_before = os.getloadavg()
     if load_before[0] > 0.5 * (os.cpu_count() or 1):
@@ -399,12 +457,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for cfg in order:
                     run_id = f"r{rep}-{cfg.key}"
                     spec = {"events": n, "url": collector.url(run_id), "options": cfg.options}
-                    raw = run_worker("run", cfg.sdk, spec, workdir, args.timeout, env)
+                    raw = run_worker("run", cfg.sdk, spec, workdir, args.timeout, env_of(cfg))
                     arrived = collector.stats(run_id)
                     collector.forget(run_id)
                     sample = Sample(raw, arrived, derive(n, raw, arrived))
                     samples[cfg.key].append(sample)
-                    imports[cfg.sdk].append(raw["import_s"] * 1000.0)
+                    if not cfg.src:
+                        imports[cfg.sdk].append(raw["import_s"] * 1000.0)
                     m = sample.metrics
                     progress(
                         f"[{rep + 1}/{args.repeat}] {cfg.label:<18} p50 {m['p50_us']:7.1f} µs  "

@@ -126,3 +126,13 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Tests marked ``soak`` (minutes long) run only with KLIME_RUN_SOAK=1 (``make soak``)."""
+    if os.environ.get("KLIME_RUN_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="a soak: run with `make soak` (KLIME_RUN_SOAK=1)")
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(skip)

@@ -6,7 +6,9 @@ console script when it is installed) as real processes.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -21,6 +23,7 @@ import klime
 from conftest import WRITE_KEY, wait_until
 from klime.cli import main, parse_value
 from klime.devserver import Fault
+from klime.spool import inspect
 
 
 @pytest.fixture
@@ -318,3 +321,170 @@ def test_listen_port_in_use(listen, src_env):
         timeout=60,
     )
     assert busy.returncode == 1 and "cannot listen" in busy.stderr
+
+
+# --------------------------------------------------------------------------- klime spool
+
+
+def _spooled(directory: Path, count: int, *, keep_open: bool = False):
+    """``count`` track events spooled by an owner that is then gone (closed), or that stays
+    alive (``keep_open``: returned, the caller closes it). Returns (messageIds, live spool)."""
+    from klime._events import encode_track, message_id
+    from klime.spool import Spool
+
+    spool = Spool.open(directory)
+    events = [encode_track("Spooled", {"n": i}, f"user-{i}", None) for i in range(count)]
+    spool.append(events)
+    if keep_open:
+        return [message_id(e) for e in events], spool
+    spool.close()
+    return [message_id(e) for e in events], None
+
+
+def test_spool_shows_counts_bytes_age_and_owners(tmp_path, capsys):
+    directory = tmp_path / "spool"
+    _ids, live = _spooled(directory, 3, keep_open=True)
+    try:
+        _spooled(directory, 2)
+        assert main(["spool", str(directory)]) == 0
+    finally:
+        live.close()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{directory}: 5 events, ") and lines[0].endswith(" ago")
+    assert "owners: 1 alive, 1 dead" in out
+    assert f"alive  pid {os.getpid()} on " in out and "3 events" in out and "2 events" in out
+    assert "adopted by the app's next live process" in out
+
+
+def test_spool_json_and_empty(tmp_path, capsys):
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    assert main(["spool", str(directory)]) == 0
+    assert capsys.readouterr().out == f"{directory}: empty\n"
+    _spooled(directory, 4)
+    assert main(["spool", str(directory), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["count"] == 4 and stats["owners"][0]["alive"] is False and stats["owners"][0]["count"] == 4
+
+
+def test_spool_send_delivers_dead_owners_events_and_leaves_live_ones(env, collector, tmp_path, capsys):
+    directory = tmp_path / "spool"
+    dead_ids, _ = _spooled(directory, 150)
+    _live_ids, live = _spooled(directory, 7, keep_open=True)
+    try:
+        assert main(["spool", str(directory), "--send"]) == 0
+    finally:
+        live.close()
+    out = capsys.readouterr().out
+    assert "sent 150 events in 2 requests" in out
+    assert f"7 events belong to live processes (pid {os.getpid()}) and were left to them" in out
+    assert sorted(collector.message_ids()) == sorted(dead_ids)
+    assert inspect(directory).count == 7  # the live owner's, now dead too (closed)
+
+
+def test_spool_send_reports_and_deletes_permanent_rejections(env, collector, tmp_path, capsys):
+    directory = tmp_path / "spool"
+    ids, _ = _spooled(directory, 5)
+    collector.respond(Fault.partial(1, 3))
+    assert main(["spool", str(directory), "--send"]) == 1
+    out = capsys.readouterr().out
+    assert "sent 3 events in 1 request" in out and "rejected 2 events (deleted from the spool):" in out
+    assert f'  {ids[1]}  track "Spooled"  (HTTP 200: ' in out and ids[3] in out
+    assert sorted(collector.message_ids()) == sorted(ids[i] for i in (0, 2, 4))
+    _spooled(directory, 2)
+    collector.respond(Fault.status_code(400))
+    assert main(["--json", "spool", str(directory), "--send"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["sent"], len(report["rejected"]), report["left"]) == (0, 2, 0)
+    assert report["rejected"][0]["status_code"] == 400
+    assert inspect(directory).count == 0
+
+
+def test_spool_send_keeps_events_on_a_transient_failure(env, collector, tmp_path, capsys):
+    directory = tmp_path / "spool"
+    ids, _ = _spooled(directory, 30)
+    collector.set_mode(Fault.status_code(503))
+    assert main(["spool", str(directory), "--send", "--timeout", "0.5"]) == 1
+    out = capsys.readouterr().out
+    assert "sent 0 events" in out and "left 30 events in the spool: " in out and "503" in out
+    stats = inspect(directory)
+    assert stats.count == 30 and stats.owners[0].alive is False
+    collector.set_mode(None)
+    assert main(["spool", str(directory), "--send"]) == 0
+    assert sorted(set(collector.message_ids())) == sorted(ids)
+
+
+def test_spool_send_with_a_refused_write_key_deletes_nothing(monkeypatch, collector, tmp_path, capsys):
+    monkeypatch.setenv("KLIME_ENDPOINT", collector.url)
+    directory = tmp_path / "spool"
+    _spooled(directory, 3)
+    secret = "not-the-right-write-key"
+    assert main(["spool", str(directory), "--send", "--write-key", secret]) == 1
+    captured = capsys.readouterr()
+    assert "left 3 events in the spool: " in captured.out and "check the write key" in captured.out
+    assert secret not in captured.out + captured.err
+    assert inspect(directory).count == 3
+
+
+def test_spool_send_needs_a_write_key(collector, tmp_path, capsys):
+    directory = tmp_path / "spool"
+    _spooled(directory, 1)
+    assert main(["spool", str(directory), "--send", "--endpoint", collector.url]) == 2
+    assert "KLIME_WRITE_KEY" in capsys.readouterr().err
+    assert collector.requests() == []
+
+
+def test_spool_clear_needs_yes(tmp_path, capsys):
+    directory = tmp_path / "spool"
+    _spooled(directory, 4)
+    assert main(["spool", str(directory), "--clear"]) == 2
+    assert "--clear deletes 4 events" in capsys.readouterr().err
+    assert main(["spool", str(directory), "--yes"]) == 2
+    assert main(["spool", str(directory), "--clear", "--yes"]) == 0
+    assert capsys.readouterr().out.startswith("cleared 4 events (")
+    assert inspect(directory).count == 0
+
+
+def test_spool_missing_or_broken_directory(tmp_path, capsys):
+    assert main(["spool", str(tmp_path / "nowhere")]) == 2
+    assert "no spool directory at" in capsys.readouterr().err
+    directory = tmp_path / "broken"
+    directory.mkdir()
+    (directory / "spool.sqlite3").write_bytes(b"not a database" * 100)
+    assert main(["spool", str(directory)]) == 1
+    assert "corrupt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["spool", str(directory), "--send", "--clear"])
+    assert info.value.code == 2
+
+
+def test_spool_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["spool", "--help"])
+    out = capsys.readouterr().out
+    for word in ("DIR", "--send", "--clear", "--yes", "--write-key", "--endpoint", "--json"):
+        assert word in out
+
+
+def test_spool_as_a_process(collector, src_env, tmp_path):
+    directory = tmp_path / "spool"
+    ids, _ = _spooled(directory, 12)
+    env = dict(src_env, KLIME_WRITE_KEY=WRITE_KEY, KLIME_ENDPOINT=collector.url)
+    shown = subprocess.run(
+        [sys.executable, "-m", "klime.cli", "spool", str(directory)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and "12 events" in shown.stdout and "0 alive, 1 dead" in shown.stdout
+    sent = subprocess.run(
+        [sys.executable, "-m", "klime.cli", "spool", str(directory), "--send"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (sent.returncode, sent.stderr) == (0, "") and "sent 12 events in 1 request" in sent.stdout
+    assert sorted(collector.message_ids()) == sorted(ids)

@@ -30,6 +30,7 @@ from .transports import (
     BlockingTransport,
     InvocationTransport,
     MemoryTransport,
+    SpoolTransport,
     Transport,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "BlockingTransport",
     "InvocationTransport",
     "MemoryTransport",
+    "SpoolTransport",
     "Sender",
     "SendResult",
     "client",

@@ -53,6 +53,24 @@ def _integer(name: str, value: Any, default: int, *, minimum: int) -> int:
     return int(value)
 
 
+def _spool_options(directory: Any, max_bytes: Any, retry_initial_delay_ms: float) -> Optional[Dict[str, Any]]:
+    """The spool transport's options from the Client's, checked; None without a spool."""
+    if directory is None:
+        if max_bytes is not None:
+            raise ConfigurationError("spool_max_bytes needs spool=DIRECTORY")
+        return None
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise ConfigurationError("spool must be a directory path")
+    cap = _integer(
+        "spool_max_bytes", max_bytes, _config.DEFAULT_SPOOL_MAX_BYTES, minimum=_config.MIN_SPOOL_BYTES
+    )
+    return {
+        "directory": os.fspath(directory),
+        "max_bytes": cap,
+        "retry_initial_delay": retry_initial_delay_ms / 1000.0,
+    }
+
+
 def _callback(name: str, value: Any) -> Any:
     if value is not None and not callable(value):
         raise ConfigurationError(f"{name} must be callable or None, not {type(value).__name__}")
@@ -87,6 +105,8 @@ class Client(AsyncClientMixin):
         exit_timeout: Optional[float] = None,
         allow_insecure_endpoint: bool = False,
         max_concurrent_requests: Optional[int] = None,
+        spool: Union[str, os.PathLike[str], None] = None,
+        spool_max_bytes: Optional[int] = None,
     ) -> None:
         if write_key is None:
             write_key = _config.env(_config.ENV_WRITE_KEY)
@@ -136,6 +156,7 @@ class Client(AsyncClientMixin):
                 f"max_concurrent_requests must be at most {_config.MAX_CONCURRENT_REQUESTS}, "
                 f"got {self.max_concurrent_requests}"
             )
+        spool_options = _spool_options(spool, spool_max_bytes, self.retry_initial_delay)
         self.exit_timeout = _number("exit_timeout", exit_timeout, _config.DEFAULT_EXIT_TIMEOUT_S, minimum=0)
         self.on_error = _callback("on_error", on_error)
         self.on_success = _callback("on_success", on_success)
@@ -159,6 +180,7 @@ class Client(AsyncClientMixin):
             max_batch_size=self.max_batch_size,
             max_queue_size=self.max_queue_size,
             max_concurrent_requests=self.max_concurrent_requests,
+            spool=spool_options,
         )
         self._transport.attach(self._delivery)
         self._sync = make_sync_transport(self._transport)
@@ -357,8 +379,10 @@ class Client(AsyncClientMixin):
     # ------------------------------------------------------------------ accounting
 
     def stats(self) -> Dict[str, int]:
-        """Counters of this process: ``tracked == sent + failed + dropped + queued`` holds
-        whenever nothing is moving. Thread-safe, non-blocking."""
+        """Counters of this process: ``tracked + adopted == sent + failed + dropped +
+        queued`` holds whenever nothing is moving (``adopted``: events taken over from the
+        spool of processes that are gone; ``spooled``: this process's events on disk, part
+        of ``queued``; both 0 without a spool). Thread-safe, non-blocking."""
         self._check_fork()
         main = self._transport.counts()
         sync = self._sync.counts() if self._sync is not self._transport else {"accepted": 0, "pending": 0}
@@ -369,6 +393,8 @@ class Client(AsyncClientMixin):
             "failed": books["failed"],
             "dropped": books["dropped"] + main.get("dropped", 0),
             "queued": main["pending"] + sync["pending"],
+            "spooled": main.get("spooled", 0),
+            "adopted": main.get("adopted", 0),
             "retries": books["retries"],
             "requests": books["requests"],
         }

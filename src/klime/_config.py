@@ -20,6 +20,10 @@ DEFAULT_EXIT_TIMEOUT_S = 2.0
 #: Requests in flight at once at most (under a backlog, with slow round trips; one at a
 #: time otherwise). Also the size of the HTTP sender's keep-alive connection pool.
 DEFAULT_MAX_CONCURRENT_REQUESTS = 32
+#: The durable spool's byte cap (all processes together), and the least accepted (above
+#: the largest event, so that an event always fits).
+DEFAULT_SPOOL_MAX_BYTES = 100 * 1024 * 1024
+MIN_SPOOL_BYTES = 1024 * 1024
 #: Largest value accepted for max_concurrent_requests.
 MAX_CONCURRENT_REQUESTS = 128
 

@@ -51,8 +51,10 @@ class Outcome:
     errors: Optional[List[SendError]] = None
     #: the most attempts any deferred event has had (earlier calls included)
     attempts: int = 0
-    #: why the last deferred batch's last attempt failed
+    #: why the last batch handed back (deferred, cut off, exhausted) last failed
     last_error: Optional[SendError] = None
+    #: events came back because their retries ran out (``keep_transient``)
+    exhausted: bool = False
 
 
 class _Books:
@@ -118,6 +120,7 @@ class Delivery:
         keep_unsent: bool = False,
         feedback: Optional[Feedback] = None,
         attempts_made: int = 0,
+        keep_transient: bool = False,
     ) -> Outcome:
         """Deliver ``events`` (any number), in order, within ``deadline``.
 
@@ -134,7 +137,10 @@ class Delivery:
         with ``keep_unsent``, when the deadline kept them from being delivered (not started,
         or cut off while retrying a transient failure). ``feedback`` and ``attempts_made``
         go to :meth:`Sender.send_attempts`; ``Outcome.attempts`` is then the most attempts
-        any deferred event has had.
+        any deferred event has had. With ``keep_transient`` (a durable spool keeps them),
+        events whose retries ran out on a transient failure come back too, not counted as
+        failed nor reported (``Outcome.exhausted`` is then True); permanent rejections are
+        counted and reported as always.
         """
         outcome = Outcome(responses=[], errors=[], unsent=[])
         failed_events: List[tuple[SendError, List[bytes]]] = []
@@ -166,13 +172,22 @@ class Delivery:
             if result.error is None:
                 outcome.sent += len(batch)
                 continue
-            if result.deferred or (keep_unsent and result.deadline_reached):
+            exhausted = (
+                keep_transient
+                and result.response is None
+                and result.error.retryable
+                and not result.too_large
+                and not result.deferred
+            )
+            if result.deferred or exhausted or ((keep_unsent or keep_transient) and result.deadline_reached):
                 kept = set(result.failed)
                 outcome.unsent.extend(batch[i] for i in sorted(kept))  # type: ignore[union-attr]
                 outcome.sent += len(batch) - len(kept)
                 if result.deferred:
                     outcome.attempts = max(outcome.attempts, attempts_made + result.requests)
-                    outcome.last_error = result.error
+                if exhausted and not result.deadline_reached:
+                    outcome.exhausted = True
+                outcome.last_error = result.error
                 continue
             failed_set = set(result.failed)
             outcome.sent += len(batch) - len(failed_set)

@@ -5,7 +5,8 @@
     KlimeError
     ├── ConfigurationError   bad or missing option (raised by the constructor)
     ├── ValidationError      bad input to track/identify/group (raised at the call; nothing queued)
-    └── SendError            a batch could not be delivered (raised by *_sync; given to on_error)
+    ├── SendError            a batch could not be delivered (raised by *_sync; given to on_error)
+    └── SpoolUnavailable     the durable spool cannot be used now (corrupt, unwritable, full, locked)
 
 No message, repr or attribute of these exceptions ever contains the write key.
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._models import BatchResponse
 
-__all__ = ["KlimeError", "ConfigurationError", "ValidationError", "SendError"]
+__all__ = ["KlimeError", "ConfigurationError", "ValidationError", "SendError", "SpoolUnavailable"]
 
 #: Response bodies quoted in errors are cut to this many characters.
 MAX_QUOTED_BODY = 500
@@ -88,6 +89,44 @@ def _rebuild_send_error(
     retryable: bool,
 ) -> SendError:
     return SendError(message, status_code, events, response, retryable=retryable)
+
+
+class SpoolUnavailable(KlimeError):
+    """The durable spool (:mod:`klime.spool`) cannot be used for this operation.
+
+    Raised by every spool operation instead of an ``sqlite3``/``OSError``; the caller degrades
+    to memory. ``reason`` is one of ``"corrupt"`` (the database was damaged; it has been moved
+    aside and a fresh one started when ``recovered`` is True), ``"unwritable"`` (permissions, a
+    read-only file system, not a directory), ``"full"`` (no space left), ``"locked"`` (another
+    process held the database past the busy timeout), ``"version"`` (written by a newer klime),
+    ``"closed"``, ``"unsupported"`` (no ``fcntl`` on this platform) or ``"error"``. ``path``
+    is the spool directory. Transient reasons (``locked``, ``full``) may clear up by
+    themselves; the spool object stays usable.
+    """
+
+    def __init__(
+        self, message: str, reason: str = "error", path: str | None = None, *, recovered: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.path = path
+        self.recovered = recovered
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"SpoolUnavailable({self.message!r}, reason={self.reason!r})"
+
+    def __reduce__(self) -> Any:  # picklable across multiprocessing
+        return (_rebuild_spool_unavailable, (self.message, self.reason, self.path, self.recovered))
+
+
+def _rebuild_spool_unavailable(
+    message: str, reason: str, path: str | None, recovered: bool
+) -> SpoolUnavailable:
+    return SpoolUnavailable(message, reason, path, recovered=recovered)
 
 
 def quote_body(body: bytes | str | None) -> str:

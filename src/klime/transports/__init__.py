@@ -1,7 +1,8 @@
 """Transports decide WHEN events go. See :class:`~klime.transports.base.Transport`.
 
 ============  =====================================================================
-background    queue + one daemon thread; the default outside serverless
+background    queue + sender threads; the default outside serverless
+spool         background, with a durable queue on disk (``Client(spool=DIR)``)
 blocking      send on the caller's thread, now; behind the ``*_sync`` methods
 invocation    buffer, no thread; flushed before a serverless handler returns
 memory        keep events in a list, send nothing; for tests
@@ -18,6 +19,7 @@ from .base import Transport
 from .blocking import BlockingTransport
 from .invocation import InvocationTransport
 from .memory import MemoryTransport
+from .spooled import SpoolTransport
 
 __all__ = [
     "Transport",
@@ -25,6 +27,7 @@ __all__ = [
     "BlockingTransport",
     "InvocationTransport",
     "MemoryTransport",
+    "SpoolTransport",
     "make_transport",
     "make_sync_transport",
     "set_transport_override",
@@ -79,14 +82,36 @@ def make_sync_transport(main: Transport) -> Transport:
     return own if own is not None else BlockingTransport()
 
 
-def make_transport(spec: Union[str, Transport, None], **options: Any) -> Transport:
-    """A transport from a name (or None: chosen from the environment) or an instance."""
+def make_transport(
+    spec: Union[str, Transport, None],
+    *,
+    spool: Optional[Dict[str, Any]] = None,
+    **options: Any,
+) -> Transport:
+    """A transport from a name (or None: chosen from the environment) or an instance.
+
+    ``spool``: the spool transport's own options (``directory``, ``max_bytes``,
+    ``retry_initial_delay``): the background transport then keeps its queue on disk."""
     if _override is not None:
         return _override()
+    if spool is not None:
+        if isinstance(spec, Transport) or spec not in (None, "background", "spool"):
+            raise ConfigurationError(
+                "spool= works with the background transport (the default outside serverless), "
+                f"not with transport={spec!r}"
+            )
+        if spec is None and default_transport_name() != "background":
+            raise ConfigurationError(
+                "spool= is for long-running processes; on AWS Lambda and Cloud Functions the "
+                "invocation transport sends everything before the handler returns"
+            )
+        return SpoolTransport(**spool, **options)
     if isinstance(spec, Transport):
         return spec
     if spec is None:
         spec = default_transport_name()
+    if spec == "spool":
+        raise ConfigurationError('transport="spool" needs spool=DIRECTORY')
     if isinstance(spec, str) and spec in REGISTRY:
         return REGISTRY[spec](**options)
     names = ", ".join(sorted(REGISTRY))

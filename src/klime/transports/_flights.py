@@ -163,9 +163,10 @@ class Batch:
     """Events that leave the queue together. ``start`` is the sequence number of the first
     (the owner's book-keeping); ``attempts`` counts the attempts made in earlier, deferred
     flights; ``taken`` is set once its outcome is settled (by its flight, or by a shutdown
-    that gave up on it); ``error`` says why its last attempt failed, when deferred."""
+    that gave up on it); ``error`` says why its last attempt failed, when deferred;
+    ``ref`` is the owner's own (the spool transport keeps the batch's claimed rows there)."""
 
-    __slots__ = ("start", "events", "attempts", "taken", "error")
+    __slots__ = ("start", "events", "attempts", "taken", "error", "ref")
 
     def __init__(self, start: int, events: List[bytes], attempts: int = 0, error: object = None) -> None:
         self.start = start
@@ -173,6 +174,8 @@ class Batch:
         self.attempts = attempts
         self.taken = False
         self.error = error
+        #: what the owner keeps with the batch (the spool transport: its claimed rows)
+        self.ref: object = None
 
 
 class Flights:
@@ -239,8 +242,9 @@ class Flights:
         return abandoned, parked
 
     def held_locked(self) -> int:
-        """Events in the air or deferred."""
-        return sum(len(b.events) for b in self.flying) + sum(len(b.events) for b in self.parked)
+        """Events in the air or deferred (those of batches with a ``ref`` are held elsewhere
+        too, on disk, and not counted here)."""
+        return sum(len(b.events) for b in (*self.flying, *self.parked) if b.ref is None)
 
     def settled_locked(self, target: int) -> bool:
         """Are all batches holding events with sequence number < ``target`` settled?"""

@@ -176,11 +176,7 @@ class BackgroundTransport(Transport):
             size = len(queue)
             thread = self._thread
             if size % self.max_batch_size == 0:
-                flights = self._flights
-                if flights.idle and not flights.flying:
-                    # a full batch and nobody in the air who would come back for it (while
-                    # requests are in the air, the sender threads wake each other)
-                    flights.work.notify()
+                self._full_batch_locked()
         if thread is None:
             thread = self._start()
         if thread is _NO_THREAD:
@@ -191,6 +187,14 @@ class BackgroundTransport(Transport):
         elif overflow:
             self._report_soon()
         return True
+
+    def _full_batch_locked(self) -> None:
+        """A full batch waits in the queue (the caller's thread, holding the lock)."""
+        flights = self._flights
+        if flights.idle and not flights.flying:
+            # nobody in the air who would come back for it (while requests are in the air,
+            # the sender threads wake each other)
+            flights.work.notify()
 
     def _keep_dropped(self) -> bool:
         """Keep a dropped event for ``on_error``? Not when nobody would receive it."""
@@ -283,9 +287,8 @@ class BackgroundTransport(Transport):
         with self._lock:
             while True:
                 now = _monotonic()
-                if now >= self._next_due:  # the flush interval: partial batches may go
-                    self._release_to = max(self._release_to, self._accepted)
-                    self._next_due = now + self.flush_interval
+                if now >= self._next_due:
+                    self._tick_locked(now)
                 if self._stopping and (
                     self._worker_deadline.expired() or not (self._queue or flights.parked)
                 ):
@@ -311,9 +314,18 @@ class BackgroundTransport(Transport):
                     timeout = min(timeout, self._next_due - now)
                 flights.idle += 1
                 try:
-                    flights.work.wait(max(0.0, timeout))
+                    flights.work.wait(max(0.0, min(timeout, self._wake_in_locked())))
                 finally:
                     flights.idle -= 1
+
+    def _tick_locked(self, now: float) -> None:
+        """The flush interval came: partial batches may go."""
+        self._release_to = max(self._release_to, self._accepted)
+        self._next_due = now + self.flush_interval
+
+    def _wake_in_locked(self) -> float:
+        """Seconds until something becomes due that no event will announce (none here)."""
+        return 3600.0
 
     def _take_locked(self) -> Optional[Batch]:
         """The next batch that may take off now, already counted as in the air; deferred
@@ -536,10 +548,14 @@ class BackgroundTransport(Transport):
             else:
                 leftovers, parked = [], []
         before = self._snapshot()
-        lost_before = before["failed"] + before["dropped"]
         self._worker_deadline.tighten(deadline.at if flush else _monotonic())
         if flush:
             self._wait_settled(deadline, help=True)
+        self._stop_threads(deadline)
+        return self._finish_shutdown(deadline, before, flush, leftovers, parked)
+
+    def _stop_threads(self, deadline: Deadline) -> None:
+        """Tell every thread of ours to stop; wait for them until the deadline."""
         with self._lock:
             self._stopping = True
             self._release_to = sys.maxsize
@@ -549,6 +565,17 @@ class BackgroundTransport(Transport):
         for thread in self._flights.alive():
             if thread is not current:
                 thread.join(deadline.remaining())
+
+    def _finish_shutdown(
+        self,
+        deadline: Deadline,
+        before: Dict[str, int],
+        flush: bool,
+        leftovers: List[bytes],
+        parked: List[Batch],
+    ) -> FlushResult:
+        """Report what is left (queued, in the air, deferred) and sum up the shutdown."""
+        lost_before = before["failed"] + before["dropped"]
         with self._lock:
             leftovers += list(self._queue)
             self._left += len(self._queue)

@@ -7,7 +7,9 @@ produced with what reached the collector.
 
 Environment: ``KLIME_ENDPOINT``, ``KLIME_WRITE_KEY``, ``KLIME_TEST_LEDGER`` (required);
 ``KLIME_TEST_IMPORT_EVENTS`` (events at import, default 3); ``KLIME_TEST_MIDDLEWARE=1`` wraps
-the app in klime's WSGI middleware; ``KLIME_TEST_FLUSH_INTERVAL`` (ms, default 2000).
+the app in klime's WSGI middleware; ``KLIME_TEST_FLUSH_INTERVAL`` (ms, default 2000);
+``KLIME_TEST_RETRY_DELAY`` (ms, default 10) and ``KLIME_TEST_RETRY_ATTEMPTS`` (default 5);
+``KLIME_TEST_SPOOL`` (a directory: the durable spool).
 
 Routes: ``GET /track?n=K`` tracks K events and answers ``{"pid": ..., "tags": [...]}``;
 ``GET /info`` answers the pid, the klime thread state and the client's stats.
@@ -71,8 +73,10 @@ def on_error(error: klime.SendError, events: List[Dict[str, Any]]) -> None:
 
 client = klime.Client(
     flush_interval=float(os.environ.get("KLIME_TEST_FLUSH_INTERVAL", "2000")),
-    retry_initial_delay=10,
+    retry_initial_delay=float(os.environ.get("KLIME_TEST_RETRY_DELAY", "10")),
+    retry_max_attempts=int(os.environ.get("KLIME_TEST_RETRY_ATTEMPTS", "5")),
     on_error=on_error,
+    spool=os.environ.get("KLIME_TEST_SPOOL") or None,
 )
 
 

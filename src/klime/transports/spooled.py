@@ -1,0 +1,486 @@
+"""The spool transport: the background transport with a durable queue on disk (opt-in).
+
+``Client(spool="/var/lib/myapp/klime")`` selects it. ``track`` is exactly the background
+transport's (an append to an in-memory deque, microseconds, no I/O). A thread of klime's,
+``klime-spooler``, writes what the deque holds to the spool (:mod:`klime.spool`, SQLite in
+WAL mode, shared by every process of the app) at most :data:`SPOOL_WRITE_S` after it was
+tracked, and at once when a quarter of ``max_queue_size`` waits; it also adopts the rows of processes that are
+gone (every :data:`ADOPT_S`) and gives freed pages back to the file system. The sender
+threads (the background transport's pool, with its adaptive in-flight limit) claim batches
+from the spool, send them, and settle them there:
+
+- accepted: deleted (``ack``); permanently refused (400, 401, ...): deleted and reported to
+  ``on_error`` as always;
+- retries ran out, or the server could not take them (an outage): *released*, due again
+  after a capped backoff (:data:`MAX_SPOOL_BACKOFF_S`): never reported as failed, never lost;
+- a batch still in the air at shutdown: released, for this process's successor.
+
+What a hard crash (SIGKILL, OOM, power) can lose: the events tracked in the last
+:data:`SPOOL_WRITE_S` that were still in memory (power: also the last transactions SQLite had
+not synced, with ``synchronous=NORMAL``). A batch in the air when its process died is sent
+again by the adopter: the same bytes, the same ``messageId``s.
+
+Counting: every event this process tracked is sent, failed, dropped or queued, and queued
+includes ``spooled`` (this process's rows on disk, in flight or waiting); events adopted from
+dead processes are counted in ``adopted``: ``tracked + adopted == sent + failed + dropped +
+queued``. A process only ever drops its own spooled events (the byte cap makes room from the
+appender's oldest rows), so each process's books are exact.
+
+When the spool cannot be used (unwritable directory, full disk, an error SQLite cannot
+recover from) this process falls back to the memory queue with one warning: the background
+transport's behaviour exactly; rows already on disk wait there for a successor.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import os
+import threading
+import time
+from threading import Thread
+from typing import Any, Dict, List, Optional
+
+from .._config import MAX_REQUEST_BYTES, MAX_RETRY_AFTER_S
+from .._deadline import Deadline
+from .._delivery import Outcome
+from .._logging import log
+from .._models import FlushResult
+from ..errors import SpoolUnavailable
+from ._flights import Batch
+from .background import BackgroundTransport
+
+__all__ = ["SpoolTransport", "SPOOL_WRITE_S", "ADOPT_S", "MAX_SPOOL_BACKOFF_S"]
+
+#: Events are on disk at most this long after ``track`` (or sooner: a full batch), seconds.
+SPOOL_WRITE_S = 0.2
+#: How often the spooler looks for rows of processes that are gone, seconds.
+ADOPT_S = 5.0
+#: Longest wait before a released batch is tried again, seconds.
+MAX_SPOOL_BACKOFF_S = MAX_RETRY_AFTER_S
+
+#: The loss episode of a full spool (see klime._logging).
+EPISODE_SPOOL_FULL = "loss-spool-full"
+
+_CLAIM = object()  # marks a batch to be filled from the spool by the thread that flies it
+_wall = time.time
+_monotonic = time.monotonic
+
+
+class SpoolTransport(BackgroundTransport):
+    """The background transport, with a durable spool in ``directory`` (see the module).
+
+    Args:
+        directory: the spool's directory (created with mode 0o700); every process of the
+            app may share it.
+        max_bytes: cap on the spool's event bytes (all processes together); beyond it each
+            appender drops its own oldest spooled events (counted, reported, one warning
+            per episode).
+        retry_initial_delay: seconds before a released batch's first retry; doubles per
+            failed round, capped at :data:`MAX_SPOOL_BACKOFF_S`.
+        others: as :class:`~klime.transports.background.BackgroundTransport`.
+
+    ``submit`` is the background transport's (thread-safe, microseconds, no I/O); ``flush``
+    blocks until everything tracked before it is on disk and what was due is sent or
+    released for a later retry; ``shutdown`` leaves what it could not send on disk.
+    """
+
+    name = "spool"
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_bytes: Optional[int] = None,
+        retry_initial_delay: float = 1.0,
+        **options: Any,
+    ) -> None:
+        from ..spool import DEFAULT_MAX_BYTES
+
+        self.directory = os.fspath(directory)
+        self.spool_max_bytes = int(max_bytes) if max_bytes is not None else DEFAULT_MAX_BYTES
+        self.retry_initial_delay = max(0.0, float(retry_initial_delay))
+        super().__init__(**options)
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._disk: Any = None  # the Spool, opened on first use
+        self._degraded = False
+        self._disk_lock = threading.Lock()  # opening the spool
+        self._write_lock = threading.Lock()  # one writer of the deque to disk at a time
+        self._writer: Optional[Thread] = None
+        self._write_wake = threading.Event()
+        self._transit = 0  # taken from the deque, not yet on disk
+        self._spooled = 0  # this process's rows on disk (waiting, or in the air)
+        self._adopted = 0
+        self._fresh = 0  # rows believed due now (appended or adopted, not yet claimed)
+        self._retry_at: List[float] = []  # a heap: when released batches are due again
+        self._partial_ok = False  # a partial batch may be claimed (interval, flush, stop)
+        self._claimed_total = self._landed_total = 0  # events claimed / settled and counted
+        self._reserved = 0  # events batches in the air will claim (taken, not claimed yet)
+        self._next_adopt = 0.0
+        self._write_at = max(self.max_batch_size, self.max_queue_size // 4)
+
+    # ------------------------------------------------------------------ the spool
+
+    def _spool(self) -> Any:
+        """The Spool (opened on first use); None once this process fell back to memory."""
+        disk = self._disk
+        if disk is not None or self._degraded:
+            return disk
+        opened = False
+        with self._disk_lock:
+            disk = self._disk
+            if disk is None and not self._degraded:
+                from ..spool import Spool
+
+                try:
+                    disk = self._disk = Spool.open(self.directory, max_bytes=self.spool_max_bytes)
+                    opened = True
+                except SpoolUnavailable as exc:
+                    self._degrade(exc)
+                    return None
+        if opened:
+            if disk.moved_aside:
+                log.warning_once(
+                    "spool-moved-aside",
+                    "klime: the spool in %s was corrupt; it was moved aside to %s",
+                    self.directory,
+                    disk.moved_aside,
+                )
+            self._adopt(disk)  # what processes that are gone left: sent first
+        return disk
+
+    def _degrade(self, exc: SpoolUnavailable) -> None:
+        """Fall back to the memory queue for the rest of this process; one warning."""
+        with self._lock:
+            if self._degraded:
+                return
+            self._degraded = True
+            self._flights.work.notify_all()
+        log.warning_once(
+            "spool-unavailable",
+            "klime: the spool in %s cannot be used (%s): events are kept in memory only "
+            "from now on (a crash or a restart can lose them); events already on disk "
+            "wait there for the next process",
+            self.directory,
+            exc.reason,
+        )
+
+    def _start(self) -> object:
+        thread = super()._start()
+        if isinstance(thread, Thread) and self._writer is None:
+            writer = self._writer = Thread(target=self._run_spooler, name="klime-spooler", daemon=True)
+            try:
+                writer.start()
+            except RuntimeError:  # interpreter shutdown: the flushing thread writes
+                pass
+        return thread
+
+    def _full_batch_locked(self) -> None:
+        if self._degraded:
+            super()._full_batch_locked()
+        elif len(self._queue) >= self._write_at:
+            # the spooler writes every SPOOL_WRITE_S anyway; a burst that would fill the
+            # memory queue before then is written at once (fewer, larger transactions, and
+            # less for the caller's thread to do than a wake-up per batch)
+            self._write_wake.set()
+
+    def _run_spooler(self) -> None:
+        while True:
+            self._write_wake.wait(SPOOL_WRITE_S)
+            self._write_wake.clear()
+            try:
+                self._write()
+                if _monotonic() >= self._next_adopt:
+                    self._adopt()
+            except Exception:  # never expected: the spool's failures are SpoolUnavailable
+                log.exception("klime: the spooler failed")
+            with self._lock:
+                if self._degraded or (self._stopping and not self._queue):
+                    return
+
+    def _write(self) -> None:
+        """Move what the deque holds to disk (the calling thread blocks for the
+        transaction; never a caller of ``track``)."""
+        with self._write_lock:
+            with self._lock:
+                if self._degraded or not self._queue:
+                    return
+                events = list(self._queue)
+                self._queue.clear()
+                self._left += len(events)
+                self._transit += len(events)
+            disk = self._spool()
+            result = None
+            try:
+                if disk is not None:
+                    result = disk.append(events)
+            except SpoolUnavailable as exc:
+                self._degrade(exc)
+            with self._lock:
+                self._transit -= len(events)
+                if result is None:  # nothing stored: back to the front of the memory queue
+                    self._queue.extendleft(reversed(events))
+                    self._left -= len(events)
+                    self._flights.work.notify_all()
+                    return
+                kept = result.appended - result.dropped_count
+                self._spooled += kept
+                self._fresh = max(0, self._fresh + kept)
+                self._wake_senders_locked(kept)
+        if result.dropped:
+            log.notice(
+                EPISODE_SPOOL_FULL,
+                "klime: the spool in %s is full (max_bytes=%d): this process's oldest spooled "
+                "events are being dropped and reported to on_error",
+                self.directory,
+                self.spool_max_bytes,
+            )
+            self.delivery.drop(list(result.dropped), "spool full; event dropped", notice=False)
+        else:
+            log.end_episode(EPISODE_SPOOL_FULL)
+
+    def _wake_senders_locked(self, rows: int) -> None:
+        flights = self._flights
+        if flights.idle:
+            flights.work.notify(max(1, rows // self.max_batch_size))
+        elif not flights.flying and rows:
+            flights.work.notify()
+
+    def _adopt(self, disk: Any = None) -> None:
+        """Take over the rows of processes that are gone; give freed pages back."""
+        if disk is None:
+            disk = self._spool()
+        if disk is None:
+            return
+        self._next_adopt = _monotonic() + ADOPT_S
+        try:
+            moved = disk.adopt()
+            disk.compact()
+        except SpoolUnavailable as exc:
+            self._degrade(exc)
+            return
+        if moved:
+            log.info("klime: took over %d spooled events of processes that are gone", moved)
+            with self._lock:
+                self._adopted += moved
+                self._spooled += moved
+                self._fresh += moved
+                self._wake_senders_locked(moved)
+
+    # ------------------------------------------------------------------ sending
+
+    def _take_locked(self) -> Optional[Batch]:
+        if self._degraded:
+            return super()._take_locked()
+        flights = self._flights
+        if not flights.room_locked():
+            return None
+        retry = self._retry_at
+        if retry and retry[0] <= _wall():
+            heapq.heappop(retry)
+            self._fresh += self.max_batch_size  # a released batch is due: worth a claim
+        full = self._fresh >= self.max_batch_size
+        if not full:
+            if not self._fresh or not (self._partial_ok or self._stopping) or flights.flying:
+                return None
+        self._fresh = max(0, self._fresh - self.max_batch_size)
+        self._reserved += self.max_batch_size
+        batch = Batch(0, [])
+        batch.ref = _CLAIM
+        return flights.board_locked(batch)
+
+    def _takeable_locked(self) -> int:
+        if self._degraded:
+            return super()._takeable_locked()
+        room = self._flights.limit.limit - len(self._flights.flying)
+        return max(0, min(room, self._fresh // self.max_batch_size))
+
+    def _fly(self, batch: Batch, deadline: Deadline) -> None:
+        if batch.ref is not _CLAIM:
+            super()._fly(batch, deadline)
+            return
+        disk = self._spool()
+        claimed = None
+        try:
+            if disk is not None:
+                claimed = disk.claim(
+                    self.max_batch_size, min(MAX_REQUEST_BYTES, self.delivery.sender.max_batch_bytes)
+                )
+        except SpoolUnavailable as exc:
+            self._degrade(exc)
+        if not claimed:
+            with self._lock:
+                self._reserved -= self.max_batch_size
+                self._fresh = 0  # nothing (more) due on disk now
+                self._partial_ok = False
+                self._flights.land_locked(batch, [], 0, None)
+                self._settled_cond.notify_all()
+            return
+        with self._lock:  # all at once: a flush tells "claimed, in the air" from these
+            batch.events = list(claimed.events)
+            batch.ref = claimed
+            self._claimed_total += len(claimed)
+            self._reserved -= self.max_batch_size
+            if len(claimed) < self.max_batch_size:
+                self._fresh, self._partial_ok = 0, False
+        try:
+            self.delivery.send(
+                batch.events,
+                deadline,
+                claim=functools.partial(self._land_spooled, batch),
+                feedback=functools.partial(self._feedback, batch),
+                keep_transient=True,
+            )
+        except Exception:  # Delivery never raises; the rows stay claimed for an adopter
+            log.exception("klime: sending a spooled batch failed unexpectedly")
+        finally:
+            with self._lock:  # counted by now: a flush waiting for it may look
+                self._landed_total += len(claimed)
+                self._settled_cond.notify_all()
+        self._report_overflow()
+
+    def _land_spooled(self, batch: Batch, outcome: Outcome) -> bool:
+        """Settle a batch's rows on disk: delete what was delivered or refused for good,
+        release what comes back (after a backoff when its retries ran out)."""
+        with self._lock:
+            if not self._flights.land_locked(batch, [], 0, None):
+                return False
+        claimed: Any = batch.ref
+        back_ids = {id(event) for event in outcome.unsent or ()}
+        positions = [i for i, event in enumerate(claimed.events) if id(event) in back_ids]
+        back, done = claimed.split(positions)
+        retry_at = _wall()
+        if outcome.exhausted:
+            delay = self.retry_initial_delay * 2.0 ** min(back.max_attempts, 30)
+            retry_at += min(MAX_SPOOL_BACKOFF_S, delay)
+        disk = self._disk
+        try:
+            if done:
+                disk.ack(done)
+            if back:
+                disk.release(back, retry_at=retry_at)
+        except SpoolUnavailable as exc:  # the rows stay claimed: a successor adopts them
+            self._degrade(exc)
+        with self._lock:
+            self._spooled -= len(done)
+            if back:
+                if outcome.exhausted:
+                    heapq.heappush(self._retry_at, retry_at)
+                else:
+                    self._fresh += len(back)
+            self._flights.work.notify_all()
+        return True
+
+    def _tick_locked(self, now: float) -> None:
+        super()._tick_locked(now)
+        self._partial_ok = True
+
+    def _wake_in_locked(self) -> float:
+        retry = self._retry_at
+        return max(0.0, retry[0] - _wall()) if retry else super()._wake_in_locked()
+
+    # ------------------------------------------------------------------ flush / shutdown
+
+    def _wait_settled(self, deadline: Deadline, *, help: bool = False) -> FlushResult:
+        """Everything tracked so far goes to disk; what is due there now is sent (or
+        released for a later retry). Blocks until then or the deadline."""
+        if self._degraded or self._own_thread():
+            return super()._wait_settled(deadline, help=help)
+        before = self._snapshot()
+        self._write()
+        if self._degraded:
+            return super()._wait_settled(deadline, help=help)
+        with self._lock:
+            goal = self._claimed_total + self._reserved + self._fresh  # an upper bound
+            self._partial_ok = True
+            self._flights.work.notify_all()
+        if help or not self._worker_alive():
+            self._drain_here(deadline, release=True)
+
+        def done() -> bool:  # (holding the lock) landed counts a batch once it is counted
+            if self._landed_total >= goal:
+                return True
+            if self._landed_total < self._claimed_total or any(b.ref is _CLAIM for b in self._flights.flying):
+                return False  # something is in the air: it may free more to send
+            due = bool(self._retry_at) and self._retry_at[0] <= _wall()
+            return not self._fresh and not due
+
+        with self._settled_cond:
+            while not done():
+                left = deadline.remaining()
+                if left is not None and left <= 0:
+                    break
+                if not self._worker_alive() and not self._flights.flying:
+                    break
+                self._settled_cond.wait(0.05 if left is None else min(left, 0.05))
+        after = self._snapshot()
+        unsent = self.counts()["pending"]
+        return FlushResult(
+            sent=after["sent"] - before["sent"],
+            failed=after["failed"] - before["failed"],
+            dropped=after["dropped"] - before["dropped"],
+            unsent=unsent,
+            timed_out=unsent > 0 and deadline.expired(),
+        )
+
+    def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
+        if not self._degraded:
+            self._write()
+            if release:
+                with self._lock:
+                    self._partial_ok = True
+        super()._drain_here(deadline, release=release)
+
+    def shutdown(self, timeout: Optional[float] = None, *, flush: bool = True) -> FlushResult:
+        """Flush (if ``flush``) within ``timeout``, stop the threads; what could not be sent
+        stays on disk for the next process (what is still in memory is written first, even
+        with ``flush=False``: durability is the point). Idempotent; blocks; thread-safe."""
+        if self._degraded:
+            return super().shutdown(timeout, flush=flush)
+        deadline = Deadline.after(timeout)
+        with self._lock:
+            if self._closed:
+                return FlushResult()
+            self._closed = True
+        before = self._snapshot()
+        self._worker_deadline.tighten(deadline.at if flush else _monotonic())
+        if flush:
+            self._wait_settled(deadline, help=True)
+        self._stop_threads(deadline)
+        writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(deadline.remaining())
+        self._write()  # whatever is still in memory goes to disk, even past the deadline
+        if self._degraded:  # it could not: report it, as the memory transport does
+            return self._finish_shutdown(deadline, before, flush, [], [])
+        with self._lock:
+            abandoned, _ = self._flights.abandon_locked()
+        disk = self._disk
+        for batch in abandoned:  # still in the air: given back, for this process's successor
+            claimed = batch.ref
+            if claimed is not _CLAIM and claimed is not None and disk is not None:
+                try:
+                    disk.release(claimed, retry_at=_wall())
+                except SpoolUnavailable:
+                    pass
+        if disk is not None:
+            disk.close()
+        after = self._snapshot()
+        unsent = self.counts()["pending"]
+        return FlushResult(
+            sent=after["sent"] - before["sent"],
+            failed=after["failed"] - before["failed"],
+            dropped=after["dropped"] - before["dropped"],
+            unsent=unsent,
+            timed_out=unsent > 0 and deadline.expired(),
+        )
+
+    def counts(self) -> Dict[str, int]:
+        counts = super().counts()
+        with self._lock:
+            counts["pending"] += self._transit + self._spooled
+            counts["spooled"] = self._spooled
+            counts["adopted"] = self._adopted
+        return counts
