@@ -24,8 +24,9 @@ import pytest
 
 import klime
 from conftest import WRITE_KEY, Recorder, conserved, wait_until
-from klime._aio import AsyncClientMixin, asgi_lifespan
+from klime._aio import AsyncClientMixin
 from klime.devserver import Collector, Fault
+from klime.integrations.asgi import asgi_lifespan
 
 # Until Client inherits the mixin itself, test it through a subclass.
 AsyncClient: Any = (
@@ -429,7 +430,8 @@ APP = textwrap.dedent(
     from urllib.parse import parse_qs
 
     import klime
-    from klime._aio import AsyncClientMixin, asgi_lifespan
+    from klime._aio import AsyncClientMixin
+    from klime.integrations.asgi import asgi_lifespan
 
     if issubclass(klime.Client, AsyncClientMixin):
         AsyncClient = klime.Client

@@ -25,7 +25,7 @@ from conftest import WRITE_KEY, conserved, wait_until
 from klime import InvocationTransport, klime_lambda
 from klime.devserver import Fault
 from klime.errors import ConfigurationError
-from klime.integrations import _serverless
+from klime.integrations import _lambda, _serverless
 from support.arrivals import arrivals
 
 APPS = Path(__file__).resolve().parent / "apps" / "serverless"
@@ -599,7 +599,7 @@ class FakeExtension:
 
 def after_response_wrapper(fn, client, extension):
     options = _serverless.Options("@klime_lambda", client, 2.0, 0.25, True)
-    return _serverless._wrap_after_response(fn, options, _serverless._remaining_seconds, extension)
+    return _lambda._wrap_after_response(fn, options, _lambda._remaining_seconds, extension)
 
 
 def test_not_on_lambda_after_response_falls_back_with_one_warning(

@@ -275,7 +275,7 @@ def _held(client: Any) -> int:
     reported, and in flight (white-box: ``stats()["queued"]`` leaves out the middle one)."""
     t = client.transport
     with t._lock:
-        return len(t._queue) + len(t._overflow) + t._flights.held_locked()
+        return len(t._queue) + len(t._drops.held) + t._flights.held_locked()
 
 
 def _rss_kb() -> int:

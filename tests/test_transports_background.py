@@ -324,7 +324,7 @@ def test_no_thread_can_start_then_events_are_sent_inline(collector, monkeypatch)
             raise RuntimeError("can't create new thread at interpreter shutdown")
 
     monkeypatch.setattr("klime.transports._flights.Thread", Refused)
-    monkeypatch.setattr("klime.transports.background.Thread", Refused)
+    monkeypatch.setattr("klime.transports._dropped.Thread", Refused)
     client = klime.Client(WRITE_KEY, endpoint=collector.url, max_batch_size=2, flush_interval=60_000)
     try:
         client.track("A", user_id="u")

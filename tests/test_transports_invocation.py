@@ -16,7 +16,7 @@ from conftest import Recorder, conserved
 from klime import InvocationTransport
 from klime._deadline import Deadline
 from klime.devserver import Fault
-from klime.transports import _flights as flights_module
+from klime.transports import _limit as limit_module
 from klime.transports import invocation as invocation_module
 
 LEFTOVER_WARNING = "events recorded before this invocation were still waiting"
@@ -109,7 +109,7 @@ def test_flush_sends_batches_concurrently_and_keeps_order_within_batches(make_cl
 
 def test_fast_requests_are_sent_one_after_the_other(make_client, collector, monkeypatch):
     # Requests faster than the threshold (here: anything under 10 s) are not worth threads.
-    monkeypatch.setattr(flights_module, "SLOW_ROUND_TRIP_S", 10.0)
+    monkeypatch.setattr(limit_module, "SLOW_ROUND_TRIP_S", 10.0)
     before = set(threading.enumerate())
     client, transport = invocation_client(make_client, max_batch_size=10, max_concurrent_requests=4)
     transport.begin_invocation()

@@ -13,10 +13,11 @@ Or use the module-level functions, which act on a default client created on firs
 from __future__ import annotations
 
 import logging
-import threading
+import sys
+import types
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
-from ._aio import asgi_lifespan
+from . import _default, _lifecycle
 from ._client import Client
 from ._logging import NULL_HANDLER as _NULL_HANDLER
 from ._logging import set_logger as _set_logger
@@ -36,6 +37,7 @@ from .transports import (
 
 if TYPE_CHECKING:
     from .integrations import klime_cloud_function, klime_lambda
+    from .integrations.asgi import asgi_lifespan
 
 __all__ = [
     "__version__",
@@ -77,9 +79,36 @@ __all__ = [
 logging.getLogger("klime").addHandler(_NULL_HANDLER)
 
 #: The default client used by the module-level functions; set it, or let it be created on
-#: first use from the environment (``KLIME_WRITE_KEY``, ``KLIME_ENDPOINT``).
-client: Optional[Client] = None
-_client_lock = threading.Lock()
+#: first use from the environment (``KLIME_WRITE_KEY``, ``KLIME_ENDPOINT``). It lives in
+#: :mod:`klime._default` (the layers under this package ask there); this attribute reads
+#: and writes it.
+client: Optional[Client]
+
+
+class _KlimeModule(types.ModuleType):
+    @property
+    def client(self) -> Optional[Client]:
+        return _default.current()
+
+    @client.setter
+    def client(self, value: Optional[Client]) -> None:
+        _default.replace(value)
+
+
+sys.modules[__name__].__class__ = _KlimeModule
+
+
+def _install_runtime_hooks() -> None:
+    """Run by klime._lifecycle for each new client: inside uWSGI, klime's uWSGI hooks."""
+    from . import _runtime
+
+    if _runtime.uwsgi_module() is not None:
+        from .integrations.uwsgi import install
+
+        install()
+
+
+_lifecycle.add_register_hook(_install_runtime_hooks)
 
 
 def configure(
@@ -104,14 +133,7 @@ def configure(
 
 def get_client() -> Client:
     """The default client, created from the environment on first use."""
-    global client
-    current = client
-    if current is None:
-        with _client_lock:
-            current = client
-            if current is None:
-                current = client = Client()
-    return current
+    return _default.get_or_create()
 
 
 def track(
@@ -175,13 +197,13 @@ def group_sync(
 
 def flush(timeout: Optional[float] = None) -> FlushResult:
     """Flush the default client, if there is one. Blocks up to ``timeout`` seconds."""
-    current = client
+    current = _default.current()
     return current.flush(timeout) if current is not None else FlushResult()
 
 
 def shutdown(timeout: Optional[float] = None) -> FlushResult:
     """Shut the default client down, if there is one. Blocks up to ``timeout`` seconds."""
-    current = client
+    current = _default.current()
     return current.shutdown(timeout) if current is not None else FlushResult()
 
 
@@ -202,4 +224,8 @@ def __getattr__(name: str) -> Any:
         from . import integrations
 
         return getattr(integrations, name)
+    if name == "asgi_lifespan":  # an integration too (klime.integrations.asgi)
+        from .integrations.asgi import asgi_lifespan
+
+        return asgi_lifespan
     raise AttributeError(f"module 'klime' has no attribute {name!r}")

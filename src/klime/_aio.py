@@ -1,4 +1,4 @@
-"""asyncio support: awaitable ``flush``/``shutdown``/``*_sync`` and an ASGI lifespan helper.
+"""asyncio support: awaitable ``flush``/``shutdown``/``*_sync`` on every client.
 
 ``track``/``identify``/``group`` already return in microseconds and are safe to call from a
 running event loop. The calls that wait (``flush``, ``shutdown`` and the ``*_sync`` sends)
@@ -15,29 +15,18 @@ delivers what it started to; a ``*_sync`` send carries on too, and if it then fa
 ``timeout=`` rather than wrapping the call in :func:`asyncio.wait_for` to bound the work
 itself.
 
-:func:`asgi_lifespan` wraps an ASGI application so that the server's lifespan shutdown
-flushes the client without blocking the loop, also for apps that do not speak the lifespan
-protocol themselves (Django's ASGI handler, plain callables).
+The ASGI lifespan helper ``klime.asgi_lifespan`` is an integration and lives in
+:mod:`klime.integrations.asgi`; it runs its flush through :func:`run_off_loop` too.
 
-This module imports only the standard library and klime's own small modules.
+Part of the face (layer 4). May import: the model (results, errors, the logger) and the
+standard library; asyncio only inside the coroutines (it costs a Lambda cold start ~30 ms).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Awaitable,
-    Callable,
-    Generic,
-    MutableMapping,
-    Optional,
-    Protocol,
-    TypeVar,
-    Union,
-)
+from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, Protocol, TypeVar, Union
 
 if TYPE_CHECKING:
     import asyncio
@@ -46,18 +35,11 @@ from ._logging import log
 from ._models import BatchResponse, FlushResult
 from .errors import SendError
 
-__all__ = ["ASGIApp", "AsyncClientMixin", "asgi_lifespan"]
+__all__ = ["AsyncClientMixin", "run_off_loop"]
 
 T = TypeVar("T")
 
 Id = Union[str, int]
-
-#: ASGI types (the ASGI 3 single-callable form).
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class _BlockingClient(Protocol):
@@ -185,6 +167,14 @@ def _report_orphan(client: Any) -> Callable[[str, BaseException], None]:
     return report
 
 
+async def run_off_loop(client: Any, what: str, call: Callable[[], T]) -> T:
+    """Await the blocking ``call`` of ``client`` (``what`` names it in log records) run in the
+    loop's default executor. If the awaiter is cancelled, ``call`` still runs to its end; a
+    :class:`~klime.SendError` it raises then goes to the client's ``on_error``, another error
+    to the log."""
+    return await _in_thread(call, what, _report_orphan(client))
+
+
 # ---------------------------------------------------------------------------------------------
 # The mixin
 # ---------------------------------------------------------------------------------------------
@@ -205,15 +195,13 @@ class AsyncClientMixin:
         """Awaitable :meth:`~klime.Client.flush`: wait until every event recorded before the
         call is sent or reported to ``on_error``, or ``timeout`` seconds pass. Does not block
         the loop. Cancelling the awaiter does not stop the flush."""
-        return await _in_thread(functools.partial(self.flush, timeout), "aflush()", _report_orphan(self))
+        return await run_off_loop(self, "aflush()", functools.partial(self.flush, timeout))
 
     async def ashutdown(self: _BlockingClient, timeout: Optional[float] = None) -> FlushResult:
         """Awaitable :meth:`~klime.Client.shutdown`: flush (when ``flush_on_shutdown``) within
         ``timeout`` seconds, then stop. Idempotent. Does not block the loop; cancelling the
         awaiter does not stop the shutdown."""
-        return await _in_thread(
-            functools.partial(self.shutdown, timeout), "ashutdown()", _report_orphan(self)
-        )
+        return await run_off_loop(self, "ashutdown()", functools.partial(self.shutdown, timeout))
 
     async def atrack_sync(
         self: _BlockingClient,
@@ -231,13 +219,10 @@ class AsyncClientMixin:
         delivery fails. Does not block the loop. If the awaiter is cancelled the send
         completes anyway and a failure goes to ``on_error``.
         """
-        return await _in_thread(
-            functools.partial(
-                self.track_sync, event, properties, user_id=user_id, group_id=group_id, timeout=timeout
-            ),
-            "atrack_sync()",
-            _report_orphan(self),
+        send = functools.partial(
+            self.track_sync, event, properties, user_id=user_id, group_id=group_id, timeout=timeout
         )
+        return await run_off_loop(self, "atrack_sync()", send)
 
     async def aidentify_sync(
         self: _BlockingClient,
@@ -247,11 +232,8 @@ class AsyncClientMixin:
         timeout: Optional[float] = None,
     ) -> BatchResponse:
         """Awaitable :meth:`~klime.Client.identify_sync`; see :meth:`atrack_sync`."""
-        return await _in_thread(
-            functools.partial(self.identify_sync, user_id, traits, timeout=timeout),
-            "aidentify_sync()",
-            _report_orphan(self),
-        )
+        send = functools.partial(self.identify_sync, user_id, traits, timeout=timeout)
+        return await run_off_loop(self, "aidentify_sync()", send)
 
     async def agroup_sync(
         self: _BlockingClient,
@@ -262,164 +244,5 @@ class AsyncClientMixin:
         timeout: Optional[float] = None,
     ) -> BatchResponse:
         """Awaitable :meth:`~klime.Client.group_sync`; see :meth:`atrack_sync`."""
-        return await _in_thread(
-            functools.partial(self.group_sync, group_id, traits, user_id=user_id, timeout=timeout),
-            "agroup_sync()",
-            _report_orphan(self),
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# ASGI lifespan
-# ---------------------------------------------------------------------------------------------
-
-_STARTUP_ANSWERS = ("lifespan.startup.complete", "lifespan.startup.failed")
-_SHUTDOWN_ANSWERS = ("lifespan.shutdown.complete", "lifespan.shutdown.failed")
-
-
-class _KlimeLifespan:
-    """The ASGI app returned by :func:`asgi_lifespan`."""
-
-    def __init__(self, app: ASGIApp, client: Any, timeout: Optional[float], shutdown: bool) -> None:
-        self.app = app
-        self.client = client
-        self.timeout = timeout
-        self.shutdown = shutdown
-
-    def __repr__(self) -> str:
-        return f"<klime asgi_lifespan of {self.app!r}>"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") != "lifespan":
-            await self.app(scope, receive, send)
-            return
-        await _Lifespan(self).run(scope, receive, send)
-
-    def _target(self) -> Any:
-        if self.client is not None:
-            return self.client
-        import klime
-
-        return klime.client  # the default client, if one was ever made; none: nothing to flush
-
-    async def flush(self) -> None:
-        """Flush (or shut down) the client off the loop. Never raises."""
-        import asyncio
-
-        client = self._target()
-        if client is None:
-            return
-        timeout = self.timeout if self.timeout is not None else getattr(client, "exit_timeout", None)
-        what = "shutdown" if self.shutdown else "flush"
-        call = client.shutdown if self.shutdown else client.flush
-        try:
-            result = await _in_thread(
-                functools.partial(call, timeout), f"ASGI lifespan {what}", _report_orphan(client)
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("klime: the ASGI lifespan %s failed", what)
-            return
-        if isinstance(result, FlushResult) and result.unsent:
-            log.warning(
-                "klime: %d events still unsent after the ASGI lifespan %s (timeout %ss)",
-                result.unsent,
-                what,
-                timeout,
-            )
-        else:
-            log.debug("klime: ASGI lifespan %s done: %r", what, result)
-
-
-class _Lifespan:
-    """One run of the lifespan protocol between the server, klime and the wrapped app."""
-
-    def __init__(self, owner: _KlimeLifespan) -> None:
-        self.owner = owner
-        self.startup_received = False
-        self.startup_answered = False
-        self.shutdown_received = False
-        self.flushed = False
-
-    async def flush_once(self) -> None:
-        if not self.flushed:
-            self.flushed = True
-            await self.owner.flush()
-
-    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def app_receive() -> Message:
-            message = await receive()
-            kind = message.get("type")
-            if kind == "lifespan.startup":
-                self.startup_received = True
-            elif kind == "lifespan.shutdown":
-                self.shutdown_received = True
-            return message
-
-        async def app_send(message: Message) -> None:
-            kind = message.get("type")
-            if kind in _STARTUP_ANSWERS:
-                self.startup_answered = True
-            elif kind in _SHUTDOWN_ANSWERS:
-                # The app's own shutdown handlers have run (and may have tracked events).
-                await self.flush_once()
-            await send(message)
-
-        try:
-            await self.owner.app(scope, app_receive, app_send)
-        except Exception as exc:
-            if self.startup_answered or self.startup_received:
-                # A real failure of the app's lifespan handling: the server decides.
-                if self.shutdown_received:
-                    await self.flush_once()
-                raise
-            log.debug(
-                "klime: the wrapped app does not handle ASGI lifespan (%s); klime answers it",
-                type(exc).__name__,
-            )
-        if self.startup_answered:
-            if self.shutdown_received:
-                await self.flush_once()  # the app returned without answering the shutdown
-            return
-        await self._serve(receive, send)
-
-    async def _serve(self, receive: Receive, send: Send) -> None:
-        """Speak the lifespan protocol for an app that does not."""
-        if not self.startup_received:
-            message = await receive()
-            if message.get("type") != "lifespan.startup":
-                return
-        await send({"type": "lifespan.startup.complete"})
-        while True:
-            message = await receive()
-            if message.get("type") == "lifespan.shutdown":
-                await self.flush_once()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-
-def asgi_lifespan(
-    app: ASGIApp,
-    client: Any = None,
-    *,
-    timeout: Optional[float] = None,
-    shutdown: bool = False,
-) -> ASGIApp:
-    """Wrap an ASGI app so that the server's lifespan shutdown flushes klime.
-
-    When the server (uvicorn, hypercorn, daphne...) shuts the app down, the wrapper lets the
-    app's own shutdown handlers run first, then flushes ``client`` (default: the default
-    client ``klime.client``, if one exists by then) in a worker thread, without blocking
-    the loop, for at most ``timeout`` seconds (default: the client's ``exit_timeout``).
-    With ``shutdown=True`` the client is shut down instead of flushed (only for a client
-    that lives exactly as long as this app). HTTP and websocket traffic pass through
-    untouched. Apps that do not handle the lifespan protocol themselves (they raise on the
-    ``lifespan`` scope, as Django's ASGI handler does, or return) get it answered for them.
-    A failing flush is logged and never fails the server's shutdown.
-
-    Usage: ``app = klime.asgi_lifespan(app)`` (or ``asgi_lifespan(app, client)``).
-    """
-    if not callable(app):
-        raise TypeError(f"asgi_lifespan() needs an ASGI app, not {type(app).__name__}")
-    return _KlimeLifespan(app, client, timeout, shutdown)
+        send = functools.partial(self.group_sync, group_id, traits, user_id=user_id, timeout=timeout)
+        return await run_off_loop(self, "agroup_sync()", send)

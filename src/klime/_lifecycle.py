@@ -15,12 +15,17 @@ At exit every client that was not shut down explicitly is shut down with its
   through multiprocessing's after-fork callbacks for clients the child inherited or made
   while its main module was being imported (``multiprocessing`` clears the finalizers it
   finds at that point, then runs those callbacks);
-- by uWSGI's own hooks inside uWSGI (see :mod:`klime.integrations.uwsgi`, installed here
-  when a client is created in a uWSGI process), and by the Celery integration in Celery's
-  pool processes, which also leave through ``os._exit``.
+- by uWSGI's own hooks inside uWSGI (see :mod:`klime.integrations.uwsgi`, installed through
+  a hook the ``klime`` package registers with :func:`add_register_hook`), and by the Celery
+  integration in Celery's pool processes, which also leave through ``os._exit``.
 
 The helpers :func:`clients`, :func:`flush_pending`, :func:`exit_all` and :func:`rearm` act
 on every live client of this process; the integrations use them.
+
+Layer: process life, below the transports and the face. It knows a client only through
+the :class:`ManagedClient` protocol and runs higher layers' code only through hooks they
+register (:func:`add_register_hook`). May import: the model (``_events``, ``_deadline``,
+``_logging``) only.
 """
 
 from __future__ import annotations
@@ -30,18 +35,48 @@ import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from . import _events
 from ._deadline import Deadline
 from ._logging import log
 
-if TYPE_CHECKING:
-    from ._client import Client
+__all__ = [
+    "ManagedClient",
+    "add_register_hook",
+    "register",
+    "unregister",
+    "clients",
+    "flush_pending",
+    "exit_all",
+    "rearm",
+]
 
-__all__ = ["register", "unregister", "clients", "flush_pending", "exit_all", "rearm"]
 
-_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+class ManagedClient(Protocol):
+    """What process life (and the integrations built on it) use of a client."""
+
+    _closed: bool
+    _pid: int
+
+    @property
+    def transport(self) -> Any: ...
+
+    def stats(self) -> Dict[str, int]: ...
+
+    def flush(self, timeout: Optional[float] = None) -> Any: ...
+
+    def _check_fork(self) -> None: ...
+
+    def _restart(self) -> None: ...
+
+    def _at_exit(self) -> None: ...
+
+
+Client = ManagedClient  # the name the signatures below read best with
+
+_clients: weakref.WeakSet[Any] = weakref.WeakSet()
+_register_hooks: List[Callable[[], None]] = []
 _exit_hooks: Dict[int, Callable[[], None]] = {}
 _lock = threading.Lock()
 _lock_pid = os.getpid()
@@ -72,6 +107,14 @@ def _guard() -> threading.Lock:
     return _lock
 
 
+def add_register_hook(hook: Callable[[], None]) -> None:
+    """Have ``hook`` called each time a client is registered (after its own set-up): how a
+    layer above installs what its runtime needs (the uWSGI hooks). It must be idempotent and
+    cheap; what it raises is logged, never passed on. Not thread-safe: call at import."""
+    if hook not in _register_hooks:
+        _register_hooks.append(hook)
+
+
 def register(client: Client) -> None:
     """Watch ``client`` for forks and shut it down at exit. Thread-safe, non-blocking."""
     global _ids_pid
@@ -87,15 +130,11 @@ def register(client: Client) -> None:
     if "multiprocessing" in sys.modules:
         _register_mp_after_fork()
         _register_mp_finalizer(hook)
-    from ._runtime import uwsgi_module
-
-    if uwsgi_module() is not None:
+    for extra in list(_register_hooks):
         try:
-            from .integrations.uwsgi import install
-
-            install()
+            extra()
         except Exception:  # never let exit plumbing break a client
-            log.exception("klime: installing the uWSGI hooks failed")
+            log.exception("klime: a process-life hook failed")
 
 
 def unregister(client: Client) -> None:

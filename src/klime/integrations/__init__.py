@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers; at run time the names resolve lazily below
-    from ._serverless import klime_lambda
+    from ._lambda import klime_lambda
     from .cloud_functions import klime_cloud_function
 
 __all__ = ["klime_cloud_function", "klime_lambda", "make_sqs_forwarder", "sqs_forwarder_handler"]

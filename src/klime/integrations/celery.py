@@ -14,6 +14,9 @@ be lost. One line in the module that creates your Celery app fixes that::
 Importing this module imports nothing from Celery; :func:`connect` imports
 ``celery.signals``. The handlers act on every live klime client of the process (the
 default client and any you created).
+
+An integration (top layer). May import: process life (``_lifecycle``), Celery (inside
+:func:`connect`/:func:`disconnect`) and the standard library.
 """
 
 from __future__ import annotations

@@ -13,7 +13,11 @@ Works with functions-framework's HTTP functions (``fn(request)``) and CloudEvent
         klime.track("Hello Called", user_id=request.args.get("user", "anonymous"))
         return "hi"
 
-This module imports only the standard library and klime.
+The shared plumbing is :mod:`._serverless` (options, one invocation's flush) and
+:mod:`._wrappers` (plain and ``async def`` handlers).
+
+May import: the standard library, those two and klime's layers below the integrations;
+never the ``klime`` package.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, TypeVar, overload
 
-from ._serverless import DEFAULT_DEADLINE_MARGIN_S, DEFAULT_FLUSH_TIMEOUT_S, Options, wrap
+from ._serverless import DEFAULT_DEADLINE_MARGIN_S, DEFAULT_FLUSH_TIMEOUT_S, Options
+from ._wrappers import wrap
 
 if TYPE_CHECKING:
     from .._client import Client

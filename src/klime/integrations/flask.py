@@ -25,6 +25,9 @@ kill the process between requests.
 
 This module does not import Flask (``get_client()`` without an app imports
 ``flask.current_app``); ``import klime`` never imports this module.
+
+An integration (top layer). May import: the face (``Client``), the model and the standard
+library; Flask only for type checking and inside :func:`get_client`.
 """
 
 from __future__ import annotations

@@ -7,13 +7,15 @@ request's events out before the worker takes the next one::
     application = KlimeMiddleware(application, flush=True)  # after every response
 
 The flush runs when the server closes the response (after the body was sent), so the
-client does not wait for it; the worker does, up to ``timeout`` seconds. Imports only the
-standard library and klime.
+client does not wait for it; the worker does, up to ``timeout`` seconds.
+
+An integration (top layer). May import: process life and runtime facts (``_lifecycle``,
+``_runtime``), the model and the standard library; ``Client`` only for type checking.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
 
 from .. import _lifecycle, _runtime
 from .._logging import log
@@ -27,6 +29,7 @@ __all__ = ["KlimeMiddleware", "FLUSH_TIMEOUT"]
 FLUSH_TIMEOUT = 2.0
 
 WSGIApp = Callable[[Any, Any], Iterable[bytes]]
+App = TypeVar("App")
 
 
 def should_flush(flush: Optional[bool]) -> bool:
@@ -48,7 +51,33 @@ def flush_now(client: Optional[Client], timeout: Optional[float]) -> None:
         log.exception("klime: flushing after the response failed")
 
 
-class KlimeMiddleware:
+class FlushingMiddleware(Generic[App]):
+    """What the WSGI and the ASGI middleware share: the wrapped app, the client to flush
+    (None: every live client), whether to flush (:func:`should_flush`) and for how long."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        client: Optional[Client] = None,
+        flush: Optional[bool] = None,
+        timeout: Optional[float] = FLUSH_TIMEOUT,
+    ) -> None:
+        self.app = app
+        self.client = client
+        self.flush = flush
+        self.timeout = timeout
+
+    def flushing(self) -> bool:
+        """Whether this middleware flushes after each request (decided per request)."""
+        return should_flush(self.flush)
+
+    def flush_now(self) -> None:
+        """Flush what is queued, up to ``timeout`` seconds; blocks; never raises."""
+        flush_now(self.client, self.timeout)
+
+
+class KlimeMiddleware(FlushingMiddleware[WSGIApp]):
     """Wrap a WSGI application; flush klime after each response.
 
     Args:
@@ -63,28 +92,15 @@ class KlimeMiddleware:
     Calling it is thread-safe; the flush blocks the worker, not the client.
     """
 
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        client: Optional[Client] = None,
-        flush: Optional[bool] = None,
-        timeout: Optional[float] = FLUSH_TIMEOUT,
-    ) -> None:
-        self.app = app
-        self.client = client
-        self.flush = flush
-        self.timeout = timeout
-
     def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
-        if not should_flush(self.flush):
+        if not self.flushing():
             return self.app(environ, start_response)
         try:
             result = self.app(environ, start_response)
         except BaseException:
-            flush_now(self.client, self.timeout)  # what the request tracked before it failed
+            self.flush_now()  # what the request tracked before it failed
             raise
-        return _FlushOnClose(result, lambda: flush_now(self.client, self.timeout))
+        return _FlushOnClose(result, self.flush_now)
 
 
 class _FlushOnClose:

@@ -19,10 +19,10 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._batching import BODY_OVERHEAD
+from .._boto import client_error_info
 from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse, EventError
-from ..aws import client_error_info
 from ..errors import SendError
 from ._retry import RetryPolicy
 from ._sqs_packing import SQS_MAX_BATCH_BYTES, SQS_MAX_BATCH_ENTRIES, Message, entry, plan_calls

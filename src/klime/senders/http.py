@@ -1,13 +1,19 @@
-"""The HTTP sender: Klime's wire protocol over a keep-alive ``requests.Session``."""
+"""The HTTP sender: Klime's wire protocol over a keep-alive ``requests.Session``.
+
+One batch per call: ``POST {endpoint}/v1/batch`` with the batch's encoded events, retried
+attempt by attempt (the policy of :mod:`._retry`) until the attempts or the caller's
+deadline run out, each attempt reported to the caller's feedback hook (which may defer the
+batch). The environment ``requests`` reads (proxies, CA bundle) is read once per session.
+
+May import: the model, the sender interface, ``requests``/``urllib3``.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import threading
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -25,7 +31,16 @@ from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse
 from .._version import __version__
-from ..errors import ConfigurationError, SendError, quote_body
+from ..errors import ConfigurationError, SendError
+from ._http_wire import (
+    PERMANENT_REQUEST_ERRORS,
+    describe_exception,
+    header_safe,
+    is_stale_connection,
+    read_text,
+    short,
+    validate_endpoint,
+)
 from ._retry import RetryPolicy
 from .base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT, Feedback, Sender, SendResult
 
@@ -35,71 +50,6 @@ __all__ = ["HttpSender", "validate_endpoint"]
 USER_AGENT = f"klime-python/{__version__}"
 
 _monotonic = time.monotonic
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def validate_endpoint(endpoint: str, *, allow_insecure: bool = False) -> str:
-    """Check ``endpoint`` and return it without a trailing slash.
-
-    ``https://`` is required, except for a loopback host (``localhost``, ``127.0.0.0/8``,
-    ``::1``) or when ``allow_insecure`` is True. Raises ConfigurationError.
-    """
-    if not isinstance(endpoint, str) or not endpoint.strip():
-        raise ConfigurationError("endpoint must be a non-empty URL string")
-    endpoint = endpoint.strip().rstrip("/")
-    try:
-        parts = urlsplit(endpoint)
-        host = parts.hostname
-        _ = parts.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigurationError(f"endpoint is not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ConfigurationError("endpoint must be an http(s) URL with a host, such as https://i.klime.com")
-    if parts.username or parts.password:
-        raise ConfigurationError("endpoint must not carry credentials; pass write_key instead")
-    if parts.query or parts.fragment:
-        raise ConfigurationError("endpoint must not have a query or fragment")
-    if parts.scheme == "http" and not (allow_insecure or _is_loopback(host)):
-        raise ConfigurationError(
-            "endpoint uses plain http:// for a non-loopback host; the write key would travel "
-            "unencrypted. Use https://, or pass allow_insecure_endpoint=True to accept the risk"
-        )
-    return endpoint
-
-
-def _header_safe(value: str) -> bool:
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
-
-
-#: Request errors that no retry can fix.
-_PERMANENT_REQUEST_ERRORS = (
-    requests.exceptions.InvalidHeader,
-    requests.exceptions.InvalidURL,
-    requests.exceptions.InvalidSchema,
-    requests.exceptions.MissingSchema,
-)
-
-
-def _is_stale_connection(exc: BaseException) -> bool:
-    """A pooled connection the peer closed (e.g. during a Lambda freeze): retry at once."""
-    if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout)):
-        return False
-    if not isinstance(exc, requests.exceptions.ConnectionError):
-        return False
-    text = repr(exc)
-    return "Connection aborted" in text or "RemoteDisconnected" in text or "ConnectionResetError" in text
 
 
 class HttpSender(Sender):
@@ -127,7 +77,7 @@ class HttpSender(Sender):
         """``retry_initial_delay`` is in milliseconds (Ruby SDK parity); timeouts in seconds."""
         if not isinstance(write_key, str) or not write_key:
             raise ConfigurationError("write_key is required")
-        if not _header_safe(write_key):
+        if not header_safe(write_key):
             raise ConfigurationError(
                 "write_key contains characters that cannot be sent in an HTTP header "
                 "(a line break, a control character or a non-Latin-1 letter); check how it was read"
@@ -244,20 +194,18 @@ class HttpSender(Sender):
                 response = session.send(
                     request, timeout=(connect_t, read_t), allow_redirects=False, **settings
                 )
-            except _PERMANENT_REQUEST_ERRORS as exc:
+            except PERMANENT_REQUEST_ERRORS as exc:
                 reason = f"request could not be made: {type(exc).__name__}"
                 logger.error("klime: batch of %d events not sent: %s", count, reason)
                 _tell(feedback, ATTEMPT_REJECTED, _monotonic() - started)
-                return SendResult(
-                    None, SendError(reason), all_failed, made - first, _retries(made, first)
-                )
+                return SendResult(None, SendError(reason), all_failed, made - first, _retries(made, first))
             except requests.exceptions.RequestException as exc:
                 made += 1
                 took = _monotonic() - started
                 status: Optional[int] = None
-                reason = _describe_exception(exc)
+                reason = describe_exception(exc)
                 wait: Optional[float] = None
-                if _is_stale_connection(exc) and not stale_retry_used:
+                if is_stale_connection(exc) and not stale_retry_used:
                     # the peer closed a pooled connection (a Lambda freeze, an idle timeout):
                     # not a sign of load; retried at once
                     stale_retry_used = True
@@ -271,7 +219,7 @@ class HttpSender(Sender):
                 if 200 <= status < 300:
                     _tell(feedback, ATTEMPT_OK, took)
                     return self._accepted(response, count, made - first, _retries(made, first))
-                text = _read_text(response)
+                text = read_text(response)
                 reason = f"HTTP {status}" + (f": {text}" if text else "")
                 if status == 413:
                     _tell(feedback, ATTEMPT_REJECTED, took)
@@ -370,7 +318,7 @@ class HttpSender(Sender):
             return SendResult(parsed, None, (), made, retries)
         failed = tuple(sorted({e.index for e in parsed.errors}))
         summary = "; ".join(
-            f"#{e.index}: {_short(e.message)}" + (f" ({_short(e.code, 40)})" if e.code else "")
+            f"#{e.index}: {short(e.message)}" + (f" ({short(e.code, 40)})" if e.code else "")
             for e in parsed.errors[:5]
         )
         if len(parsed.errors) > 5:
@@ -398,39 +346,3 @@ def _tell(feedback: Optional[Feedback], outcome: str, seconds: float) -> bool:
     except Exception:
         logger.exception("klime: a send feedback hook raised; ignored")
         return True
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _read_text(response: requests.Response) -> str:
-    try:
-        body = response.content
-    except Exception:  # a body that breaks while being read: the status says enough
-        return ""
-    text = quote_body(body)
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return text
-    if isinstance(payload, dict) and isinstance(payload.get("message"), str):
-        return quote_body(payload["message"])
-    return text
-
-
-def _describe_exception(exc: BaseException) -> str:
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "connection timed out"
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        return "read timed out"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return "TLS error"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        text = str(exc)
-        if "Connection refused" in text:
-            return "connection refused"
-        if "Connection aborted" in text or "reset" in text.lower():
-            return "connection reset"
-        return "connection error"
-    return type(exc).__name__

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
 from .._batching import BODY_OVERHEAD
+from .._boto import require_boto3
 from .._config import (
     DEFAULT_RETRY_INITIAL_DELAY_MS,
     DEFAULT_RETRY_MAX_ATTEMPTS,
@@ -34,7 +35,6 @@ from .._config import (
 from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse
-from ..aws import require_boto3
 from ..errors import ConfigurationError, SendError
 from ._retry import RetryPolicy
 from ._sqs_driver import BatchDriver

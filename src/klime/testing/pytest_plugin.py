@@ -4,6 +4,8 @@ Installed with klime (entry point ``pytest11``, name ``klime``), so the fixture 
 every test suite without a conftest line; disable it with ``-p no:klime``. Loading the
 plugin only defines the fixture: nothing changes for tests that do not ask for it, and
 klime's testing machinery is imported the first time a test does.
+
+May import: pytest, and :mod:`klime.testing` inside the fixture.
 """
 
 from __future__ import annotations

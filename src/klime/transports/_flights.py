@@ -1,163 +1,46 @@
-"""Several batches in flight at once: the adaptive limit, the batches in the air, their threads.
+"""Several batches in flight at once: the batches in the air, their threads, and a flush
+of a known set of batches under one deadline.
 
 One request at a time can deliver at most ``max_batch_size / round trip`` events per
 second (400/s at the defaults and 50 ms), whatever the CPU. So when a backlog waits and
 round trips are slow, a transport keeps several requests in flight on the sender's
-keep-alive connections. How many is decided by :class:`AdaptiveLimit`, from what the
-destination answers, attempt by attempt (the sender's :data:`~klime.senders.base.Feedback`):
-
-- it starts at one, and grows with every accepted request while a backlog waits, the whole
-  window is in use, the round trip is slow (at least :data:`SLOW_ROUND_TRIP_S`: on a fast
-  link one request at a time keeps up and more threads only fight over the GIL) and not
-  more than :data:`LATENCY_GUARD` times its recent best (a server that answers slower under
-  load is saturated): toward what the backlog needs (the batches in the air plus those
-  waiting), at most doubling per accepted request, never above ``ceiling``. A limit the
-  traffic stops using falls back (see :meth:`AdaptiveLimit._validate`);
-- it halves on every transient failure (429, 5xx, 408, timeouts, resets): a struggling
-  server is not hammered. A batch that failed while more are in flight than the limit
-  allows stops retrying and is *deferred*: it waits, first in line, until the limit lets it
-  go again, so that against a server failing everything one batch retries with backoff and
-  the request rate is that of one request at a time.
+keep-alive connections, as many as :class:`~klime.transports._limit.AdaptiveLimit` allows,
+from what the destination answers attempt by attempt (the sender's
+:data:`~klime.senders.base.Feedback`). A batch that failed transiently while more are in
+flight than the limit allows stops retrying and is *deferred*: it waits, first in line,
+until the limit lets it go again, so that against a server failing everything one batch
+retries with backoff and the request rate is that of one request at a time.
 
 :class:`Flights` holds, for one transport, the batches in the air and those deferred, and
 the threads that fly them (a bounded pool: started on demand, never more than the limit,
 helpers retired when idle). The background transport keeps its pool for the life of the
-process; the invocation transport's helpers end with each flush. An invocation's flush is
-a known set of batches under a deadline: its limit grows straight to what the set needs
-(``jump``), and a warm invocation whose round trips were slow sends them all at once
-(:meth:`AdaptiveLimit.open_to`) — about one round trip instead of learning again. Every method named
-``*_locked`` needs the owner's lock, which :class:`Flights` shares.
+process. :meth:`Flights.fly_all` sends a known set of batches (an invocation's flush) on
+the caller's thread and helpers that end before it returns: its limit grows straight to
+what the set needs (``jump``), and a warm invocation whose round trips were slow sends them
+all at once (:meth:`AdaptiveLimit.open_to`) — about one round trip instead of learning
+again. Every method named ``*_locked`` needs the owner's lock, which :class:`Flights`
+shares.
 
-Imports: the standard library and the sender interface's outcome names only.
+May import: the standard library, the sender interface and the adaptive limit.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from threading import Thread
-from typing import Callable, Deque, List, Optional
+from typing import TYPE_CHECKING, Callable, Deque, List, Optional
 
-from ..senders.base import ATTEMPT_OK, ATTEMPT_TRANSIENT
+from .._deadline import Deadline
+from .._logging import log
+from ..senders.base import ATTEMPT_TRANSIENT
+from ._limit import LATENCY_GUARD, SLOW_ROUND_TRIP_S, AdaptiveLimit
+
+if TYPE_CHECKING:
+    from .._delivery import Delivery, Outcome
 
 __all__ = ["AdaptiveLimit", "Batch", "Flights", "LATENCY_GUARD", "SLOW_ROUND_TRIP_S"]
-
-#: A round trip at least this long (seconds) makes a second request in flight worth its
-#: thread: the wait is the network's, not Python's. Measured here: 100 events in 5
-#: requests to a loopback collector took 3.6 ms one after the other, 7.5 ms on 4 threads.
-SLOW_ROUND_TRIP_S = 0.002
-
-#: No growth while a round trip takes more than this many times the recent best one.
-LATENCY_GUARD = 2.0
-
-#: Round-trip samples per window of the "recent best" (its minimum over two windows).
-_WINDOW = 64
-
-
-class AdaptiveLimit:
-    """How many requests may be in flight at once (see the module docstring).
-
-    Not thread-safe by itself: its owner's lock guards it.
-    """
-
-    __slots__ = (
-        "ceiling",
-        "jump",
-        "limit",
-        "_troubled",
-        "round_trip",
-        "_best",
-        "_window_best",
-        "_window_n",
-        "_used",
-        "_used_n",
-    )
-
-    def __init__(self, ceiling: int, *, jump: bool = False) -> None:
-        self.ceiling = max(1, int(ceiling))
-        #: grow straight to what the backlog needs (a flush of a known set of batches
-        #: under a deadline) instead of at most doubling per accepted request
-        self.jump = jump
-        self.limit = 1
-        self._troubled = False  # the last attempt was a transient failure
-        #: a moving average of accepted round trips, seconds (None until the first)
-        self.round_trip: Optional[float] = None
-        self._best: Optional[float] = None  # best of the previous window
-        self._window_best: Optional[float] = None
-        self._window_n = 0
-        self._used = 0  # most requests in the air seen since the limit was last checked
-        self._used_n = 0  # accepted attempts since then
-
-    def observe(self, outcome: str, seconds: float, *, backlog: int, in_flight: int) -> None:
-        """Take one attempt's outcome. ``backlog``: batches waiting to take off (full ones,
-        or deferred); ``in_flight``: requests in the air now, this one included."""
-        if outcome == ATTEMPT_TRANSIENT:
-            self.limit = max(1, self.limit // 2)
-            self._troubled = True
-            return
-        if outcome != ATTEMPT_OK:
-            return
-        self._troubled = False
-        previous = self.round_trip
-        self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        best = self.best()
-        self._note(seconds)
-        if (
-            backlog
-            and in_flight >= self.limit
-            and self.limit < self.ceiling
-            and seconds >= SLOW_ROUND_TRIP_S
-            and (best is None or seconds <= LATENCY_GUARD * best)
-        ):
-            # toward what the backlog needs, at most doubling per accepted request
-            needed = in_flight + backlog
-            step = needed if self.jump else min(needed, 2 * self.limit)
-            self.limit = min(self.ceiling, max(self.limit + 1, step))
-        self._validate(in_flight)
-
-    def _validate(self, in_flight: int) -> None:
-        """A limit the traffic does not use is not kept: after two windows' worth of
-        accepted requests that never filled it, it falls to what was used plus half as much
-        again (so a steady load holds about the threads and connections it needs, with room
-        for a burst while the limit grows back)."""
-        self._used = max(self._used, in_flight)
-        self._used_n += 1
-        if self._used_n >= 2 * self.limit:
-            if self._used < self.limit:
-                self.limit = max(1, min(self.limit, self._used + max(1, self._used // 2)))
-            self._used = self._used_n = 0
-
-    def _note(self, seconds: float) -> None:
-        window_best = self._window_best
-        self._window_best = seconds if window_best is None else min(window_best, seconds)
-        self._window_n += 1
-        if self._window_n >= _WINDOW:
-            self._best, self._window_best, self._window_n = self._window_best, None, 0
-
-    def best(self) -> Optional[float]:
-        """The recent best round trip, seconds (None until the first)."""
-        candidates = [t for t in (self._best, self._window_best) if t is not None]
-        return min(candidates) if candidates else None
-
-    def open_to(self, batches: int) -> None:
-        """A known set of ``batches`` is about to go (an invocation's flush): when round
-        trips have been slow and the last attempt did not fail, let them all go at once (up
-        to the ceiling) instead of learning again; else leave the limit as it is."""
-        if self.slow() and not self._troubled:
-            self.limit = max(self.limit, min(self.ceiling, batches))
-
-    def slow(self) -> bool:
-        """Have round trips been slow enough for concurrency to pay?"""
-        return self.round_trip is not None and self.round_trip >= SLOW_ROUND_TRIP_S
-
-    def relax(self, at_most: int) -> None:
-        """Lower the limit to ``at_most`` (never below one): threads were retired."""
-        self.limit = max(1, min(self.limit, at_most))
-
-    def __repr__(self) -> str:
-        rtt = "?" if self.round_trip is None else f"{self.round_trip * 1000:.1f}ms"
-        return f"AdaptiveLimit(limit={self.limit}, ceiling={self.ceiling}, round_trip={rtt})"
-
 
 class Batch:
     """Events that leave the queue together. ``start`` is the sequence number of the first
@@ -326,3 +209,99 @@ class Flights:
     def alive(self) -> List[threading.Thread]:
         with self.lock:
             return [t for t in self.threads if t.is_alive()]
+
+    def fly_all(self, batches: List[List[bytes]], deadline: Deadline, delivery: Delivery) -> List[bytes]:
+        """Send every batch through ``delivery``, as many at once as the limit allows: the
+        caller's thread is one sender, helper threads (``<name>-<n>``) the others; they end
+        before this returns. Returns the events not delivered by the deadline (not counted:
+        the caller keeps them). Blocks until then; call it without the lock, from one
+        thread at a time."""
+        flights = self
+        lock = self.lock
+        waiting: Deque[Batch] = deque(Batch(0, batch) for batch in batches)
+
+        def take_locked() -> Optional[Batch]:
+            if deadline.expired():
+                return None
+            batch = flights.take_parked_locked()
+            if batch is None and waiting and flights.room_locked():
+                batch = flights.board_locked(waiting.popleft())
+            return batch
+
+        def takeable_locked() -> int:
+            return max(0, min(flights.limit.limit - len(flights.flying), len(waiting) + len(flights.parked)))
+
+        def land(batch: Batch, outcome: Outcome) -> bool:
+            with lock:
+                return flights.land_locked(batch, outcome.unsent or [], outcome.attempts, outcome.last_error)
+
+        def feedback(outcome: str, seconds: float) -> bool:
+            with lock:
+                return flights.feedback_locked(outcome, seconds, backlog=len(waiting) + len(flights.parked))
+
+        def fly(batch: Batch) -> None:
+            try:
+                delivery.send(
+                    batch.events,
+                    deadline,
+                    keep_unsent=True,
+                    claim=functools.partial(land, batch),
+                    feedback=feedback,
+                    attempts_made=batch.attempts,
+                )
+            except Exception:  # Delivery never raises; if it does, keep the batch
+                log.exception("klime: sending a batch failed unexpectedly")
+                with lock:
+                    flights.land_locked(batch, batch.events, batch.attempts, None)
+            finally:
+                with lock:
+                    flights.work.notify_all()
+
+        def helper() -> None:
+            me = threading.current_thread()
+            try:
+                while True:
+                    with lock:
+                        batch = take_locked()
+                        if batch is None:
+                            return
+                    fly(batch)
+            finally:
+                with lock:
+                    flights.retire_locked(me, relax=False)
+
+        helpers: List[threading.Thread] = []
+        me = threading.current_thread()
+        with lock:
+            flights.threads.append(me)  # the caller's thread is one of the senders
+            flights.limit.open_to(len(waiting))
+        try:
+            while True:
+                with lock:
+                    batch = take_locked()
+                    if batch is None:
+                        if not flights.flying:
+                            break
+                        left = deadline.remaining()  # flights in the air stop at it themselves
+                        flights.idle += 1
+                        try:
+                            flights.work.wait(1.0 if left is None else max(0.01, min(1.0, left)))
+                        finally:
+                            flights.idle -= 1
+                        continue
+                    spawn = flights.threads_wanted_locked(takeable_locked())
+                for _ in range(spawn):
+                    thread = flights.spawn(helper)
+                    if thread is None:
+                        break
+                    helpers.append(thread)
+                fly(batch)
+        finally:
+            for thread in helpers:
+                thread.join()
+            with lock:
+                flights.retire_locked(me, relax=False)
+                kept = [event for batch in waiting for event in batch.events]
+                _, parked = flights.abandon_locked()
+                kept[0:0] = [event for batch in parked for event in batch.events]
+        return kept

@@ -24,14 +24,12 @@ while it is in the air or deferred.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
 import time
 from collections import deque
-from threading import Thread
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional
 
 from .._config import (
     DEFAULT_FLUSH_INTERVAL_MS,
@@ -40,55 +38,18 @@ from .._config import (
     DEFAULT_MAX_QUEUE_SIZE,
 )
 from .._deadline import Deadline
-from .._delivery import Outcome
-from .._logging import log
 from .._models import FlushResult
+from ._dropped import DroppedEvents
 from ._flights import Batch, Flights
+from ._sending import IDLE_RETIRE_S, INLINE_TIMEOUT_S, NO_THREAD, SenderThreads
 from .base import Transport
 
 __all__ = ["BackgroundTransport", "IDLE_RETIRE_S"]
 
 _monotonic = time.monotonic
 
-#: How long a send on the caller's thread (no background thread here) may take.
-_INLINE_TIMEOUT_S = 5.0
 
-#: Dropped events are handed to on_error at most this many at a time.
-_REPORT_SLICE = 1000
-
-#: A helper thread of the pool with nothing to send for this long (seconds) ends.
-IDLE_RETIRE_S = 10.0
-
-#: The loss episode of a full queue (see klime._logging).
-EPISODE_OVERFLOW = "loss-overflow"
-
-
-class _NoThread:
-    """Marks a transport that drains on callers' threads."""
-
-    def is_alive(self) -> bool:
-        return False
-
-
-_NO_THREAD = _NoThread()
-
-#: Decides, once per process, whether a background thread may run here.
-ThreadPolicy = Callable[[], bool]
-
-
-def _threads_allowed() -> bool:
-    from .._runtime import background_threads_allowed
-
-    return background_threads_allowed()
-
-
-def _send_at_once() -> bool:
-    from .._runtime import must_send_at_once
-
-    return must_send_at_once()
-
-
-class BackgroundTransport(Transport):
+class BackgroundTransport(SenderThreads, Transport):
     """Queue in the caller's thread, send from klime's background threads.
 
     Args:
@@ -134,17 +95,17 @@ class BackgroundTransport(Transport):
         self._left = 0  # events that have left the queue (batched or dropped), in order
         self._release_to = 0  # events numbered below this may go in a partial batch
         self._next_due = 0.0  # when the next interval flush is due (monotonic)
-        self._overflow: List[bytes] = []  # dropped (and counted), not yet reported
-        self._overflow_unheld = 0  # dropped with nobody to hand them to: counted, not kept
-        self._dropped = 0
-        self._overflow_first = 0
-        self._reporting: List[int] = []  # first sequence numbers of reports in progress
-        self._overflow_episode = 0
-        self._reporter: Optional[Thread] = None
-        self._report_wake = threading.Event()
+        self._drops = DroppedEvents(
+            self._lock,
+            self._settled_cond,
+            max_queue_size=self.max_queue_size,
+            delivery=lambda: self.delivery,
+            queue_has_room=lambda: len(self._queue) < self.max_queue_size,
+            stopping=lambda: self._stopping,
+        )
         self._closed = closed
         self._stopping = False
-        self._thread: Optional[object] = None  # the first sender thread, or _NO_THREAD
+        self._thread: Optional[object] = None  # the first sender thread, or NO_THREAD
         self._inline_each = False  # no thread, and no later moment to send: send every event
         self._worker_deadline = Deadline()
         self._pid = os.getpid()
@@ -162,15 +123,8 @@ class BackgroundTransport(Transport):
             queue = self._queue
             overflow = len(queue) >= self.max_queue_size
             if overflow:
-                oldest = queue.popleft()
-                if self._keep_dropped():
-                    if not self._overflow:
-                        self._overflow_first = self._left
-                    self._overflow.append(oldest)
-                else:
-                    self._overflow_unheld += 1
+                self._drops.add_locked(queue.popleft(), self._left, keep=self._keep_dropped())
                 self._left += 1
-                self._dropped += 1
             queue.append(event)
             self._accepted += 1
             size = len(queue)
@@ -179,13 +133,13 @@ class BackgroundTransport(Transport):
                 self._full_batch_locked()
         if thread is None:
             thread = self._start()
-        if thread is _NO_THREAD:
+        if thread is NO_THREAD:
             if self._inline_each or size >= self.max_batch_size or overflow:
                 # bounded: an unreachable endpoint must not stall the caller for the whole
                 # retry budget (what is not sent in time is reported, not kept)
-                self._drain_here(Deadline.after(_INLINE_TIMEOUT_S), release=self._inline_each)
+                self._drain_here(Deadline.after(INLINE_TIMEOUT_S), release=self._inline_each)
         elif overflow:
-            self._report_soon()
+            self._drops.report_soon()
         return True
 
     def _full_batch_locked(self) -> None:
@@ -201,259 +155,9 @@ class BackgroundTransport(Transport):
         delivery = self._delivery
         return delivery is not None and delivery.has_error_callback()
 
-    def _report_soon(self) -> None:
-        """Have dropped events reported now, even while every sender thread is stuck in a
-        request: by a second daemon thread, started at the first overflow."""
-        reporter = self._reporter
-        if reporter is None:
-            with self._lock:
-                reporter = self._reporter
-                if reporter is None:
-                    reporter = self._reporter = Thread(
-                        target=self._run_reporter, name="klime-reporter", daemon=True
-                    )
-                else:
-                    reporter = None
-            if reporter is not None:
-                try:
-                    reporter.start()
-                except RuntimeError:  # interpreter shutdown: the next drain reports them
-                    return
-        self._report_wake.set()
-
-    def _run_reporter(self) -> None:
-        while True:
-            self._report_wake.wait()
-            self._report_wake.clear()
-            try:
-                self._report_overflow()
-            except Exception:  # never expected (callbacks are guarded)
-                log.exception("klime: reporting dropped events failed")
-            with self._lock:
-                if self._stopping and not self._overflow:
-                    return
-
-    def _start(self) -> object:
-        with self._lock:
-            if self._thread is not None:
-                return self._thread
-            allowed = self._threads_option if self._threads_option is not None else _threads_allowed()
-            if not allowed:
-                self._thread = _NO_THREAD
-                # e.g. a uWSGI master before it forks: nothing of ours runs there later
-                self._inline_each = self._threads_option is None and _send_at_once()
-                return _NO_THREAD
-            self._next_due = _monotonic() + self.flush_interval
-            thread = self._flights.prepare_locked(functools.partial(self._work, True), name="klime-sender")
-            self._thread = thread
-        if self._flights.launch(thread):
-            return thread
-        with self._lock:  # "can't create new thread at interpreter shutdown"
-            self._thread = _NO_THREAD
-        return _NO_THREAD
-
-    # ------------------------------------------------------------------ the senders
-
-    def _work(self, primary: bool) -> None:
-        """The loop of every sender thread. The primary one (``klime-sender``) also keeps
-        the flush interval and never retires; helpers end after IDLE_RETIRE_S idle."""
-        me = threading.current_thread()
-        try:
-            while True:
-                self._report_overflow()
-                batch, more = self._next(primary, me)
-                if batch is None:
-                    return
-                for _ in range(more):
-                    if self._flights.spawn(functools.partial(self._work, False)) is None:
-                        break
-                self._fly(batch, self._worker_deadline)
-        except BaseException:  # never expected; keep the books honest and say so
-            with self._lock:
-                if primary:
-                    self._thread = _NO_THREAD  # from now on, callers drain inline
-                self._settled_cond.notify_all()  # a waiting flush must not wait for a dead thread
-            log.exception("klime: a sender thread stopped unexpectedly")
-            raise
-        finally:
-            with self._lock:
-                self._flights.retire_locked(me)
-
-    def _next(self, primary: bool, me: Thread) -> tuple[Optional[Batch], int]:
-        """Wait for a batch this thread may send: (batch, how many more threads to start),
-        or (None, 0) when this thread should end."""
-        flights = self._flights
-        idle_since: Optional[float] = None
-        with self._lock:
-            while True:
-                now = _monotonic()
-                if now >= self._next_due:
-                    self._tick_locked(now)
-                if self._stopping and (
-                    self._worker_deadline.expired() or not (self._queue or flights.parked)
-                ):
-                    return None, 0
-                batch = self._take_locked()
-                if batch is not None:
-                    more = self._takeable_locked()
-                    if more and flights.idle:
-                        flights.work.notify()  # another batch may go: an idle thread takes it
-                    return batch, flights.threads_wanted_locked(more)
-                if primary:
-                    timeout = self._next_due - now
-                    if self._stopping:
-                        timeout = min(timeout, 0.05)
-                else:
-                    if self._stopping or len(flights.threads) > flights.limit.limit:
-                        return None, 0  # nothing to do, or more threads than the limit needs
-                    if idle_since is None:
-                        idle_since = now
-                    timeout = idle_since + IDLE_RETIRE_S - now
-                    if timeout <= 0:
-                        return None, 0
-                    timeout = min(timeout, self._next_due - now)
-                flights.idle += 1
-                try:
-                    flights.work.wait(max(0.0, min(timeout, self._wake_in_locked())))
-                finally:
-                    flights.idle -= 1
-
-    def _tick_locked(self, now: float) -> None:
-        """The flush interval came: partial batches may go."""
-        self._release_to = max(self._release_to, self._accepted)
-        self._next_due = now + self.flush_interval
-
-    def _wake_in_locked(self) -> float:
-        """Seconds until something becomes due that no event will announce (none here)."""
-        return 3600.0
-
-    def _take_locked(self) -> Optional[Batch]:
-        """The next batch that may take off now, already counted as in the air; deferred
-        batches first. A full batch goes while the limit allows; a partial one only when
-        released (interval, flush, shutdown) and nothing else is in the air."""
-        flights = self._flights
-        if flights.parked:
-            return flights.take_parked_locked()
-        queue = self._queue
-        waiting = len(queue)
-        if not waiting:
-            return None
-        size = self.max_batch_size
-        if waiting >= size:
-            if not flights.room_locked():
-                return None
-            n = size
-        else:
-            if flights.flying or not (self._stopping or self._left < self._release_to):
-                return None
-            n = waiting
-        popleft = queue.popleft
-        batch = Batch(self._left, [popleft() for _ in range(n)])
-        self._left += n
-        return flights.board_locked(batch)
-
-    def _takeable_locked(self) -> int:
-        """How many more batches could take off now (deferred ones, full ones waiting),
-        within the limit."""
-        flights = self._flights
-        room = flights.limit.limit - len(flights.flying)
-        waiting = len(flights.parked) + len(self._queue) // self.max_batch_size
-        return max(0, min(room, waiting))
-
-    def _fly(self, batch: Batch, deadline: Deadline) -> None:
-        """Send one batch (blocks); settle it; deferred events wait, first in line."""
-        try:
-            self.delivery.send(
-                batch.events,
-                deadline,
-                claim=functools.partial(self._land, batch),
-                feedback=functools.partial(self._feedback, batch),
-                attempts_made=batch.attempts,
-            )
-        except Exception:  # Delivery never raises; if it does, the batch is not lost silently
-            log.exception("klime: sending a batch failed unexpectedly")
-            with self._lock:
-                orphan = self._flights.land_locked(batch, [], 0, None)
-            if orphan:
-                self.delivery.fail(batch.events, "an unexpected error happened while sending")
-        finally:
-            with self._lock:
-                self._settled_cond.notify_all()
-        self._report_overflow()
-
-    def _land(self, batch: Batch, outcome: Outcome) -> bool:
-        """Called by Delivery just before it counts a batch's outcome: the batch leaves the
-        air at that instant (so ``stats()`` never counts it twice), unless a shutdown
-        already gave up on it and accounted for it."""
-        with self._lock:
-            return self._flights.land_locked(
-                batch, outcome.unsent or [], outcome.attempts, outcome.last_error
-            )
-
-    def _feedback(self, batch: Batch, outcome: str, seconds: float) -> bool:
-        with self._lock:
-            flights = self._flights
-            backlog = len(flights.parked) + len(self._queue) // self.max_batch_size
-            return flights.feedback_locked(outcome, seconds, backlog=backlog)
-
-    def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
-        """Send from the calling thread, one batch at a time, until nothing may go (or the
-        deadline). ``release``: partial batches too, up to everything queued now."""
-        self._report_overflow()
-        with self._drain_lock:
-            if release:
-                with self._lock:
-                    self._release_to = max(self._release_to, self._accepted)
-            while not deadline.expired():
-                with self._lock:
-                    batch = self._take_locked()
-                if batch is None:
-                    return
-                self._fly(batch, deadline)
-
     def _report_overflow(self) -> None:
-        """Hand dropped events to ``on_error``, at most ``_REPORT_SLICE`` per call; warn at
-        the start of an overflow episode (stderr too without logging) and log its end.
-        Thread-safe."""
-        while True:
-            with self._lock:
-                dropped = self._overflow
-                unheld, self._overflow_unheld = self._overflow_unheld, 0
-                if not dropped and not unheld:
-                    if self._overflow_episode and len(self._queue) < self.max_queue_size:
-                        total, self._overflow_episode = self._overflow_episode, 0
-                        log.end_episode(EPISODE_OVERFLOW)
-                        log.warning("klime: the queue has room again; %d events were dropped", total)
-                    return
-                if len(dropped) > _REPORT_SLICE:  # bound the memory and GIL time of one report
-                    dropped, self._overflow = dropped[:_REPORT_SLICE], dropped[_REPORT_SLICE:]
-                    first = self._overflow_first
-                    # a lower bound of the next one's sequence number: flush may wait a
-                    # little longer, never return early
-                    self._overflow_first = first + _REPORT_SLICE
-                else:
-                    self._overflow = []
-                    first = self._overflow_first
-                self._reporting.append(first)
-                self._overflow_episode += len(dropped) + unheld
-            try:
-                log.notice(
-                    EPISODE_OVERFLOW,
-                    "klime: the queue is full (max_queue_size=%d): events are being dropped, "
-                    "oldest first, and reported to on_error. The endpoint is slower than "
-                    "the events come (or unreachable); raise max_queue_size or "
-                    "max_concurrent_requests, or check the endpoint",
-                    self.max_queue_size,
-                )
-                reason = f"queue full (max_queue_size={self.max_queue_size}); event dropped"
-                if dropped:
-                    self.delivery.drop(dropped, reason, counted=True, notice=False)
-                if unheld:
-                    log.error("klime: %d events not delivered: %s", unheld, reason)
-            finally:
-                with self._lock:
-                    self._reporting.remove(first)
-                    self._settled_cond.notify_all()
+        """Hand events dropped for room to ``on_error`` (see :mod:`._dropped`). Thread-safe."""
+        self._drops.report()
 
     # ------------------------------------------------------------------ flush / shutdown
 
@@ -462,29 +166,29 @@ class BackgroundTransport(Transport):
         return (
             self._left >= target
             and self._flights.settled_locked(target)
-            and (not self._overflow or self._overflow_first >= target)
-            and all(first >= target for first in self._reporting)
+            and self._drops.settled_locked(target)
         )
 
     def _unsettled(self, target: int) -> int:
         """How many events with sequence number < ``target`` are unresolved. (Hold the lock.)"""
-        count = max(0, target - self._left) + self._flights.unsettled_locked(target)
-        if self._overflow and self._overflow_first < target:
-            count += min(len(self._overflow), target - self._overflow_first)
-        return count
+        return (
+            max(0, target - self._left)
+            + self._flights.unsettled_locked(target)
+            + self._drops.unsettled_locked(target)
+        )
 
     def _snapshot(self) -> Dict[str, int]:
         counters = self.delivery.counters()
-        counters["dropped"] += self._dropped
+        counters["dropped"] += self._drops.count
         return counters
 
     def _worker_alive(self) -> bool:
         thread = self._thread
-        return thread is not None and thread is not _NO_THREAD and thread.is_alive()  # type: ignore[attr-defined]
+        return thread is not None and thread is not NO_THREAD and thread.is_alive()  # type: ignore[attr-defined]
 
     def _own_thread(self) -> bool:
         current = threading.current_thread()
-        return current is self._reporter or current in self._flights.alive()
+        return current is self._drops.reporter or current in self._flights.alive()
 
     def _wait_settled(self, deadline: Deadline, *, help: bool = False) -> FlushResult:
         """Wait until everything queued so far is resolved (or the deadline). ``help``:
@@ -560,7 +264,7 @@ class BackgroundTransport(Transport):
             self._stopping = True
             self._release_to = sys.maxsize
             self._flights.work.notify_all()
-        self._report_wake.set()
+        self._drops.wake.set()
         current = threading.current_thread()
         for thread in self._flights.alive():
             if thread is not current:
@@ -610,7 +314,7 @@ class BackgroundTransport(Transport):
     def counts(self) -> Dict[str, int]:
         with self._lock:
             pending = len(self._queue) + self._flights.held_locked()
-            return {"accepted": self._accepted, "pending": pending, "dropped": self._dropped}
+            return {"accepted": self._accepted, "pending": pending, "dropped": self._drops.count}
 
     def in_flight(self) -> Dict[str, int]:
         """What is being sent now: requests in the air, deferred batches, sender threads and

@@ -30,12 +30,10 @@ faster than many sequential sends; such a send is bounded by the invocation's de
 from __future__ import annotations
 
 import contextvars
-import functools
 import os
 import threading
 import time
-from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .._config import (
     DEFAULT_FLUSH_INTERVAL_MS,
@@ -44,10 +42,9 @@ from .._config import (
     DEFAULT_MAX_QUEUE_SIZE,
 )
 from .._deadline import Deadline
-from .._delivery import Outcome
 from .._logging import log
 from .._models import FlushResult
-from ._flights import Batch, Flights
+from ._flights import Flights
 from .base import Transport
 
 __all__ = ["InvocationTransport", "enter_invocation", "exit_invocation", "invocation_deadline"]
@@ -250,7 +247,7 @@ class InvocationTransport(Transport):
                 return True
             kept = [event for batch in batches for event in batch]  # if all else fails
             try:
-                kept = self._fly_all(batches, deadline)
+                kept = self._flights.fly_all(batches, deadline, self.delivery)
             finally:
                 with self._lock:
                     self._inflight -= sum(map(len, batches))
@@ -261,101 +258,6 @@ class InvocationTransport(Transport):
                             self._oldest_at = min(self._oldest_at, oldest_at)
                         self._buffer[0:0] = kept
             return not kept
-
-    def _fly_all(self, batches: List[List[bytes]], deadline: Deadline) -> List[bytes]:
-        """Send every batch, as many at once as the adaptive limit allows: the caller's
-        thread is one sender, helper threads (``klime-flush-<n>``) the others; they end
-        before this returns. Returns the events not delivered by the deadline (not
-        counted: the caller keeps them). Blocks until then."""
-        flights = self._flights
-        lock = self._lock
-        waiting: Deque[Batch] = deque(Batch(0, batch) for batch in batches)
-
-        def take_locked() -> Optional[Batch]:
-            if deadline.expired():
-                return None
-            batch = flights.take_parked_locked()
-            if batch is None and waiting and flights.room_locked():
-                batch = flights.board_locked(waiting.popleft())
-            return batch
-
-        def takeable_locked() -> int:
-            return max(0, min(flights.limit.limit - len(flights.flying), len(waiting) + len(flights.parked)))
-
-        def land(batch: Batch, outcome: Outcome) -> bool:
-            with lock:
-                return flights.land_locked(batch, outcome.unsent or [], outcome.attempts, outcome.last_error)
-
-        def feedback(outcome: str, seconds: float) -> bool:
-            with lock:
-                return flights.feedback_locked(outcome, seconds, backlog=len(waiting) + len(flights.parked))
-
-        def fly(batch: Batch) -> None:
-            try:
-                self.delivery.send(
-                    batch.events,
-                    deadline,
-                    keep_unsent=True,
-                    claim=functools.partial(land, batch),
-                    feedback=feedback,
-                    attempts_made=batch.attempts,
-                )
-            except Exception:  # Delivery never raises; if it does, keep the batch
-                log.exception("klime: sending a batch failed unexpectedly")
-                with lock:
-                    flights.land_locked(batch, batch.events, batch.attempts, None)
-            finally:
-                with lock:
-                    flights.work.notify_all()
-
-        def helper() -> None:
-            me = threading.current_thread()
-            try:
-                while True:
-                    with lock:
-                        batch = take_locked()
-                        if batch is None:
-                            return
-                    fly(batch)
-            finally:
-                with lock:
-                    flights.retire_locked(me, relax=False)
-
-        helpers: List[threading.Thread] = []
-        me = threading.current_thread()
-        with lock:
-            flights.threads.append(me)  # the caller's thread is one of the senders
-            flights.limit.open_to(len(waiting))
-        try:
-            while True:
-                with lock:
-                    batch = take_locked()
-                    if batch is None:
-                        if not flights.flying:
-                            break
-                        left = deadline.remaining()  # flights in the air stop at it themselves
-                        flights.idle += 1
-                        try:
-                            flights.work.wait(1.0 if left is None else max(0.01, min(1.0, left)))
-                        finally:
-                            flights.idle -= 1
-                        continue
-                    spawn = flights.threads_wanted_locked(takeable_locked())
-                for _ in range(spawn):
-                    thread = flights.spawn(helper)
-                    if thread is None:
-                        break
-                    helpers.append(thread)
-                fly(batch)
-        finally:
-            for thread in helpers:
-                thread.join()
-            with lock:
-                flights.retire_locked(me, relax=False)
-                kept = [event for batch in waiting for event in batch.events]
-                _, parked = flights.abandon_locked()
-                kept[0:0] = [event for batch in parked for event in batch.events]
-        return kept
 
     def _report_overflow(self) -> None:
         with self._lock:

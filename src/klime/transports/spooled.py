@@ -48,26 +48,20 @@ from .._logging import log
 from .._models import FlushResult
 from ..errors import SpoolUnavailable
 from ._flights import Batch
+from ._spooler import ADOPT_S, SPOOL_WRITE_S, DiskQueue
 from .background import BackgroundTransport
 
 __all__ = ["SpoolTransport", "SPOOL_WRITE_S", "ADOPT_S", "MAX_SPOOL_BACKOFF_S"]
 
-#: Events are on disk at most this long after ``track`` (or sooner: a full batch), seconds.
-SPOOL_WRITE_S = 0.2
-#: How often the spooler looks for rows of processes that are gone, seconds.
-ADOPT_S = 5.0
 #: Longest wait before a released batch is tried again, seconds.
 MAX_SPOOL_BACKOFF_S = MAX_RETRY_AFTER_S
-
-#: The loss episode of a full spool (see klime._logging).
-EPISODE_SPOOL_FULL = "loss-spool-full"
 
 _CLAIM = object()  # marks a batch to be filled from the spool by the thread that flies it
 _wall = time.time
 _monotonic = time.monotonic
 
 
-class SpoolTransport(BackgroundTransport):
+class SpoolTransport(DiskQueue, BackgroundTransport):
     """The background transport, with a durable spool in ``directory`` (see the module).
 
     Args:
@@ -121,51 +115,7 @@ class SpoolTransport(BackgroundTransport):
         self._next_adopt = 0.0
         self._write_at = max(self.max_batch_size, self.max_queue_size // 4)
 
-    # ------------------------------------------------------------------ the spool
-
-    def _spool(self) -> Any:
-        """The Spool (opened on first use); None once this process fell back to memory."""
-        disk = self._disk
-        if disk is not None or self._degraded:
-            return disk
-        opened = False
-        with self._disk_lock:
-            disk = self._disk
-            if disk is None and not self._degraded:
-                from ..spool import Spool
-
-                try:
-                    disk = self._disk = Spool.open(self.directory, max_bytes=self.spool_max_bytes)
-                    opened = True
-                except SpoolUnavailable as exc:
-                    self._degrade(exc)
-                    return None
-        if opened:
-            if disk.moved_aside:
-                log.warning_once(
-                    "spool-moved-aside",
-                    "klime: the spool in %s was corrupt; it was moved aside to %s",
-                    self.directory,
-                    disk.moved_aside,
-                )
-            self._adopt(disk)  # what processes that are gone left: sent first
-        return disk
-
-    def _degrade(self, exc: SpoolUnavailable) -> None:
-        """Fall back to the memory queue for the rest of this process; one warning."""
-        with self._lock:
-            if self._degraded:
-                return
-            self._degraded = True
-            self._flights.work.notify_all()
-        log.warning_once(
-            "spool-unavailable",
-            "klime: the spool in %s cannot be used (%s): events are kept in memory only "
-            "from now on (a crash or a restart can lose them); events already on disk "
-            "wait there for the next process",
-            self.directory,
-            exc.reason,
-        )
+    # ------------------------------------------------------------------ the disk side
 
     def _start(self) -> object:
         thread = super()._start()
@@ -185,89 +135,6 @@ class SpoolTransport(BackgroundTransport):
             # memory queue before then is written at once (fewer, larger transactions, and
             # less for the caller's thread to do than a wake-up per batch)
             self._write_wake.set()
-
-    def _run_spooler(self) -> None:
-        while True:
-            self._write_wake.wait(SPOOL_WRITE_S)
-            self._write_wake.clear()
-            try:
-                self._write()
-                if _monotonic() >= self._next_adopt:
-                    self._adopt()
-            except Exception:  # never expected: the spool's failures are SpoolUnavailable
-                log.exception("klime: the spooler failed")
-            with self._lock:
-                if self._degraded or (self._stopping and not self._queue):
-                    return
-
-    def _write(self) -> None:
-        """Move what the deque holds to disk (the calling thread blocks for the
-        transaction; never a caller of ``track``)."""
-        with self._write_lock:
-            with self._lock:
-                if self._degraded or not self._queue:
-                    return
-                events = list(self._queue)
-                self._queue.clear()
-                self._left += len(events)
-                self._transit += len(events)
-            disk = self._spool()
-            result = None
-            try:
-                if disk is not None:
-                    result = disk.append(events)
-            except SpoolUnavailable as exc:
-                self._degrade(exc)
-            with self._lock:
-                self._transit -= len(events)
-                if result is None:  # nothing stored: back to the front of the memory queue
-                    self._queue.extendleft(reversed(events))
-                    self._left -= len(events)
-                    self._flights.work.notify_all()
-                    return
-                kept = result.appended - result.dropped_count
-                self._spooled += kept
-                self._fresh = max(0, self._fresh + kept)
-                self._wake_senders_locked(kept)
-        if result.dropped:
-            log.notice(
-                EPISODE_SPOOL_FULL,
-                "klime: the spool in %s is full (max_bytes=%d): this process's oldest spooled "
-                "events are being dropped and reported to on_error",
-                self.directory,
-                self.spool_max_bytes,
-            )
-            self.delivery.drop(list(result.dropped), "spool full; event dropped", notice=False)
-        else:
-            log.end_episode(EPISODE_SPOOL_FULL)
-
-    def _wake_senders_locked(self, rows: int) -> None:
-        flights = self._flights
-        if flights.idle:
-            flights.work.notify(max(1, rows // self.max_batch_size))
-        elif not flights.flying and rows:
-            flights.work.notify()
-
-    def _adopt(self, disk: Any = None) -> None:
-        """Take over the rows of processes that are gone; give freed pages back."""
-        if disk is None:
-            disk = self._spool()
-        if disk is None:
-            return
-        self._next_adopt = _monotonic() + ADOPT_S
-        try:
-            moved = disk.adopt()
-            disk.compact()
-        except SpoolUnavailable as exc:
-            self._degrade(exc)
-            return
-        if moved:
-            log.info("klime: took over %d spooled events of processes that are gone", moved)
-            with self._lock:
-                self._adopted += moved
-                self._spooled += moved
-                self._fresh += moved
-                self._wake_senders_locked(moved)
 
     # ------------------------------------------------------------------ sending
 

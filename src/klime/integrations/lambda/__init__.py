@@ -14,7 +14,13 @@ statement; use ``from klime import klime_lambda`` (or ``klime.integrations``), o
 
 The SQS forwarder (``make_sqs_forwarder``, ``sqs_forwarder_handler``) lives in
 ``.forwarder`` and is imported on first access only, so importing this package never
-imports boto3. This module imports only the standard library and klime.
+imports boto3. The decorator is defined in ``klime.integrations._lambda`` (type checkers
+cannot follow an import of a package named ``lambda``); the private modules here are
+klime's internal extension (``_extension``, ``_extension_thread``, ``_extensions_api``,
+``_handler``) and the SnapStart hook (``_snapstart``).
+
+May import: the standard library, the decorator's module ``klime.integrations._lambda`` and
+(lazily, through importlib) its own ``forwarder``; never the ``klime`` package.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .._serverless import LambdaDecorator, klime_lambda
+from .._lambda import LambdaDecorator, klime_lambda
 
 __all__ = ["LambdaDecorator", "klime_lambda", "make_sqs_forwarder", "sqs_forwarder_handler"]
 

@@ -1,0 +1,160 @@
+"""The shape of src/klime: no import circle, and every import points down the layers.
+
+Read from the code's own imports (``ast``; every ``import`` counts, inside functions and
+``TYPE_CHECKING`` blocks too). The layers, bottom to top (docs/architecture.md):
+
+0. model: configuration, errors, deadlines, events and batching, logging
+1. runtime facts and process life; senders (WHERE); the spool's storage
+2. delivery: splitting, counting, callbacks
+3. transports (WHEN)
+4. the face: ``Client`` and what it is made of
+5. integrations and tools (Lambda, Cloud Functions, WSGI/ASGI, uWSGI, Celery, Flask, the
+   CLI, the local collector, ``klime.testing``, ``klime.aws``)
+6. the package ``klime`` itself (its public names)
+
+A module may import its own layer's group, and anything below it. Hooks a lower layer runs
+for a higher one are registered through an interface the lower one owns.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+#: (module or package prefix, layer, group) — the longest matching prefix wins.
+LAYERS: List[Tuple[str, int, str]] = [
+    ("klime._config", 0, "model"),
+    ("klime._version", 0, "model"),
+    ("klime._models", 0, "model"),
+    ("klime.errors", 0, "model"),
+    ("klime._deadline", 0, "model"),
+    ("klime._events", 0, "model"),
+    ("klime._batching", 0, "model"),
+    ("klime._logging", 0, "model"),
+    ("klime._settings", 0, "model"),
+    ("klime._runtime", 1, "process"),
+    ("klime._lifecycle", 1, "process"),
+    ("klime._boto", 1, "senders"),
+    ("klime.senders", 1, "senders"),
+    ("klime.spool", 1, "spool"),
+    ("klime._delivery", 2, "delivery"),
+    ("klime.transports", 3, "transports"),
+    ("klime._client", 4, "face"),
+    ("klime._aio", 4, "face"),
+    ("klime._options", 4, "face"),
+    ("klime._default", 4, "face"),
+    ("klime.integrations", 5, "top"),
+    ("klime.cli", 5, "top"),
+    ("klime.devserver", 5, "top"),
+    ("klime.testing", 5, "top"),
+    ("klime.aws", 5, "top"),
+    ("klime", 6, "root"),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> Dict[str, Path]:
+    return {module_name(p): p for p in sorted((SRC / "klime").rglob("*.py"))}
+
+
+def imports(name: str, path: Path, known: Set[str]) -> Set[str]:
+    """The klime modules ``name`` imports (a package counts as its ``__init__``)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            subs = [f"{target}.{alias.name}" for alias in node.names]
+            submodules = [s for s in subs if s in known]
+            # "from . import _config" imports the submodule, not the package's names
+            targets = submodules if len(submodules) == len(subs) else [target, *submodules]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # "import a.b.c" of a name inside a module
+                target = target.rpartition(".")[0]
+            if target.startswith("klime") and target != name:
+                found.add(target)
+    return found
+
+
+def layer_of(name: str) -> Tuple[int, str]:
+    best = max((p for p in LAYERS if name == p[0] or name.startswith(p[0] + ".")), key=lambda p: len(p[0]))
+    return best[1], best[2]
+
+
+GRAPH = None
+
+
+def graph() -> Dict[str, Set[str]]:
+    global GRAPH
+    if GRAPH is None:
+        mods = modules()
+        GRAPH = {name: imports(name, path, set(mods)) for name, path in mods.items()}
+    return GRAPH
+
+
+def test_every_module_has_a_layer():
+    assert all(layer_of(name) for name in graph())
+
+
+def test_no_import_points_up_the_layers():
+    upward = []
+    for source, targets in graph().items():
+        layer, group = layer_of(source)
+        for target in targets:
+            t_layer, t_group = layer_of(target)
+            if t_layer > layer or (t_layer == layer and t_group != group and layer != 5):
+                upward.append(f"{source} (layer {layer} {group}) -> {target} (layer {t_layer} {t_group})")
+    assert not upward, "imports that point up or sideways:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_circle():
+    g = graph()
+    cycles: List[List[str]] = []
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(g.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_each_module_is_small_and_says_what_it_is_for(name):
+    path = modules()[name]
+    lines = path.read_text().count("\n")
+    assert lines <= 420, f"{name}: {lines} lines; split it along its seams"
+    tree = ast.parse(path.read_text())
+    if lines > 30:
+        assert ast.get_docstring(tree), f"{name}: no module docstring"
