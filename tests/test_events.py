@@ -103,8 +103,8 @@ def test_message_ids_are_uuid4_and_unique():
 
 def test_timestamp_is_utc_now_with_ms():
     ts = now_timestamp()
-    parsed = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
-    assert abs((parsed - dt.datetime.now(dt.timezone.utc)).total_seconds()) < 2
+    parsed = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    assert abs((parsed - dt.datetime.now(dt.UTC)).total_seconds()) < 2
 
 
 class Color(enum.Enum):
@@ -119,7 +119,7 @@ class Point:
 
 class Model:
     def model_dump(self):
-        return {"a": 1, "at": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)}
+        return {"a": 1, "at": dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)}
 
 
 def test_conversions():
@@ -260,3 +260,23 @@ def test_json_roundtrip_is_valid():
     raw = encode_track('q"uote\\', {"x": "line\nbreak", "e": "\u2028"}, 'u"', None)
     ev = json.loads(raw)
     assert ev["event"] == 'q"uote\\' and ev["userId"] == 'u"'
+
+
+@pytest.mark.parametrize("key", ["a", 1, (1,)])  # the C encoder's path, and the slow path
+def test_the_depth_limit_is_the_same_on_every_path_and_every_python(key):
+    from klime._config import MAX_DEPTH
+
+    def nested(depth):
+        root: dict = {}
+        cur = root
+        for _ in range(depth - 1):
+            cur[key] = {}
+            cur = cur[key]
+        cur[key] = [1]  # a list is a level too
+        return root
+
+    encode_track("x", nested(MAX_DEPTH - 1), "u", None)  # MAX_DEPTH levels: fine
+    with pytest.raises(ValidationError, match=f"nested more than {MAX_DEPTH} levels deep"):
+        encode_track("x", nested(MAX_DEPTH), "u", None)
+    with pytest.raises(ValidationError, match="nested more than"):
+        encode_track("x", nested(100_000), "u", None)  # never the encoder's own limit

@@ -80,6 +80,21 @@ def test_permanent_rejections_say_nothing_about_load():
     assert limit.limit == at
 
 
+def test_a_burst_that_slows_the_server_does_not_raise_the_base():
+    limit = grown(AdaptiveLimit(32), 2, seconds=0.006)  # base: 6 ms
+    for _ in range(300):  # the server now answers in 30 ms because of our own load
+        limit.observe(ATTEMPT_OK, 0.03, backlog=100, in_flight=limit.limit)
+    assert limit.best() < 0.012  # still near 6 ms: the slowness is not taken for the route
+    assert limit.limit == 1  # and what more in flight only slowed was given back
+
+
+def test_a_route_that_got_slower_for_good_is_learnt():
+    limit = grown(AdaptiveLimit(32), 2, seconds=0.006)
+    for _ in range(64 * 25):
+        limit.observe(ATTEMPT_OK, 0.05, backlog=0, in_flight=1)
+    assert limit.best() == 0.05
+
+
 def test_stops_growing_when_round_trips_grow_past_twice_the_best():
     limit = grown(AdaptiveLimit(32), 2)  # best: 50 ms
     at = limit.limit
@@ -237,10 +252,38 @@ def test_threads_wanted_fills_the_room_once_and_not_while_one_is_idle():
     f.limit.limit = 6
     f.board_locked(Batch(0, [b"x"]))
     f.threads.append(threading.current_thread())
-    assert f.threads_wanted_locked(10) == 5  # room for 5 more in the air
     assert f.threads_wanted_locked(2) == 2  # only 2 batches waiting
+    f.unwanted_locked(2)
+    assert f.threads_wanted_locked(10) == 5  # room for 5 more in the air
+    # counted at once: another thread deciding now does not start them again
+    assert f.threads_wanted_locked(10) == 0
+    f.unwanted_locked(5)
     f.idle = 1
     assert f.threads_wanted_locked(10) == 0  # the idle one is woken instead
     f.idle = 0
     f.no_threads = True
     assert f.threads_wanted_locked(10) == 0
+
+
+def test_concurrent_spawns_never_start_more_threads_than_the_limit():
+    f = flights(ceiling=8)
+    f.limit.limit = 8
+    started = threading.Event()
+    release = threading.Event()
+
+    def worker() -> None:
+        started.set()
+        release.wait(5)
+        with f.lock:
+            f.retire_locked(threading.current_thread(), relax=False)
+
+    with f.lock:  # two sender threads decide, one after the other, before either starts any
+        first = f.threads_wanted_locked(8)
+        second = f.threads_wanted_locked(8)
+    assert (first, second) == (8, 0)
+    for _ in range(first):
+        f.spawn(worker)
+    try:
+        assert started.wait(5) and len(f.threads) == 8 and f.starting == 0
+    finally:
+        release.set()

@@ -35,6 +35,9 @@ MAX_RETRY_AFTER_S = 60.0
 #: Server limits (DESIGN.md section 3).
 MAX_BATCH_EVENTS = 100
 MAX_EVENT_BYTES = 204_800
+#: Properties/traits nested deeper than this many dicts/lists are a ValidationError, on
+#: every Python (the C JSON encoder's own limit changed in 3.12).
+MAX_DEPTH = 500
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
 
 #: HTTP socket timeouts, seconds.

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from json.encoder import encode_basestring as _c_quote
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from ._config import MAX_EVENT_BYTES
+from ._config import MAX_DEPTH, MAX_EVENT_BYTES
 from ._version import __version__
 from .errors import ValidationError
 
@@ -102,9 +102,9 @@ def now_timestamp() -> str:
 
 def _iso_datetime(value: _dt.datetime) -> str:
     if value.tzinfo is None:
-        value = value.replace(tzinfo=_dt.timezone.utc)
+        value = value.replace(tzinfo=_dt.UTC)
     else:
-        value = value.astimezone(_dt.timezone.utc)
+        value = value.astimezone(_dt.UTC)
     text = value.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
@@ -207,6 +207,8 @@ def to_json_value(
     if isinstance(value, (Mapping, list, tuple, set, frozenset)):
         if id(value) in _seen:
             raise ValidationError(f"{_clip(path)} contains itself (a reference cycle)")
+        if _depth >= MAX_DEPTH:
+            raise ValidationError(f"{_clip(path)} is nested more than {MAX_DEPTH} levels deep")
         seen = _seen | {id(value)}
         if isinstance(value, Mapping):
             out: Dict[str, Any] = {}
@@ -229,15 +231,44 @@ def to_json_value(
     return to_json_value(converted, path, _depth + 1, _seen | {id(value)})
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Does ``value`` nest dicts/lists more than ``limit`` levels deep? Iterative (no
+    recursion limit), stops at the first path that is too deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _too_deep(what: str) -> ValidationError:
+    return ValidationError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+
+
 def _json_object(value: Any, what: str) -> str | None:
     """Encode properties/traits; None when absent or empty."""
     if type(value) is dict:
         if not value:
             return None
         try:
-            return _encode(value)  # the fast path: one C-level pass that also validates
+            text = _encode(value)  # the fast path: one C-level pass that also validates
         except Exception:
             pass  # the slow path below explains the problem precisely (or fixes keys)
+        else:
+            # Each level of nesting takes at least two characters, so a short text is never
+            # too deep: the depth is looked at only for large values (the C encoder's own
+            # limit differs from one Python to the next; this one does not).
+            if len(text) < 2 * MAX_DEPTH or not _deeper_than(value, MAX_DEPTH):
+                return text
+            raise _too_deep(what)
     elif value is None:
         return None
     elif not isinstance(value, Mapping):
@@ -247,11 +278,11 @@ def _json_object(value: Any, what: str) -> str | None:
     try:
         plain = to_json_value(value, what)
     except RecursionError:
-        raise ValidationError(f"{what} is nested too deeply") from None
+        raise _too_deep(what) from None
     try:
         return _encode(plain)
     except RecursionError:
-        raise ValidationError(f"{what} is nested too deeply") from None
+        raise _too_deep(what) from None
     except Exception as exc:  # e.g. an int too long to print (sys.set_int_max_str_digits)
         raise ValidationError(f"{what} cannot be turned into JSON: {exc}") from None
 

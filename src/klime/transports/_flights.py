@@ -76,6 +76,7 @@ class Flights:
         self.parked: Deque[Batch] = deque()
         self.threads: List[threading.Thread] = []
         self.idle = 0
+        self.starting = 0  # threads decided on, not yet in :attr:`threads`
         #: set when a thread could not be started (interpreter shutdown): do not try again
         self.no_threads = False
         self._started = 0
@@ -164,18 +165,30 @@ class Flights:
         if self.no_threads or self.idle or takeable <= 0:
             return 0
         room = self.limit.limit - len(self.flying)
-        return max(0, min(takeable, room, self.limit.limit - len(self.threads)))
+        wanted = max(0, min(takeable, room, self.limit.limit - len(self.threads) - self.starting))
+        self.starting += wanted  # counted at once: two threads deciding together never overshoot
+        return wanted
 
     def spawn(self, target: Callable[[], None]) -> Optional[threading.Thread]:
-        """Start a helper thread (``<name>-<n>``) running ``target``; None when threads cannot
-        start (interpreter shutdown: then :attr:`no_threads` is set). Call without the lock."""
+        """Start a helper thread (``<name>-<n>``) running ``target``, one that
+        :meth:`threads_wanted_locked` counted; None when threads cannot start (interpreter
+        shutdown: then :attr:`no_threads` is set). Call without the lock."""
         with self.lock:
-            thread = self.prepare_locked(target)
+            thread = self.prepare_locked(target, wanted=True)
         return thread if self.launch(thread) else None
 
-    def prepare_locked(self, target: Callable[[], None], *, name: Optional[str] = None) -> threading.Thread:
+    def unwanted_locked(self, n: int) -> None:
+        """``n`` threads counted by :meth:`threads_wanted_locked` will not be started."""
+        self.starting = max(0, self.starting - n)
+
+    def prepare_locked(
+        self, target: Callable[[], None], *, name: Optional[str] = None, wanted: bool = False
+    ) -> threading.Thread:
         """A named daemon thread for ``target``, counted in the pool; start it with
-        :meth:`launch` after releasing the lock."""
+        :meth:`launch` after releasing the lock. ``wanted``: one that
+        :meth:`threads_wanted_locked` counted."""
+        if wanted:
+            self.starting = max(0, self.starting - 1)
         self._started += 1
         thread = Thread(target=target, name=name or f"{self.name}-{self._started}", daemon=True)
         self.threads.append(thread)
@@ -290,9 +303,11 @@ class Flights:
                             flights.idle -= 1
                         continue
                     spawn = flights.threads_wanted_locked(takeable_locked())
-                for _ in range(spawn):
+                for n in range(spawn):
                     thread = flights.spawn(helper)
                     if thread is None:
+                        with lock:
+                            flights.unwanted_locked(spawn - n - 1)
                         break
                     helpers.append(thread)
                 fly(batch)

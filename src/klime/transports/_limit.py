@@ -4,10 +4,13 @@
 - it starts at one, and grows with every accepted request while a backlog waits, the whole
   window is in use, the round trip is slow (at least :data:`SLOW_ROUND_TRIP_S`: on a fast
   link one request at a time keeps up and more threads only fight over the GIL) and not
-  more than :data:`LATENCY_GUARD` times its recent best (a server that answers slower under
-  load is saturated): toward what the backlog needs (the batches in the air plus those
-  waiting), at most doubling per accepted request (``jump``: at once), never above
-  ``ceiling``. A limit the traffic stops using falls back (:meth:`AdaptiveLimit._validate`);
+  more than :data:`LATENCY_GUARD` times the base (the best round trip seen lately: a
+  server, or a CPU, that answers slower as more requests come is saturated): toward what
+  the backlog needs (the batches in the air plus those waiting), at most doubling per
+  accepted request (``jump``: at once), never above ``ceiling``;
+- it gives one back per accepted request while the smoothed round trip is more than
+  :data:`LATENCY_SHRINK` times the base, and a limit the traffic stops using falls back
+  (:meth:`AdaptiveLimit._validate`);
 - it halves on every transient failure (429, 5xx, 408, timeouts, resets).
 
 Pure logic, no threads, no I/O. May import: the sender interface's outcome names only.
@@ -19,18 +22,29 @@ from typing import Optional
 
 from ..senders.base import ATTEMPT_OK, ATTEMPT_TRANSIENT
 
-__all__ = ["AdaptiveLimit", "LATENCY_GUARD", "SLOW_ROUND_TRIP_S"]
+__all__ = ["AdaptiveLimit", "LATENCY_GUARD", "LATENCY_SHRINK", "SLOW_ROUND_TRIP_S"]
 
 #: A round trip at least this long (seconds) makes a second request in flight worth its
-#: thread: the wait is the network's, not Python's. Measured here: 100 events in 5
-#: requests to a loopback collector took 3.6 ms one after the other, 7.5 ms on 4 threads.
-SLOW_ROUND_TRIP_S = 0.002
+#: thread: the wait is the network's, not Python's. Below it one request at a time keeps
+#: up (20 events / 5 ms = 4,000 events/s) and more threads only fight over the GIL.
+#: Measured here: 100 events in 5 requests to a loopback collector took 3.6 ms one after
+#: the other, 7.5 ms on 4 threads; and a loopback collector on a busy 2-core machine
+#: answers in 2-4 ms, which with a lower threshold grew the pool and cost the caller's
+#: thread 60 % on its p99 for no gain in delivery.
+SLOW_ROUND_TRIP_S = 0.005
 
-#: No growth while a round trip takes more than this many times the recent best one.
+#: No growth while a round trip takes more than this many times the base (the best one
+#: seen lately): requests are queueing at the server, or in this process, not on the wire.
 LATENCY_GUARD = 2.0
+#: One less in flight for each accepted request while the smoothed round trip is more than
+#: this many times the base: a server (or a CPU) that more requests only slow down.
+LATENCY_SHRINK = 4.0
 
-#: Round-trip samples per window of the "recent best" (its minimum over two windows).
+#: The base round trip is the best one seen; every this many samples it may rise by
+#: :data:`_BASE_DRIFT` toward the best of those samples (a route that got slower for good
+#: is learnt in about 20 windows; a burst that overloads the server is not mistaken for one).
 _WINDOW = 64
+_BASE_DRIFT = 1.1
 
 
 class AdaptiveLimit:
@@ -45,7 +59,7 @@ class AdaptiveLimit:
         "limit",
         "_troubled",
         "round_trip",
-        "_best",
+        "_base",
         "_window_best",
         "_window_n",
         "_used",
@@ -61,7 +75,7 @@ class AdaptiveLimit:
         self._troubled = False  # the last attempt was a transient failure
         #: a moving average of accepted round trips, seconds (None until the first)
         self.round_trip: Optional[float] = None
-        self._best: Optional[float] = None  # best of the previous window
+        self._base: Optional[float] = None  # the best round trip seen lately
         self._window_best: Optional[float] = None
         self._window_n = 0
         self._used = 0  # most requests in the air seen since the limit was last checked
@@ -78,15 +92,16 @@ class AdaptiveLimit:
             return
         self._troubled = False
         previous = self.round_trip
-        self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        best = self.best()
-        self._note(seconds)
-        if (
+        rtt = self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        base = self._note(seconds)
+        if rtt > LATENCY_SHRINK * base and self.limit > 1:
+            self.limit -= 1  # more in flight only queues: give some back
+        elif (
             backlog
             and in_flight >= self.limit
             and self.limit < self.ceiling
             and seconds >= SLOW_ROUND_TRIP_S
-            and (best is None or seconds <= LATENCY_GUARD * best)
+            and seconds <= LATENCY_GUARD * base
         ):
             # toward what the backlog needs, at most doubling per accepted request
             needed = in_flight + backlog
@@ -106,17 +121,21 @@ class AdaptiveLimit:
                 self.limit = max(1, min(self.limit, self._used + max(1, self._used // 2)))
             self._used = self._used_n = 0
 
-    def _note(self, seconds: float) -> None:
+    def _note(self, seconds: float) -> float:
+        """Take a round-trip sample; return the base round trip."""
+        base = self._base
+        base = self._base = seconds if base is None else min(base, seconds)
         window_best = self._window_best
         self._window_best = seconds if window_best is None else min(window_best, seconds)
         self._window_n += 1
-        if self._window_n >= _WINDOW:
-            self._best, self._window_best, self._window_n = self._window_best, None, 0
+        if self._window_n >= _WINDOW:  # drift up, slowly, toward what the route gives now
+            self._base = base = max(base, min(self._window_best, base * _BASE_DRIFT))
+            self._window_best, self._window_n = None, 0
+        return base
 
     def best(self) -> Optional[float]:
-        """The recent best round trip, seconds (None until the first)."""
-        candidates = [t for t in (self._best, self._window_best) if t is not None]
-        return min(candidates) if candidates else None
+        """The base round trip: the best one seen lately, seconds (None until the first)."""
+        return self._base
 
     def open_to(self, batches: int) -> None:
         """A known set of ``batches`` is about to go (an invocation's flush): when round

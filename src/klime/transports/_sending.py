@@ -129,8 +129,10 @@ class SenderThreads:
                 batch, more = self._next(primary, me)
                 if batch is None:
                     return
-                for _ in range(more):
+                for n in range(more):
                     if self._flights.spawn(functools.partial(self._work, False)) is None:
+                        with self._lock:
+                            self._flights.unwanted_locked(more - n - 1)
                         break
                 self._fly(batch, self._worker_deadline)
         except BaseException:  # never expected; keep the books honest and say so
