@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-noaws lint bench soak clean venv dev
+.PHONY: demo test test-noaws lint bench soak clean venv dev test-matrix
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ test: $(VENV)/.dev
 	$(MAKE) --no-print-directory lint
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples tools
 	$(PY) -m mypy
 
 ## Benchmarks against segment-analytics-python and posthog, printed as ratios.
@@ -49,6 +49,12 @@ test-noaws: $(VENV)/.dev
 	.venv-noaws/bin/python -m pip --disable-pip-version-check -q install -e ".[dev]"
 	.venv-noaws/bin/python -m pip --disable-pip-version-check -q uninstall -y boto3 botocore s3transfer moto
 	.venv-noaws/bin/python -m pytest -q
+
+## The whole suite on every CPython that Debian's packages give this machine, one line each
+## (docs/python-versions.md). Needs root; roots are cached in $$KLIME_MATRIX_CACHE
+## (/var/cache/klime-matrix). Pick with MATRIX_ARGS="--only 3.13,3.13t".
+test-matrix:
+	$(PYTHON) tools/test_matrix.py $(MATRIX_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-noaws build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -82,7 +82,9 @@ def test_run_py_measures_every_sdk_on_a_small_workload(tmp_path: Path) -> None:
     assert set(klime["collector"]["paths"]) == {"v1/batch"}
     assert klime["collector"]["unique"] == klime["collector"]["events"] == 200
     assert len(report["targets"]) == 7
-    assert all(isinstance(t["passed"], bool) for t in report["targets"])
+    peers = {c["sdk"] for c in report["configs"]} >= {"segment", "posthog"}
+    for target in report["targets"]:  # without a peer (not installable here), n/a
+        assert isinstance(target["passed"], bool) or (not peers and target["passed"] is None)
 
 
 def test_collector_delays_each_connection_independently_and_can_reject() -> None:

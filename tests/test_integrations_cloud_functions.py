@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -117,7 +118,7 @@ def test_async_function_stays_async_and_flushes_off_the_loop(make_client, collec
         client.track("Async CF", user_id="u")
         return {"ok": True}
 
-    assert asyncio.iscoroutinefunction(fn)
+    assert inspect.iscoroutinefunction(fn)
 
     async def main():
         return await fn(object()), threading.current_thread()

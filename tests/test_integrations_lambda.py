@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import inspect
 import subprocess
 import sys
 import time
@@ -303,7 +304,7 @@ def test_async_handler_becomes_a_plain_function(make_client, collector):
             raise RuntimeError("async failure")
         return event["n"] * 2
 
-    assert not asyncio.iscoroutinefunction(handler)
+    assert not inspect.iscoroutinefunction(handler)
     assert handler({"n": 1}, Context(3000)) == 2
     assert handler({"n": 2}, Context(3000)) == 4
     with pytest.raises(RuntimeError, match="async failure"):

@@ -37,7 +37,7 @@ SEED = int(os.environ.get("KLIME_SOAK_SEED", "20240501"))
 #: Events per second from all threads together, so that the soak lasts (20 s at full size)
 #: and the queue overflows only when faults stall the sender, as in production.
 SOAK_RATE = float(os.environ.get("KLIME_SOAK_RATE", "5000"))
-THREADS = 8
+THREADS = int(os.environ.get("KLIME_SOAK_THREADS", "8"))
 
 #: The faulting collector's schedule: one draw per request.
 RATES = {

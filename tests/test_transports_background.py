@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -186,9 +187,14 @@ def test_retries_are_counted(make_client, collector):
     assert stats["retries"] == 2 and stats["requests"] == 3 and stats["sent"] == 1
 
 
+#: The storms' size; the test matrix scales them up on free-threaded builds.
+STORM_EVENTS = int(os.environ.get("KLIME_STORM_EVENTS", "5000"))  # per thread
+STORM_THREADS = int(os.environ.get("KLIME_STORM_THREADS", "8"))
+
+
 def test_eight_thread_storm_delivers_every_event_exactly_once(make_client, collector):
-    client = make_client(max_batch_size=100, max_queue_size=50_000, flush_interval=50)
-    per_thread, threads = 5000, 8
+    per_thread, threads = STORM_EVENTS, STORM_THREADS
+    client = make_client(max_batch_size=100, max_queue_size=per_thread * threads + 10, flush_interval=50)
     barrier = threading.Barrier(threads)
 
     def produce(t):
@@ -455,7 +461,7 @@ def test_a_deferred_batch_never_gets_more_attempts_than_retry_max_attempts(make_
 def test_conservation_is_exact_under_an_eight_thread_storm_at_50ms(make_client, collector, on_error):
     collector.set_mode(Fault.slow(ROUND_TRIP))
     client = make_client(on_error=on_error)  # every default: queue 1000, batch 20
-    per_thread, threads = 2500, 8
+    per_thread, threads = STORM_EVENTS // 2, STORM_THREADS
     barrier = threading.Barrier(threads)
 
     def produce(t):

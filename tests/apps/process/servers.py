@@ -1,7 +1,8 @@
 """Running real prefork servers (gunicorn, uWSGI) around ``wsgi_app`` for the tests.
 
-- :func:`uwsgi_binary` builds (once, then cached under ``.venv/uwsgi-<version>/``) a venv
-  holding one uWSGI version: ``pip install uwsgi`` compiles it, ~20 s. Two versions cannot
+- :func:`uwsgi_binary` builds (once, then cached under ``.venv/uwsgi-<version>/``, or under
+  ``$KLIME_TEST_VENV/uwsgi-<version>/`` when set, as the test matrix does) a venv holding
+  one uWSGI version: ``pip install uwsgi`` compiles it, ~20 s. Two versions cannot
   share a venv, and 2.0.26 is the last one whose Python threads are off by default.
 - :class:`Ledger` reads what the app's processes say they tracked.
 - :class:`Server` starts a server in its own process group and always reaps it.
@@ -30,7 +31,9 @@ from klime.devserver import Collector
 REPO = Path(__file__).resolve().parents[3]
 TESTS = REPO / "tests"
 SRC = REPO / "src"
-VENV = REPO / ".venv"
+#: Where the uWSGI builds are cached: this checkout's ``.venv`` unless ``KLIME_TEST_VENV``
+#: names another (tools/test_matrix.py: one per interpreter, inside that interpreter's root).
+VENV = Path(os.environ.get("KLIME_TEST_VENV") or REPO / ".venv")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
