@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Set, Tuple
 import pytest
 
 import klime
-from conftest import WRITE_KEY, conserved
+from conftest import WRITE_KEY, conserved, wait_until
 from klime import SendError
 from klime.devserver import FAULT_KINDS, Collector, Fault
 from klime.senders.http import HttpSender
@@ -421,6 +421,9 @@ def test_retry_after_longer_than_the_flush_timeout(make_client, collector):
     result = client.shutdown(timeout=0.3)
     assert time.monotonic() - start < 0.3 + SLACK
     assert result.failed + result.dropped == 1
+    # Counted by the time shutdown returns; handed to on_error by the sender thread whose
+    # retry the deadline cut short, which may finish just after (seen without the GIL).
+    assert wait_until(lambda: len(ledger.failed_events()) == 1, 5)
     reconcile(client, collector, ledger, 1)
     assert "deadline" in ledger.errors()[0].message or "shutdown" in ledger.errors()[0].message
 

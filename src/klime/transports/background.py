@@ -237,7 +237,10 @@ class BackgroundTransport(SenderThreads, Transport):
         return self._wait_settled(Deadline.after(timeout))
 
     def shutdown(self, timeout: Optional[float] = None, *, flush: bool = True) -> FlushResult:
-        """Flush (if ``flush``), stop the threads, report what is left. Idempotent."""
+        """Flush (if ``flush``), stop the threads, report what is left. Idempotent.
+
+        Everything is counted when this returns; a batch whose retry the deadline cut short
+        is handed to ``on_error`` by its own sender thread, which may do so just after."""
         deadline = Deadline.after(timeout)
         with self._lock:
             if self._closed:
