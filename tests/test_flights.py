@@ -28,11 +28,21 @@ def test_starts_with_one_request_at_a_time():
 
 def test_grows_under_a_backlog_when_round_trips_are_slow():
     limit = grown(AdaptiveLimit(32), 1)
+    assert limit.limit == 1  # one sample alone is no base: it may be a slow moment
+    grown(limit, 1)
     assert limit.limit == 2  # at most doubling per accepted request
     grown(limit, 3)
     assert limit.limit == 16
     grown(limit, 5)
     assert limit.limit == 32  # the ceiling
+
+
+def test_a_fast_best_round_trip_means_a_fast_link_whatever_the_slow_moments():
+    limit = AdaptiveLimit(32)
+    limit.observe(ATTEMPT_OK, FAST, backlog=100, in_flight=1)  # a busy local server, at best fast
+    for _ in range(20):
+        limit.observe(ATTEMPT_OK, 0.008, backlog=100, in_flight=limit.limit)
+    assert limit.limit == 1
 
 
 def test_grows_toward_what_the_backlog_needs_not_beyond():
@@ -184,7 +194,7 @@ def test_deferred_batches_wait_for_room_under_the_limit():
 
 def test_a_transient_failure_beyond_the_limit_asks_to_defer():
     f = flights(ceiling=8)
-    grown(f.limit, 3)
+    grown(f.limit, 4)
     assert f.limit.limit == 8
     for n in range(8):
         f.board_locked(Batch(n, [b"x"]))

@@ -114,6 +114,8 @@ class DroppedEvents:
     def report(self) -> None:
         """Hand the dropped events to ``on_error``, :data:`REPORT_SLICE` per call; say the
         start of an episode, log its end. Blocks for the callbacks; thread-safe."""
+        if not (self.held or self.unheld or self.episode):
+            return  # the common case, read without the lock: nothing dropped lately
         while True:
             with self.lock:
                 dropped = self.held

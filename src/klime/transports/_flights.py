@@ -158,6 +158,11 @@ class Flights:
 
     # ------------------------------------------------------------ threads
 
+    def ceiling_locked(self) -> int:
+        """The most threads the pool may have (idle ones above the limit stay until they
+        have been idle long enough: a limit that dips and comes back starts no thread)."""
+        return self.limit.ceiling
+
     def threads_wanted_locked(self, takeable: int) -> int:
         """How many more threads to start so that ``takeable`` batches (waiting, and allowed
         by the limit) can take off now: none while a thread is idle (it is woken instead)

@@ -2,9 +2,10 @@
 :mod:`klime.transports._flights` for how the transports use it).
 
 - it starts at one, and grows with every accepted request while a backlog waits, the whole
-  window is in use, the round trip is slow (at least :data:`SLOW_ROUND_TRIP_S`: on a fast
-  link one request at a time keeps up and more threads only fight over the GIL) and not
-  more than :data:`LATENCY_GUARD` times the base (the best round trip seen lately: a
+  window is in use, even the best round trip seen lately (the base, from two samples at
+  least) is slow (at least :data:`SLOW_ROUND_TRIP_S`: on a fast link one request at a time
+  keeps up and more threads only fight over the GIL; a busy local server's slow moments are
+  not a slow link) and the round trip is not more than :data:`LATENCY_GUARD` times the base (a
   server, or a CPU, that answers slower as more requests come is saturated): toward what
   the backlog needs (the batches in the air plus those waiting), at most doubling per
   accepted request (``jump``: at once), never above ``ceiling``;
@@ -24,14 +25,15 @@ from ..senders.base import ATTEMPT_OK, ATTEMPT_TRANSIENT
 
 __all__ = ["AdaptiveLimit", "LATENCY_GUARD", "LATENCY_SHRINK", "SLOW_ROUND_TRIP_S"]
 
-#: A round trip at least this long (seconds) makes a second request in flight worth its
-#: thread: the wait is the network's, not Python's. Below it one request at a time keeps
-#: up (20 events / 5 ms = 4,000 events/s) and more threads only fight over the GIL.
-#: Measured here: 100 events in 5 requests to a loopback collector took 3.6 ms one after
-#: the other, 7.5 ms on 4 threads; and a loopback collector on a busy 2-core machine
-#: answers in 2-4 ms, which with a lower threshold grew the pool and cost the caller's
-#: thread 60 % on its p99 for no gain in delivery.
-SLOW_ROUND_TRIP_S = 0.005
+#: A round trip at least this long (seconds), even the best one, makes a second request in
+#: flight worth its thread: the wait is the network's, not Python's. Below it one request
+#: at a time keeps up (20 events / 10 ms = 2,000 events/s per process). It is twice
+#: CPython's GIL switch interval (5 ms): a busy caller's thread can hold the GIL that long,
+#: so a loopback round trip measured during a burst reads 5-8 ms though the server answered
+#: in one; taking that for a slow link grew the pool (8-16 threads started in a 20,000-event
+#: burst) and tripled the caller's p99.9 for no gain in delivery. Klime's API is tens to
+#: hundreds of milliseconds away.
+SLOW_ROUND_TRIP_S = 0.010
 
 #: No growth while a round trip takes more than this many times the base (the best one
 #: seen lately): requests are queueing at the server, or in this process, not on the wire.
@@ -62,6 +64,7 @@ class AdaptiveLimit:
         "_base",
         "_window_best",
         "_window_n",
+        "_seen",
         "_used",
         "_used_n",
     )
@@ -78,6 +81,7 @@ class AdaptiveLimit:
         self._base: Optional[float] = None  # the best round trip seen lately
         self._window_best: Optional[float] = None
         self._window_n = 0
+        self._seen = 0  # samples of the windows before the current one
         self._used = 0  # most requests in the air seen since the limit was last checked
         self._used_n = 0  # accepted attempts since then
 
@@ -100,7 +104,8 @@ class AdaptiveLimit:
             backlog
             and in_flight >= self.limit
             and self.limit < self.ceiling
-            and seconds >= SLOW_ROUND_TRIP_S
+            and base >= SLOW_ROUND_TRIP_S  # even the best round trip is slow: the wire's
+            and (self.jump or self._window_n + self._seen > 1)  # not from one sample alone
             and seconds <= LATENCY_GUARD * base
         ):
             # toward what the backlog needs, at most doubling per accepted request
@@ -131,11 +136,28 @@ class AdaptiveLimit:
         if self._window_n >= _WINDOW:  # drift up, slowly, toward what the route gives now
             self._base = base = max(base, min(self._window_best, base * _BASE_DRIFT))
             self._window_best, self._window_n = None, 0
+            self._seen += _WINDOW
         return base
 
     def best(self) -> Optional[float]:
         """The base round trip: the best one seen lately, seconds (None until the first)."""
         return self._base
+
+    def quiet(self, outcome: str, seconds: float) -> bool:
+        """For an accepted request while one at a time is sent and round trips are fast:
+        nothing can change but the round-trip figures, noted here without the owner's lock
+        (only one request is in the air). True when that was all; False: call
+        :meth:`observe` under the lock."""
+        if outcome != ATTEMPT_OK or self.limit != 1:
+            return False
+        base = self._base
+        if base is None or min(base, seconds) >= SLOW_ROUND_TRIP_S:
+            return False  # round trips may be slow: growth is for observe() to decide
+        previous = self.round_trip
+        self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        self._note(seconds)
+        self._troubled = False
+        return True
 
     def open_to(self, batches: int) -> None:
         """A known set of ``batches`` is about to go (an invocation's flush): when round
@@ -145,8 +167,8 @@ class AdaptiveLimit:
             self.limit = max(self.limit, min(self.ceiling, batches))
 
     def slow(self) -> bool:
-        """Have round trips been slow enough for concurrency to pay?"""
-        return self.round_trip is not None and self.round_trip >= SLOW_ROUND_TRIP_S
+        """Have round trips been slow enough for concurrency to pay (even the best one)?"""
+        return self._base is not None and self._base >= SLOW_ROUND_TRIP_S
 
     def relax(self, at_most: int) -> None:
         """Lower the limit to ``at_most`` (never below one): threads were retired."""

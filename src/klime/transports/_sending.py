@@ -76,6 +76,7 @@ class SenderThreads:
     # the transport's state these methods use (declared for the type checker)
     _lock: threading.Lock
     _settled_cond: threading.Condition
+    _waiting: int
     _drain_lock: Any
     _flights: Flights
     _queue: Deque[bytes]
@@ -171,8 +172,8 @@ class SenderThreads:
                     if self._stopping:
                         timeout = min(timeout, 0.05)
                 else:
-                    if self._stopping or len(flights.threads) > flights.limit.limit:
-                        return None, 0  # nothing to do, or more threads than the limit needs
+                    if self._stopping or len(flights.threads) > flights.ceiling_locked():
+                        return None, 0  # stopping (or, never expected, above the ceiling)
                     if idle_since is None:
                         idle_since = now
                     timeout = idle_since + IDLE_RETIRE_S - now
@@ -244,8 +245,9 @@ class SenderThreads:
             if orphan:
                 self.delivery.fail(batch.events, "an unexpected error happened while sending")
         finally:
-            with self._lock:
-                self._settled_cond.notify_all()
+            if self._waiting:  # a flush waits: let it look (without one, no lock to take)
+                with self._lock:
+                    self._settled_cond.notify_all()
         self._report_overflow()
 
     def _land(self, batch: Batch, outcome: Outcome) -> bool:
@@ -258,6 +260,9 @@ class SenderThreads:
             )
 
     def _feedback(self, batch: Batch, outcome: str, seconds: float) -> bool:
+        limit = self._flights.limit
+        if limit.quiet(outcome, seconds):  # one at a time, fast: nothing to decide, no lock
+            return True
         with self._lock:
             flights = self._flights
             backlog = len(flights.parked) + len(self._queue) // self.max_batch_size

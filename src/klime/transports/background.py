@@ -88,6 +88,7 @@ class BackgroundTransport(SenderThreads, Transport):
         closed = getattr(self, "_closed", False)  # a client shut down before a fork stays shut
         self._lock = threading.Lock()
         self._settled_cond = threading.Condition(self._lock)
+        self._waiting = 0  # flushes waiting on _settled_cond (senders skip the notify without)
         self._drain_lock = threading.RLock()  # re-entered by a flush() inside a callback
         self._flights = Flights(self._lock, ceiling=self.max_concurrent_requests, name="klime-sender")
         self._queue: Deque[bytes] = deque()
@@ -215,7 +216,11 @@ class BackgroundTransport(SenderThreads, Transport):
                     left = deadline.remaining()
                     if left is not None and left <= 0:
                         break
-                    self._settled_cond.wait(left)
+                    self._waiting += 1
+                    try:
+                        self._settled_cond.wait(left)
+                    finally:
+                        self._waiting -= 1
                 if not self._worker_alive():
                     break
         if not self._worker_alive():

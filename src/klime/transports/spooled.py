@@ -205,7 +205,8 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         finally:
             with self._lock:  # counted by now: a flush waiting for it may look
                 self._landed_total += len(claimed)
-                self._settled_cond.notify_all()
+                if self._waiting:
+                    self._settled_cond.notify_all()
         self._report_overflow()
 
     def _land_spooled(self, batch: Batch, outcome: Outcome) -> bool:
@@ -281,7 +282,11 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                     break
                 if not self._worker_alive() and not self._flights.flying:
                     break
-                self._settled_cond.wait(0.05 if left is None else min(left, 0.05))
+                self._waiting += 1
+                try:
+                    self._settled_cond.wait(0.05 if left is None else min(left, 0.05))
+                finally:
+                    self._waiting -= 1
         after = self._snapshot()
         unsent = self.counts()["pending"]
         return FlushResult(
