@@ -2,10 +2,10 @@
 :mod:`klime.transports._flights` for how the transports use it).
 
 - it starts at one, and grows with every accepted request while a backlog waits, the whole
-  window is in use, even the best round trip seen lately (the base, from two samples at
-  least) is slow (at least :data:`SLOW_ROUND_TRIP_S`: on a fast link one request at a time
-  keeps up and more threads only fight over the GIL; a busy local server's slow moments are
-  not a slow link) and the round trip is not more than :data:`LATENCY_GUARD` times the base (a
+  window is in use, even the best round trip seen lately (the base) is slow (at least
+  :data:`SLOW_ROUND_TRIP_S`: on a fast link one request at a time keeps up and more threads
+  only fight over the GIL; a busy local server's slow moments are not a slow link) and the
+  round trip is not more than :data:`LATENCY_GUARD` times the base (a
   server, or a CPU, that answers slower as more requests come is saturated): toward what
   the backlog needs (the batches in the air plus those waiting), at most doubling per
   accepted request (``jump``: at once), never above ``ceiling``;
@@ -64,7 +64,6 @@ class AdaptiveLimit:
         "_base",
         "_window_best",
         "_window_n",
-        "_seen",
         "_used",
         "_used_n",
     )
@@ -81,7 +80,6 @@ class AdaptiveLimit:
         self._base: Optional[float] = None  # the best round trip seen lately
         self._window_best: Optional[float] = None
         self._window_n = 0
-        self._seen = 0  # samples of the windows before the current one
         self._used = 0  # most requests in the air seen since the limit was last checked
         self._used_n = 0  # accepted attempts since then
 
@@ -105,7 +103,6 @@ class AdaptiveLimit:
             and in_flight >= self.limit
             and self.limit < self.ceiling
             and base >= SLOW_ROUND_TRIP_S  # even the best round trip is slow: the wire's
-            and (self.jump or self._window_n + self._seen > 1)  # not from one sample alone
             and seconds <= LATENCY_GUARD * base
         ):
             # toward what the backlog needs, at most doubling per accepted request
@@ -136,7 +133,6 @@ class AdaptiveLimit:
         if self._window_n >= _WINDOW:  # drift up, slowly, toward what the route gives now
             self._base = base = max(base, min(self._window_best, base * _BASE_DRIFT))
             self._window_best, self._window_n = None, 0
-            self._seen += _WINDOW
         return base
 
     def best(self) -> Optional[float]:
