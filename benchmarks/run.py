@@ -87,6 +87,10 @@ def configs(
             out.append(Config("klime-base", "klime", f"klime@base q={n}", dict(base), src=baseline_src))
         if with_defaults:
             out.append(Config("klime-default", "klime", "klime defaults", {}, informational=True))
+            if baseline_src:
+                out.append(
+                    Config("klime-base-default", "klime", "klime@base defaults", {}, src=baseline_src, informational=True)
+                )
     if "segment" in sdks:
         out.append(
             Config("segment", "segment", f"segment q={n}", {"max_queue_size": n, "upload_size": 100})
