@@ -88,9 +88,8 @@ def configs(
         if with_defaults:
             out.append(Config("klime-default", "klime", "klime defaults", {}, informational=True))
             if baseline_src:
-                out.append(
-                    Config("klime-base-default", "klime", "klime@base defaults", {}, src=baseline_src, informational=True)
-                )
+                key, label = "klime-base-default", "klime@base defaults"
+                out.append(Config(key, "klime", label, {}, src=baseline_src, informational=True))
     if "segment" in sdks:
         out.append(
             Config("segment", "segment", f"segment q={n}", {"max_queue_size": n, "upload_size": 100})

@@ -12,8 +12,9 @@ time of each call); it is SIGKILLed at a random moment 1 to 3 s in. A successor 
 shuts down. Reported per trial: events tracked, arrived, lost (tracked, never arrived),
 how long before the kill the oldest lost event had been tracked, and events that arrived
 twice (a batch in flight at the kill is sent again by the adopter, with the same
-messageIds). The claim it checks: nothing tracked more than SPOOL_WRITE_S (0.2 s) before
-the kill is lost.
+messageIds). The claim it checks (issue 13): nothing tracked more than one
+``flush_interval`` (2 s by default) before the kill is lost; it also shows how close the loss
+stays to the spooler's write interval, SPOOL_WRITE_S (0.2 s), plus the time one write takes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "src"))
 
+from klime._config import DEFAULT_FLUSH_INTERVAL_MS as FLUSH_INTERVAL_MS  # noqa: E402
 from klime.devserver import Collector, Fault  # noqa: E402
 from klime.transports.spooled import SPOOL_WRITE_S  # noqa: E402
 
@@ -142,8 +144,9 @@ def main(argv: Any = None) -> int:
     print(
         f"\n{args.trials} kills at {args.rate:g} events/s, {args.delay_ms:g} ms round trip: lost per kill "
         f"median {statistics.median(lost):g}, max {max(lost)}; the oldest lost event was tracked "
-        f"{worst:.0f} ms before its kill (bound: SPOOL_WRITE_S = {bound_ms:.0f} ms) -> "
-        f"{'PASS' if worst <= bound_ms + 50 else 'FAIL'}; "
+        f"{worst:.1f} ms before its kill (the spooler writes every SPOOL_WRITE_S = {bound_ms:.0f} ms, "
+        f"plus the time one write takes; the promise is one flush_interval, {FLUSH_INTERVAL_MS:.0f} ms) -> "
+        f"{'PASS' if worst <= FLUSH_INTERVAL_MS else 'FAIL'}; "
         f"arrived twice in all: {sum(r['twice'] for r in rows)}"
     )
     if args.json:
