@@ -173,24 +173,10 @@ def _klime_stats(sdk: str, client: object) -> object:
 
 
 def _percentiles(values_ns: object) -> dict:
-    values = sorted(values_ns)  # type: ignore[call-overload]
-    n = len(values)
-    if not n:
-        return {}
+    """Nearest-rank percentiles, µs (the same figures as run.py's worker)."""
+    from _worker import _percentiles as percentiles  # a sibling script: os, sys, time only
 
-    def rank(q: float) -> float:
-        # nearest rank: the smallest value with at least q of the samples at or below it
-        k = max(0, min(n - 1, -(-round(q * 10000) * n // 10000) - 1))
-        return values[k] / 1000.0
-
-    return {
-        "p50_us": rank(0.50),
-        "p90_us": rank(0.90),
-        "p99_us": rank(0.99),
-        "p999_us": rank(0.999),
-        "max_us": values[-1] / 1000.0,
-        "mean_us": sum(values) / n / 1000.0,
-    }
+    return percentiles(values_ns)
 
 
 # --------------------------------------------------------------------------- modes

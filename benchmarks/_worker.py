@@ -61,8 +61,10 @@ def _rss_kib() -> int:
 
 
 def _percentiles(lat: object) -> dict:
-    values = sorted(lat)
+    values = sorted(lat)  # type: ignore[call-overload]
     n = len(values)
+    if not n:
+        return {}
 
     def rank(q: float) -> float:
         # nearest-rank: the smallest value with at least q of the samples at or below it

@@ -287,15 +287,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                     self._settled_cond.wait(0.05 if left is None else min(left, 0.05))
                 finally:
                     self._waiting -= 1
-        after = self._snapshot()
-        unsent = self.counts()["pending"]
-        return FlushResult(
-            sent=after["sent"] - before["sent"],
-            failed=after["failed"] - before["failed"],
-            dropped=after["dropped"] - before["dropped"],
-            unsent=unsent,
-            timed_out=unsent > 0 and deadline.expired(),
-        )
+        return self._result_since(before, deadline)
 
     def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
         if not self._degraded:
@@ -339,6 +331,10 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                     pass
         if disk is not None:
             disk.close()
+        return self._result_since(before, deadline)
+
+    def _result_since(self, before: Dict[str, int], deadline: Deadline) -> FlushResult:
+        """What happened since the ``before`` snapshot, and what is still pending."""
         after = self._snapshot()
         unsent = self.counts()["pending"]
         return FlushResult(
