@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from klime.senders.base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT
 from klime.transports._flights import SLOW_ROUND_TRIP_S, AdaptiveLimit, Batch, Flights
+from klime.transports._limit import PRESSED_ROUND_TRIP_S
 
 SLOW = 0.05  # a 50 ms round trip
 FAST = 0.0002  # loopback
@@ -41,6 +42,22 @@ def test_a_fast_best_round_trip_means_a_fast_link_whatever_the_slow_moments():
     for _ in range(20):
         limit.observe(ATTEMPT_OK, 0.008, backlog=100, in_flight=limit.limit)
     assert limit.limit == 1
+
+
+def test_a_nearby_endpoint_gets_more_in_flight_only_when_the_queue_is_half_full():
+    near = 0.004  # the same region: faster than SLOW_ROUND_TRIP_S, slower than PRESSED_ROUND_TRIP_S
+    assert PRESSED_ROUND_TRIP_S < near < SLOW_ROUND_TRIP_S
+    limit = AdaptiveLimit(32)
+    for _ in range(5):
+        limit.observe(ATTEMPT_OK, near, backlog=100, in_flight=limit.limit)
+    assert limit.limit == 1
+    for _ in range(3):
+        limit.observe(ATTEMPT_OK, near, backlog=100, in_flight=limit.limit, pressed=True)
+    assert limit.limit == 8
+    loopback = AdaptiveLimit(32)
+    for _ in range(5):
+        loopback.observe(ATTEMPT_OK, FAST, backlog=100, in_flight=loopback.limit, pressed=True)
+    assert loopback.limit == 1  # pressed, but a round trip this short is the CPU's, not the wire's
 
 
 def test_grows_toward_what_the_backlog_needs_not_beyond():

@@ -382,6 +382,21 @@ def test_requests_in_flight_grow_under_a_backlog_at_slow_round_trips(make_client
     assert state["requests"] == 0 and conserved(client.stats())
 
 
+def test_a_nearby_endpoint_gets_requests_in_flight_once_the_queue_is_half_full(make_client, collector):
+    # 5 ms: below the 10 ms from which a backlog alone grows the limit (the GIL's switch
+    # interval can make a loopback round trip look that slow), above the 2 ms that suffice
+    # once the queue is half full and drops are near
+    collector.set_mode(Fault.slow(0.005))
+    client = make_client(max_queue_size=400)
+    for i in range(400):  # the queue fills at once: 20 batches wait behind one request
+        client.track("Near", {"i": i}, user_id="u")
+    assert client.flush(timeout=30).unsent == 0
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == 400
+    assert collector.peak_in_flight > 1
+    assert client.stats()["dropped"] == 0 and conserved(client.stats())
+
+
 def test_less_than_a_batch_goes_one_request_at_a_time(make_client, collector):
     collector.set_mode(Fault.slow(ROUND_TRIP))
     client = make_client(flush_interval=20, max_batch_size=20)

@@ -144,12 +144,12 @@ class Flights:
 
     # ------------------------------------------------------------ feedback
 
-    def feedback_locked(self, outcome: str, seconds: float, *, backlog: int) -> bool:
+    def feedback_locked(self, outcome: str, seconds: float, *, backlog: int, pressed: bool = False) -> bool:
         """One attempt's outcome (see :class:`AdaptiveLimit`). After a transient failure,
         True means "keep retrying": no more are in the air than the limit now allows."""
         limit = self.limit
         before = limit.limit
-        limit.observe(outcome, seconds, backlog=backlog, in_flight=len(self.flying))
+        limit.observe(outcome, seconds, backlog=backlog, in_flight=len(self.flying), pressed=pressed)
         if limit.limit > before and self.idle:
             self.work.notify()
         if outcome != ATTEMPT_TRANSIENT:

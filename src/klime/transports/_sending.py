@@ -91,6 +91,7 @@ class SenderThreads:
     _worker_deadline: Deadline
     flush_interval: float
     max_batch_size: int
+    max_queue_size: int
 
     if TYPE_CHECKING:
 
@@ -261,12 +262,13 @@ class SenderThreads:
 
     def _feedback(self, batch: Batch, outcome: str, seconds: float) -> bool:
         limit = self._flights.limit
-        if limit.quiet(outcome, seconds):  # one at a time, fast: nothing to decide, no lock
+        pressed = 2 * len(self._queue) >= self.max_queue_size  # drops are near
+        if not pressed and limit.quiet(outcome, seconds):  # one at a time, fast: no lock
             return True
         with self._lock:
             flights = self._flights
             backlog = len(flights.parked) + len(self._queue) // self.max_batch_size
-            return flights.feedback_locked(outcome, seconds, backlog=backlog)
+            return flights.feedback_locked(outcome, seconds, backlog=backlog, pressed=pressed)
 
     def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
         """Send from the calling thread, one batch at a time, until nothing may go (or the
