@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from klime.senders.base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT
 from klime.transports._flights import SLOW_ROUND_TRIP_S, AdaptiveLimit, Batch, Flights
-from klime.transports._limit import PRESSED_ROUND_TRIP_S
+from klime.transports._limit import CPU_BOUND_SHARE, PRESSED_ROUND_TRIP_S, CpuGauge
 
 SLOW = 0.05  # a 50 ms round trip
 FAST = 0.0002  # loopback
@@ -44,20 +44,48 @@ def test_a_fast_best_round_trip_means_a_fast_link_whatever_the_slow_moments():
     assert limit.limit == 1
 
 
+def gauge(share: float) -> CpuGauge:
+    """A CpuGauge on fake clocks: the process uses ``share`` of a core, 1 ms per look."""
+    ticks = [0]
+
+    def wall() -> float:
+        ticks[0] += 1
+        return ticks[0] * 0.001
+
+    return CpuGauge(clock=wall, cpu_clock=lambda: ticks[0] * 0.001 * share)
+
+
 def test_a_nearby_endpoint_gets_more_in_flight_only_when_the_queue_is_half_full():
     near = 0.004  # the same region: faster than SLOW_ROUND_TRIP_S, slower than PRESSED_ROUND_TRIP_S
     assert PRESSED_ROUND_TRIP_S < near < SLOW_ROUND_TRIP_S
-    limit = AdaptiveLimit(32)
+    limit = AdaptiveLimit(32, cpu=gauge(0.3))
     for _ in range(5):
         limit.observe(ATTEMPT_OK, near, backlog=100, in_flight=limit.limit)
     assert limit.limit == 1
     for _ in range(3):
         limit.observe(ATTEMPT_OK, near, backlog=100, in_flight=limit.limit, pressed=True)
     assert limit.limit == 8
-    loopback = AdaptiveLimit(32)
+    loopback = AdaptiveLimit(32, cpu=gauge(0.3))
     for _ in range(5):
         loopback.observe(ATTEMPT_OK, FAST, backlog=100, in_flight=loopback.limit, pressed=True)
     assert loopback.limit == 1  # pressed, but a round trip this short is the CPU's, not the wire's
+
+
+def test_a_cpu_bound_process_gets_no_more_in_flight_from_a_few_milliseconds():
+    # a tight loop of track calls keeps a core busy: a 4 ms round trip is the GIL's wait
+    limit = AdaptiveLimit(32, cpu=gauge(CPU_BOUND_SHARE + 0.1))
+    for _ in range(10):
+        limit.observe(ATTEMPT_OK, 0.004, backlog=100, in_flight=limit.limit, pressed=True)
+    assert limit.limit == 1
+    far = AdaptiveLimit(32, cpu=gauge(CPU_BOUND_SHARE + 0.1))
+    grown(far, 1)  # round trips of 50 ms are the wire's, whatever the CPU
+    assert far.limit == 2
+
+
+def test_the_cpu_gauge_measures_between_looks():
+    assert gauge(0.5).spare() and gauge(0.79).spare()
+    assert not gauge(1.0).spare()
+    assert not gauge(1.8).spare()  # two threads on two cores
 
 
 def test_grows_toward_what_the_backlog_needs_not_beyond():

@@ -4,8 +4,10 @@
 - it starts at one, and grows with every accepted request while a backlog waits, the whole
   window is in use, even the best round trip seen lately (the base) is slow (at least
   :data:`SLOW_ROUND_TRIP_S`: on a fast link one request at a time keeps up and more threads
-  only fight over the GIL; a busy local server's slow moments are not a slow link) and the
-  round trip is not more than :data:`LATENCY_GUARD` times the base (a
+  only fight over the GIL; a busy local server's slow moments are not a slow link; at
+  least :data:`PRESSED_ROUND_TRIP_S` while the queue is half full; at least
+  :data:`CPU_BOUND_ROUND_TRIP_S` while the process keeps a core busy, see
+  :class:`CpuGauge`) and the round trip is not more than :data:`LATENCY_GUARD` times the base (a
   server, or a CPU, that answers slower as more requests come is saturated): toward what
   the backlog needs (the batches in the air plus those waiting), at most doubling per
   accepted request (``jump``: at once), never above ``ceiling``;
@@ -19,11 +21,21 @@ Pure logic, no threads, no I/O. May import: the sender interface's outcome names
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 from ..senders.base import ATTEMPT_OK, ATTEMPT_TRANSIENT
 
-__all__ = ["AdaptiveLimit", "LATENCY_GUARD", "LATENCY_SHRINK", "PRESSED_ROUND_TRIP_S", "SLOW_ROUND_TRIP_S"]
+__all__ = [
+    "AdaptiveLimit",
+    "CPU_BOUND_ROUND_TRIP_S",
+    "CPU_BOUND_SHARE",
+    "CpuGauge",
+    "LATENCY_GUARD",
+    "LATENCY_SHRINK",
+    "PRESSED_ROUND_TRIP_S",
+    "SLOW_ROUND_TRIP_S",
+]
 
 #: A round trip at least this long (seconds), even the best one, makes a second request in
 #: flight worth its thread: the wait is the network's, not Python's. Below it one request
@@ -38,8 +50,23 @@ SLOW_ROUND_TRIP_S = 0.010
 #: While the queue is at least half full (events will be dropped soon), a best round trip
 #: this long (seconds) is enough: at 2 ms one request at a time carries 10,000 events/s of
 #: 20, and a nearby endpoint (2-10 ms, the same region) must not drop events that a second
-#: request in flight would have carried. Loopback answers in well under 1 ms.
+#: request in flight would have carried. Loopback answers in well under 1 ms. Not while
+#: the process is CPU-bound (:class:`CpuGauge`): then a round trip of a few milliseconds is
+#: the GIL's wait, and more threads would only slow the caller's thread.
 PRESSED_ROUND_TRIP_S = 0.002
+
+#: While the process is CPU-bound, only a best round trip this long (seconds) is taken for
+#: the wire's: four of CPython's 5 ms GIL switch intervals, the waits a request on a busy
+#: interpreter can add on its own (a loopback round trip in a tight loop of ``track``
+#: calls measured 12-47 ms here).
+CPU_BOUND_ROUND_TRIP_S = 0.020
+
+#: The process is CPU-bound when its threads used at least this share of one core between
+#: two answers (a tight loop of ``track`` calls: 1.0 and more; a process tracking 5,000
+#: events/s against a nearby endpoint: 0.3-0.5 measured here).
+CPU_BOUND_SHARE = 0.8
+#: The longest interval (seconds) over which :class:`CpuGauge` judges the CPU.
+_GAUGE_SPAN_S = 0.5
 
 #: No growth while a round trip takes more than this many times the base (the best one
 #: seen lately): requests are queueing at the server, or in this process, not on the wire.
@@ -53,6 +80,30 @@ LATENCY_SHRINK = 4.0
 #: is learnt in about 20 windows; a burst that overloads the server is not mistaken for one).
 _WINDOW = 64
 _BASE_DRIFT = 1.1
+
+
+class CpuGauge:
+    """Did this process leave CPU to spare since the last look? Two clock reads (no I/O).
+    Not thread-safe by itself: its owner's lock guards it."""
+
+    __slots__ = ("_clock", "_cpu_clock", "_wall", "_cpu")
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
+    ) -> None:
+        self._clock, self._cpu_clock = clock, cpu_clock
+        self._wall, self._cpu = clock(), cpu_clock()
+
+    def spare(self) -> bool:
+        """True when the process used less than :data:`CPU_BOUND_SHARE` of a core since the
+        previous call (or since it was made). False when that was longer ago than
+        :data:`_GAUGE_SPAN_S`: an idle minute says nothing of the burst that follows."""
+        wall, cpu = self._clock(), self._cpu_clock()
+        elapsed, used = wall - self._wall, cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+        return 0 < elapsed <= _GAUGE_SPAN_S and used < CPU_BOUND_SHARE * elapsed
 
 
 class AdaptiveLimit:
@@ -72,9 +123,10 @@ class AdaptiveLimit:
         "_window_n",
         "_used",
         "_used_n",
+        "_cpu",
     )
 
-    def __init__(self, ceiling: int, *, jump: bool = False) -> None:
+    def __init__(self, ceiling: int, *, jump: bool = False, cpu: Optional[CpuGauge] = None) -> None:
         self.ceiling = max(1, int(ceiling))
         #: grow straight to what the backlog needs (a flush of a known set of batches
         #: under a deadline) instead of at most doubling per accepted request
@@ -88,6 +140,7 @@ class AdaptiveLimit:
         self._window_n = 0
         self._used = 0  # most requests in the air seen since the limit was last checked
         self._used_n = 0  # accepted attempts since then
+        self._cpu = cpu if cpu is not None else CpuGauge()
 
     def observe(
         self, outcome: str, seconds: float, *, backlog: int, in_flight: int, pressed: bool = False
@@ -105,13 +158,19 @@ class AdaptiveLimit:
         previous = self.round_trip
         rtt = self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         base = self._note(seconds)
+        # the CPU is sampled on every answer that could grow the limit, so that its
+        # intervals follow one another
+        spare = base < PRESSED_ROUND_TRIP_S or self._cpu.spare()
+        wire = base >= (SLOW_ROUND_TRIP_S if spare else CPU_BOUND_ROUND_TRIP_S) or (
+            pressed and spare and base >= PRESSED_ROUND_TRIP_S
+        )
         if rtt > LATENCY_SHRINK * base and self.limit > 1:
             self.limit -= 1  # more in flight only queues: give some back
         elif (
             backlog
             and in_flight >= self.limit
             and self.limit < self.ceiling
-            and base >= (PRESSED_ROUND_TRIP_S if pressed else SLOW_ROUND_TRIP_S)  # the wire's
+            and wire  # the wait is the wire's, not the CPU's
             and seconds <= LATENCY_GUARD * base
         ):
             # toward what the backlog needs, at most doubling per accepted request
