@@ -22,7 +22,7 @@ Pure logic, no threads, no I/O. May import: the sender interface's outcome names
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from ..senders.base import ATTEMPT_OK, ATTEMPT_TRANSIENT
 
@@ -154,10 +154,7 @@ class AdaptiveLimit:
             return
         if outcome != ATTEMPT_OK:
             return
-        self._troubled = False
-        previous = self.round_trip
-        rtt = self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        base = self._note(seconds)
+        rtt, base = self._accept(seconds)
         # the CPU is sampled on every answer that could grow the limit, so that its
         # intervals follow one another
         spare = base < PRESSED_ROUND_TRIP_S or self._cpu.spare()
@@ -217,11 +214,15 @@ class AdaptiveLimit:
         base = self._base
         if base is None or min(base, seconds) >= SLOW_ROUND_TRIP_S:
             return False  # round trips may be slow: growth is for observe() to decide
-        previous = self.round_trip
-        self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        self._note(seconds)
-        self._troubled = False
+        self._accept(seconds)
         return True
+
+    def _accept(self, seconds: float) -> Tuple[float, float]:
+        """Note an accepted request's round trip; return the smoothed one and the base."""
+        self._troubled = False
+        previous = self.round_trip
+        rtt = self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        return rtt, self._note(seconds)
 
     def open_to(self, batches: int) -> None:
         """A known set of ``batches`` is about to go (an invocation's flush): when round

@@ -251,6 +251,15 @@ class SenderThreads:
                     self._settled_cond.notify_all()
         self._report_overflow()
 
+    def _wait_settled_locked(self, timeout: Optional[float]) -> None:
+        """Wait on ``_settled_cond`` (held by the caller) until a batch settles or
+        ``timeout``, counted as a waiter: without one, the senders skip the notify."""
+        self._waiting += 1
+        try:
+            self._settled_cond.wait(timeout)
+        finally:
+            self._waiting -= 1
+
     def _land(self, batch: Batch, outcome: Outcome) -> bool:
         """Called by Delivery just before it counts a batch's outcome: the batch leaves the
         air at that instant (so ``stats()`` never counts it twice), unless a shutdown

@@ -216,11 +216,7 @@ class BackgroundTransport(SenderThreads, Transport):
                     left = deadline.remaining()
                     if left is not None and left <= 0:
                         break
-                    self._waiting += 1
-                    try:
-                        self._settled_cond.wait(left)
-                    finally:
-                        self._waiting -= 1
+                    self._wait_settled_locked(left)
                 if not self._worker_alive():
                     break
         if not self._worker_alive():

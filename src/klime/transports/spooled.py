@@ -282,11 +282,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                     break
                 if not self._worker_alive() and not self._flights.flying:
                     break
-                self._waiting += 1
-                try:
-                    self._settled_cond.wait(0.05 if left is None else min(left, 0.05))
-                finally:
-                    self._waiting -= 1
+                self._wait_settled_locked(0.05 if left is None else min(left, 0.05))
         return self._result_since(before, deadline)
 
     def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
