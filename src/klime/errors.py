@@ -13,7 +13,9 @@ No message, repr or attribute of these exceptions ever contains the write key.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ._wire_event import Event, as_events
 
 if TYPE_CHECKING:
     from ._models import BatchResponse
@@ -39,11 +41,15 @@ class ValidationError(KlimeError, ValueError):
 class SendError(KlimeError):
     """A batch (or part of it) was not accepted by the destination.
 
+    ``SendError(message, status_code=None, events=None, response=None)``; klime 1.x's
+    ``SendError(message, events)`` (a list in second place) builds the same error.
+
     Attributes:
         status_code: the HTTP status of the last attempt, or None (network error, timeout,
             queue overflow, shutdown).
         events: the affected events as wire dicts (camelCase), exactly as (they would have
-            been) sent.
+            been) sent; each is a :class:`klime.types.Event`, a ``dict`` that also reads as
+            klime 1.x's event objects (``.messageId``, ``.type``, ``.to_dict()``).
         response: the parsed :class:`~klime.BatchResponse` when the server answered 2xx with a
             partial failure, else None.
         retryable: True when the failure was transient (retries ran out or the deadline did).
@@ -52,16 +58,21 @@ class SendError(KlimeError):
     def __init__(
         self,
         message: str,
-        status_code: int | None = None,
-        events: list[dict[str, Any]] | None = None,
+        status_code: int | Sequence[Any] | None = None,
+        events: Sequence[Any] | None = None,
         response: BatchResponse | None = None,
         *,
         retryable: bool = False,
     ) -> None:
+        # klime 1.x built it as SendError(message, events): a list in second place is the events
+        if status_code is not None and not isinstance(status_code, int):
+            if events is not None:
+                raise TypeError("SendError(message, events) takes the events once")
+            status_code, events = None, status_code
         super().__init__(message)
         self.message = message
-        self.status_code = status_code
-        self.events: list[dict[str, Any]] = events if events is not None else []
+        self.status_code: int | None = status_code
+        self.events: list[Event] = as_events(events or ())
         self.response = response
         self.retryable = retryable
 
@@ -129,12 +140,21 @@ def _rebuild_spool_unavailable(
     return SpoolUnavailable(message, reason, path, recovered=recovered)
 
 
-def quote_body(body: bytes | str | None) -> str:
-    """A short, printable excerpt of a response body for an error message."""
+def mask_secret(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` (and of ``Bearer <secret>``) replaced by
+    ``***``: for server text quoted back to the user, which may echo the request's headers."""
+    if not secret or not text:
+        return text
+    return text.replace(f"Bearer {secret}", "***").replace(secret, "***")
+
+
+def quote_body(body: bytes | str | None, *, secret: str | None = None) -> str:
+    """A short, printable excerpt of a response body for an error message, with ``secret``
+    (the write key) masked before it is cut, so that no part of it can show."""
     if not body:
         return ""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    text = text.strip()
+    text = mask_secret(text, secret).strip()
     if len(text) > MAX_QUOTED_BODY:
         text = text[:MAX_QUOTED_BODY] + f"... ({len(text) - MAX_QUOTED_BODY} more characters)"
     return text

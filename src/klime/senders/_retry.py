@@ -1,33 +1,57 @@
 """The retry policy shared by klime's senders.
 
-urllib3's :class:`~urllib3.util.retry.Retry` supplies what it already does well — which
-statuses are transient, and ``Retry-After`` parsing (seconds or an HTTP date, capped) — while
-klime drives the attempts itself, one by one, so that a caller's deadline can cut them short
-and each attempt is counted.
+Which statuses are transient, the exponential backoff between attempts, and the server's
+``Retry-After`` (seconds or an HTTP date, capped) — all plain Python, so the policy behaves
+the same on every urllib3 (1.26 to the newest) and costs no import of an HTTP stack. The
+senders drive the attempts themselves, one by one, so that a caller's deadline can cut
+them short and each attempt is counted.
 """
 
 from __future__ import annotations
 
 import random
+import re
+import time
+from email.utils import mktime_tz, parsedate_tz
 from typing import Optional
-
-from urllib3.exceptions import InvalidHeader
-from urllib3.util.retry import Retry
 
 from .._config import MAX_RETRY_AFTER_S, MAX_RETRY_DELAY_S
 
-__all__ = ["RetryPolicy", "TRANSIENT_STATUSES"]
+__all__ = ["RetryPolicy", "TRANSIENT_STATUSES", "parse_retry_after"]
 
 #: Statuses worth another attempt: request timeout, rate limit and server errors.
 TRANSIENT_STATUSES = frozenset({408, 429, *range(500, 600)})
+
+_SECONDS = re.compile(r"\s*([0-9]{1,12})\s*")
+
+
+def parse_retry_after(header: Optional[str], cap: float, *, now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait for a ``Retry-After`` value: a number of seconds or an HTTP date
+    (RFC 9110 10.2.3), never negative, at most ``cap``; None if absent or unreadable.
+    Pure; thread-safe."""
+    if not header or not isinstance(header, str):
+        return None
+    match = _SECONDS.fullmatch(header)
+    if match is not None:
+        seconds = float(match.group(1))
+    else:
+        try:
+            parsed = parsedate_tz(header)
+            if parsed is None:
+                return None
+            seconds = mktime_tz(parsed) - (time.time() if now is None else now)
+        except (ValueError, OverflowError, TypeError):
+            return None
+    return min(max(0.0, seconds), max(0.0, cap))
 
 
 class RetryPolicy:
     """Exponential backoff from ``initial_delay`` (seconds), doubling, each delay capped.
 
     ``max_attempts`` counts every attempt, the first included. ``jitter`` takes up to that
-    fraction off each delay, so a fleet of clients does not retry in lockstep. Immutable
-    and thread-safe.
+    fraction off each delay, so a fleet of clients does not retry in lockstep. A server's
+    ``Retry-After`` is honoured up to ``retry_after_max`` seconds. Immutable and
+    thread-safe.
     """
 
     def __init__(
@@ -42,17 +66,13 @@ class RetryPolicy:
         self.max_attempts = max(1, int(max_attempts))
         self.initial_delay = max(0.0, float(initial_delay))
         self.max_delay = float(max_delay)
+        self.retry_after_max = max(0.0, float(retry_after_max))
         self.jitter = min(max(0.0, float(jitter)), 1.0)
-        self._urllib3 = Retry(
-            total=self.max_attempts - 1,
-            allowed_methods=None,  # every method, POST included: each event carries a messageId
-            status_forcelist=TRANSIENT_STATUSES,
-            respect_retry_after_header=True,
-            retry_after_max=int(retry_after_max),
-        )
 
-    def is_transient_status(self, status: int) -> bool:
-        return bool(self._urllib3.is_retry("POST", status, has_retry_after=False))
+    @staticmethod
+    def is_transient_status(status: int) -> bool:
+        """True for the statuses another attempt may fix (408, 429, 5xx)."""
+        return status in TRANSIENT_STATUSES
 
     def backoff(self, failed_attempts: int) -> float:
         """Seconds to wait after ``failed_attempts`` (1, 2, ...) consecutive failures."""
@@ -63,12 +83,7 @@ class RetryPolicy:
 
     def retry_after(self, header: Optional[str]) -> Optional[float]:
         """The server's ``Retry-After`` in seconds (capped), or None if absent or unreadable."""
-        if not header:
-            return None
-        try:
-            return float(self._urllib3.parse_retry_after(header))
-        except (InvalidHeader, ValueError, OverflowError):
-            return None
+        return parse_retry_after(header, self.retry_after_max)
 
     def __repr__(self) -> str:
         return (

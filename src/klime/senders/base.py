@@ -123,6 +123,11 @@ class Sender(abc.ABC):
                 pass
         return result
 
+    def prepare(self) -> None:
+        """Load what sending needs (the HTTP library, say) now, on the calling thread, so
+        that the first send does not. Blocks briefly (imports); idempotent; never raises
+        for a send-time problem. This default does nothing."""
+
     def after_fork(self) -> None:
         """Called in a forked child before first use: drop inherited connections."""
 

@@ -3,20 +3,23 @@
 One batch per call: ``POST {endpoint}/v1/batch`` with the batch's encoded events, retried
 attempt by attempt (the policy of :mod:`._retry`) until the attempts or the caller's
 deadline run out, each attempt reported to the caller's feedback hook (which may defer the
-batch). The environment ``requests`` reads (proxies, CA bundle) is read once per session.
+batch). The environment ``requests`` reads (proxies, CA bundle) is read once per session;
+a plain-http loopback endpoint never goes through a proxy.
 
-May import: the model, the sender interface, ``requests``/``urllib3``.
+Each attempt is bounded in wall-clock time, headers and body included, by the least of its
+budget (connect + read timeout) and the caller's deadline; at most a small prefix of each
+answer is read, never inflated past a cap; server text quoted in errors has the write key
+masked. ``requests``/``urllib3`` are imported on the first send, not before.
+
+May import: the model, the sender interface, :mod:`._http_wire` (which alone imports
+``requests``/``urllib3``, lazily).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
-
-import requests
-from requests.adapters import HTTPAdapter
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 from .._batching import batch_body
 from .._config import (
@@ -31,18 +34,27 @@ from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse
 from .._version import __version__
-from ..errors import ConfigurationError, SendError
+from ..errors import ConfigurationError, SendError, mask_secret
 from ._http_wire import (
-    PERMANENT_REQUEST_ERRORS,
+    ANSWER_BYTES_PER_EVENT,
+    MAX_ANSWER_BYTES,
+    Attempt,
     describe_exception,
     header_safe,
     is_stale_connection,
-    read_text,
+    new_session,
+    parse_json,
+    permanent_request_errors,
+    quote_answer,
+    read_answer,
     short,
     validate_endpoint,
 )
 from ._retry import RetryPolicy
 from .base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT, Feedback, Sender, SendResult
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["HttpSender", "validate_endpoint"]
 
@@ -91,9 +103,11 @@ class HttpSender(Sender):
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
+            "Accept-Encoding": "identity",  # an answer is never inflated (see read_answer)
             "Authorization": f"Bearer {write_key}",
             "User-Agent": USER_AGENT,
         }
+        self._secret = write_key  # masked in any server text quoted back
         self._lock = threading.Lock()
         self._state: Optional[Tuple[requests.Session, requests.PreparedRequest, Dict[str, Any]]] = None
 
@@ -108,29 +122,26 @@ class HttpSender(Sender):
     def _prepared(self) -> Tuple[requests.Session, requests.PreparedRequest, Dict[str, Any]]:
         """The session, a prepared request to copy for each batch, and the settings
         ``requests`` would read from the environment for our URL on every request (proxy
-        variables, ``REQUESTS_CA_BUNDLE``): read once, here. Measured: the per-request
-        look-ups (the whole of ``os.environ``, twice, and ``~/.netrc``) were a fifth of the
-        CPU time of a request. Thread-safe; created on first use."""
+        variables, ``REQUESTS_CA_BUNDLE``): read once (see :func:`._http_wire.new_session`).
+        Measured: the per-request look-ups (the whole of ``os.environ``, twice, and
+        ``~/.netrc``) were a fifth of the CPU time of a request. Thread-safe; created on
+        first use, which is when ``requests`` is imported."""
         state = self._state
         if state is None:
             with self._lock:
                 state = self._state
                 if state is None:
-                    session = requests.Session()
-                    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size, max_retries=0)
-                    session.mount("https://", adapter)
-                    session.mount("http://", adapter)
-                    session.verify = True
-                    settings: Dict[str, Any] = dict(
-                        session.merge_environment_settings(self.url, {}, None, None, None)
-                    )
-                    session.trust_env = False  # read once above; not again per request
-                    template = session.prepare_request(
-                        requests.Request("POST", self.url, headers=self._headers)
-                    )
-                    state = (session, template, settings)
+                    state = new_session(self.url, self._headers, self._pool_size)
                     self._state = state
         return state
+
+    def prepare(self) -> None:
+        """Import ``requests``/``urllib3`` and make the session now (no connection is
+        opened). Transports of long-running processes call it when the client is made, on
+        its thread: importing OpenSSL later from a sender thread of a forked uWSGI worker
+        was seen to crash the worker; on serverless the import waits for the first send
+        (start-up time is latency there). Blocks briefly; idempotent; thread-safe."""
+        self._prepared()
 
     def after_fork(self) -> None:
         # The inherited sockets belong to the parent: forget them without closing them.
@@ -165,8 +176,12 @@ class HttpSender(Sender):
         After a transient failure a False answer from ``feedback`` ends the call with the
         batch deferred (not retried now, not counted as failed). ``attempts_made`` earlier
         attempts of this batch count against ``retry_max_attempts``. Blocks; thread-safe;
-        never raises.
+        never raises. Each attempt ends by the least of ``connect_timeout + read_timeout``
+        and ``deadline``, in wall-clock time, whatever the server does; one the deadline
+        cut short ends the call with ``deadline_reached``.
         """
+        from requests.exceptions import RequestException  # imported by now: see _prepared
+
         body = batch_body(events)
         count = len(events)
         policy = self.retry
@@ -175,6 +190,8 @@ class HttpSender(Sender):
         stale_retry_used = False
         all_failed = tuple(range(count))
         session, template, settings = self._prepared()
+        permanent = permanent_request_errors()
+        budget = self.connect_timeout + self.read_timeout
         while True:
             connect_t = deadline.cap(self.connect_timeout)
             read_t = deadline.cap(self.read_timeout)
@@ -191,20 +208,35 @@ class HttpSender(Sender):
             try:
                 request = template.copy()
                 request.prepare_body(body, None)
-                response = session.send(
-                    request, timeout=(connect_t, read_t), allow_redirects=False, **settings
-                )
-            except PERMANENT_REQUEST_ERRORS as exc:
+                with Attempt(budget, deadline):
+                    response = session.send(
+                        request, timeout=(connect_t, read_t), allow_redirects=False, **settings
+                    )
+                    code = response.status_code
+                    wanted = MAX_ANSWER_BYTES + (ANSWER_BYTES_PER_EVENT * count if 200 <= code < 300 else 0)
+                    answer = read_answer(response, wanted)
+                encoding = response.headers.get("Content-Encoding") or ""
+            except permanent as exc:
                 reason = f"request could not be made: {type(exc).__name__}"
                 logger.error("klime: batch of %d events not sent: %s", count, reason)
                 _tell(feedback, ATTEMPT_REJECTED, _monotonic() - started)
                 return SendResult(None, SendError(reason), all_failed, made - first, _retries(made, first))
-            except requests.exceptions.RequestException as exc:
+            except RequestException as exc:
                 made += 1
                 took = _monotonic() - started
                 status: Optional[int] = None
                 reason = describe_exception(exc)
                 wait: Optional[float] = None
+                if _out_of_time(deadline):  # the deadline, not the server, ended the attempt
+                    _tell(feedback, ATTEMPT_TRANSIENT, took)
+                    return self._gave_up(
+                        f"deadline reached during attempt {made}: {reason}",
+                        None,
+                        all_failed,
+                        made - first,
+                        first,
+                        deadline_reached=True,
+                    )
                 if is_stale_connection(exc) and not stale_retry_used:
                     # the peer closed a pooled connection (a Lambda freeze, an idle timeout):
                     # not a sign of load; retried at once
@@ -215,11 +247,12 @@ class HttpSender(Sender):
             else:
                 made += 1
                 took = _monotonic() - started
-                status = response.status_code
-                if 200 <= status < 300:
+                status = code
+                if 200 <= code < 300:
                     _tell(feedback, ATTEMPT_OK, took)
-                    return self._accepted(response, count, made - first, _retries(made, first))
-                text = read_text(response)
+                    payload = parse_json(answer, encoding, wanted)
+                    return self._accepted(payload, code, count, made - first, _retries(made, first))
+                text = quote_answer(answer, encoding, self._secret)
                 reason = f"HTTP {status}" + (f": {text}" if text else "")
                 if status == 413:
                     _tell(feedback, ATTEMPT_REJECTED, took)
@@ -231,7 +264,7 @@ class HttpSender(Sender):
                         _retries(made, first),
                         too_large=True,
                     )
-                if not policy.is_transient_status(status):
+                if not policy.is_transient_status(code):
                     _tell(feedback, ATTEMPT_REJECTED, took)
                     logger.error("klime: batch of %d events rejected: %s", count, reason)
                     return SendResult(
@@ -306,35 +339,37 @@ class HttpSender(Sender):
             deadline_reached=deadline_reached,
         )
 
-    @staticmethod
-    def _accepted(response: requests.Response, count: int, made: int, retries: int) -> SendResult:
-        payload: Any
+    def _accepted(self, payload: Any, status: int, count: int, made: int, retries: int) -> SendResult:
+        """A 2xx: all accepted, unless the body (parsed JSON, or None) names rejected events."""
         try:
-            payload = json.loads(response.content) if response.content else None
-        except ValueError:
-            payload = None
-        parsed = BatchResponse.from_body(payload, count, response.status_code)
+            parsed = BatchResponse.from_body(payload, count, status)
+        except (ValueError, TypeError, RecursionError):  # no usable body: the status decides
+            parsed = BatchResponse.from_body(None, count, status)
         if not parsed.failed:
             return SendResult(parsed, None, (), made, retries)
         failed = tuple(sorted({e.index for e in parsed.errors}))
+        secret = self._secret
         summary = "; ".join(
-            f"#{e.index}: {short(e.message)}" + (f" ({short(e.code, 40)})" if e.code else "")
+            f"#{e.index}: {short(mask_secret(e.message, secret))}"
+            + (f" ({short(mask_secret(e.code, secret), 40)})" if e.code else "")
             for e in parsed.errors[:5]
         )
         if len(parsed.errors) > 5:
             summary += f"; and {len(parsed.errors) - 5} more"
         logger.warning("klime: %d of %d events of a batch were rejected: %s", parsed.failed, count, summary)
-        error = SendError(
-            f"{parsed.failed} of {count} events rejected: {summary}",
-            response.status_code,
-            response=parsed,
-        )
+        error = SendError(f"{parsed.failed} of {count} events rejected: {summary}", status, response=parsed)
         return SendResult(parsed, error, failed, made, retries)
 
 
 def _retries(made: int, first: int) -> int:
     """Attempts made in this call that repeated an earlier attempt of the batch."""
     return max(0, made - max(first, 1))
+
+
+def _out_of_time(deadline: Deadline) -> bool:
+    """The caller's deadline has passed (a time-out ending then was the deadline's doing)."""
+    left = deadline.remaining()
+    return left is not None and left < 0.001
 
 
 def _tell(feedback: Optional[Feedback], outcome: str, seconds: float) -> bool:

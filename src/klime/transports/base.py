@@ -27,6 +27,10 @@ class Transport(abc.ABC):
 
     #: The name the Client's ``transport=`` option accepts for this class, if any.
     name: str = ""
+    #: Load the sender's stack (the HTTP library) when the client is made, on its thread
+    #: (True: long-running processes), or on the first send (False: serverless, where
+    #: start-up time is the caller's latency).
+    prepare_sender_early: bool = True
 
     _delivery: Optional[Delivery] = None
 
@@ -35,6 +39,11 @@ class Transport(abc.ABC):
         if self._delivery is not None and self._delivery is not delivery:
             raise RuntimeError("this transport already belongs to another klime Client")
         self._delivery = delivery
+        if self.prepare_sender_early:
+            try:
+                delivery.sender.prepare()
+            except Exception:  # a sender that cannot prepare tells at its first send
+                pass
 
     @property
     def delivery(self) -> Delivery:

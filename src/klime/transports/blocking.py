@@ -22,6 +22,8 @@ class BlockingTransport(Transport):
     """
 
     name = "blocking"
+    #: it sends on the caller's thread: the HTTP library is loaded there, at the first send
+    prepare_sender_early = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

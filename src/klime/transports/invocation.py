@@ -92,6 +92,9 @@ def _marker() -> Optional[str]:
 class InvocationTransport(Transport):
     """Buffer events; send them on ``flush`` (or inline; see the module docstring).
 
+    The sender's stack (the HTTP library) is loaded at the first send, not when the client
+    is made: on serverless, start-up time is the caller's latency.
+
     Args:
         flush_interval: milliseconds (Ruby SDK unit) after which, where the platform gives
             no invocation marker, a buffered event counts as left over from an earlier
@@ -108,6 +111,7 @@ class InvocationTransport(Transport):
     """
 
     name = "invocation"
+    prepare_sender_early = False
 
     def __init__(
         self,
