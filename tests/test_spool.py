@@ -41,7 +41,7 @@ DEADLINE = 60.0
 
 
 def event(seq: str, pad: int = 0) -> bytes:
-    return json.dumps({"messageId": seq, "pad": "x" * pad}, separators=(",", ":")).encode()
+    return json.dumps({"type": "track", "messageId": seq, "pad": "x" * pad}, separators=(",", ":")).encode()
 
 
 def seqs(events: Tuple[bytes, ...] | List[bytes]) -> List[str]:
@@ -79,7 +79,7 @@ def note(fd, kind, ids):
     os.write(fd, (kind + " " + ",".join(ids) + "\\n").encode())
 
 def body(seq):
-    return json.dumps({{"messageId": seq}}).encode()
+    return json.dumps({{"type": "track", "messageId": seq}}).encode()
 
 def ids_of(claimed):
     return [json.loads(e)["messageId"] for e in claimed.events]
@@ -221,6 +221,7 @@ def test_append_claim_ack_in_order(opened, spool_dir):
         "rejected": 6,
         "released": 0,
         "adopted": 0,
+        "invalid": 0,
     }
 
 
@@ -701,6 +702,8 @@ def _mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
+    # mode=0700: a tmpfs root is 1777 by default, which the spool refuses (writable by others)
+    options += ",mode=0700"
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     return done.returncode == 0
 

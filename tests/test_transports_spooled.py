@@ -190,10 +190,13 @@ def run_script(src_env, **fields) -> subprocess.CompletedProcess:
 
 def test_events_left_at_exit_are_sent_by_the_next_process(collector, spool_dir, src_env):
     # the endpoint is down: the first process exits with its events on disk, not reported
-    first = run_script(src_env, url="http://127.0.0.1:9", spool=str(spool_dir), n=150, name="Before")
+    collector.set_mode(Fault.status_code(503))
+    first = run_script(src_env, url=collector.url, spool=str(spool_dir), n=150, name="Before")
     assert inspect(str(spool_dir)).count == 150, first.stdout
     assert "events were not delivered" not in first.stderr
-    # the next process (a deploy, a restart) adopts them and sends them, once
+    collector.set_mode(None)
+    # the next process of the same project (a deploy, a restart: same endpoint and key)
+    # adopts them and sends them, once
     run_script(
         src_env,
         url=collector.url,

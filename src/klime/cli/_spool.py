@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, TextIO
@@ -22,6 +23,24 @@ if TYPE_CHECKING:
     from ..spool import Claimed, Spool, SpoolStats
 
 __all__ = ["spool"]
+
+
+#: C0 and C1 control characters, DEL, and the Unicode controls that reorder or hide text.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+#: Names klime keeps in a spool directory besides the database.
+_KLIME_NAMES = ("open.lock", "owners")
+
+
+def _safe(text: object) -> str:
+    """``text`` for a terminal: every control character (escape sequences included) shown
+    as ``\\xNN`` / ``\\uNNNN``, so nothing read from a spool or a server can drive the
+    terminal."""
+
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _CONTROLS.sub(escape, str(text))
 
 
 def _size(n: int) -> str:
@@ -56,7 +75,7 @@ def _print_spool(stats: SpoolStats, out: TextIO) -> None:
     )
     print(f"  owners: {stats.alive_owners} alive, {stats.dead_owners} dead", file=out)
     for o in stats.owners:
-        where = f"pid {o.pid} on {o.host}" if o.pid is not None else "unregistered"
+        where = f"pid {o.pid} on {_safe(o.host)}" if o.pid is not None else "unregistered"
         print(
             f"    {'alive' if o.alive else 'dead ':5}  {where:<28} {o.count:>9,} events  {_size(o.bytes):>10}"
             f"  oldest {_age(o.oldest_age)}",
@@ -69,9 +88,9 @@ def _print_spool(stats: SpoolStats, out: TextIO) -> None:
 def _describe(raw: bytes) -> str:
     try:
         event = json.loads(raw)
-        name = f' "{event["event"]}"' if event.get("event") else ""
-        return f"{event.get('messageId', '?')}  {event.get('type', '?')}{name}"
-    except (ValueError, TypeError, AttributeError):
+        name = f' "{_safe(event["event"])}"' if event.get("event") else ""
+        return f"{_safe(event.get('messageId', '?'))}  {_safe(event.get('type', '?'))}{name}"
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return f"<{len(raw)} bytes that are not a JSON event>"
 
 
@@ -101,7 +120,12 @@ class _Drain:
 
     def send(self, batch: Claimed) -> bool:
         """Send and settle ``batch``; False when the run must stop (the batch is released)."""
-        result = self.sender.send(batch.events, self.deadline)
+        try:
+            result = self.sender.send(batch.events, self.deadline)
+        except Exception as exc:  # an outcome nobody can vouch for: keep the events
+            self.spool.release(batch, retry_at=time.time())
+            self.stopped = f"the sender failed ({type(exc).__name__}); the events were kept"
+            return False
         self.requests += result.requests
         error = result.error
         if error is None:
@@ -136,36 +160,43 @@ class _Drain:
             self.rejected.append({"event": _describe(raw), "status_code": status, "error": reason})
 
 
-def _print_drain(drain: _Drain, left: int, held: int, live_pids: List[Any]) -> None:
+def _print_drain(drain: _Drain, left: int, held: int, live_pids: List[Any], others: int) -> None:
     plural = "" if drain.requests == 1 else "s"
     print(f"sent {drain.sent:,} events in {drain.requests:,} request{plural}", file=sys.stdout)
     if drain.rejected:
         print(f"rejected {len(drain.rejected):,} events (deleted from the spool):", file=sys.stdout)
         for r in drain.rejected:
             code = f"HTTP {r['status_code']}" if r["status_code"] is not None else "error"
-            print(f"  {r['event']}  ({code}: {r['error']})", file=sys.stdout)
+            print(f"  {r['event']}  ({code}: {_safe(r['error'])})", file=sys.stdout)
     if left:
-        print(f"left {left:,} events in the spool: {drain.stopped}", file=sys.stdout)
+        print(f"left {left:,} events in the spool: {_safe(drain.stopped)}", file=sys.stdout)
     if held:
         pids = ", ".join(str(pid) for pid in live_pids)
         print(f"{held:,} events belong to live processes (pid {pids}) and were left to them")
+    if others:
+        print(
+            f"{others:,} events belong to another project (another endpoint or write key) and were left to it"
+        )
 
 
 def _spool_send(args: argparse.Namespace, directory: str) -> int:
     from .._config import DEFAULT_ENDPOINT, ENV_ENDPOINT, ENV_WRITE_KEY, env
     from .._deadline import Deadline
     from ..senders.http import HttpSender
-    from ..spool import Spool
+    from ..spool import Spool, project_id
 
     write_key = args.write_key or env(ENV_WRITE_KEY)
     if not write_key:
         return fail(f"a write key is needed: --write-key or ${ENV_WRITE_KEY}", USAGE)
+    endpoint = args.endpoint or env(ENV_ENDPOINT) or DEFAULT_ENDPOINT
     try:
-        sender = HttpSender(write_key, args.endpoint or env(ENV_ENDPOINT) or DEFAULT_ENDPOINT)
+        sender = HttpSender(write_key, endpoint)
     except ConfigurationError as exc:
         return fail(exc, USAGE)
     try:
-        spool = Spool.open(directory)
+        # this key's project, and rows of a klime from before projects: the operator named
+        # the directory and the key, so those are theirs to send (docs/spool.md, Security)
+        spool = Spool.open(directory, project=project_id(endpoint, write_key), adopt_legacy=True)
     except SpoolUnavailable as exc:
         sender.close()
         return fail(exc, SEND_FAILED)
@@ -183,6 +214,7 @@ def _spool_send(args: argparse.Namespace, directory: str) -> int:
     left = mine[0].count if mine else 0
     live = [o for o in stats.owners if o.alive and not o.current]
     held = sum(o.count for o in live)
+    others = sum(o.count for o in stats.owners if not o.alive and not o.current)
     if args.json:
         report = {
             "adopted": adopted,
@@ -193,11 +225,39 @@ def _spool_send(args: argparse.Namespace, directory: str) -> int:
             "stopped": drain.stopped,
             "held_by_live_processes": held,
             "live_pids": [o.pid for o in live],
+            "left_to_other_projects": others,
         }
         print(json.dumps(report, sort_keys=True))
     else:
-        _print_drain(drain, left, held, [o.pid for o in live])
+        _print_drain(drain, left, held, [o.pid for o in live], others)
     return OK if not drain.rejected and not left else SEND_FAILED
+
+
+def _not_a_spool(directory: str, *, sending: bool) -> Optional[str]:
+    """Why ``directory`` must be left alone, or None for a klime spool (an empty directory
+    is an empty spool, except to send from). Creates and changes nothing."""
+    from ..spool import _safety, _store
+
+    try:
+        _safety.check_directory(directory, fix=False)
+        kind = _store.recognise(directory)
+        names = os.listdir(directory)
+    except SpoolUnavailable as exc:
+        return _safe(exc)
+    except OSError as exc:
+        return _safe(f"klime spool {directory}: cannot read it ({exc.strerror})")
+    if kind in ("klime", "legacy"):
+        return None
+    not_klime = f"{directory} is not a klime spool: its {_store.DB_NAME}"
+    if kind == "corrupt":
+        return _safe(f"{not_klime} is not an SQLite database (corrupt?)")
+    if kind == "foreign":
+        return _safe(f"{not_klime} is another program's database")
+    if any(not (name in _KLIME_NAMES or name.startswith(_store.DB_NAME)) for name in names):
+        return _safe(f"{directory} is not a klime spool (no {_store.DB_NAME}, and other files in it)")
+    if sending:
+        return _safe(f"{directory} holds no klime spool yet (no {_store.DB_NAME}): nothing to send")
+    return None
 
 
 def spool(args: argparse.Namespace) -> int:
@@ -211,6 +271,9 @@ def spool(args: argparse.Namespace) -> int:
         return fail("--yes goes with --clear", USAGE)
     if not os.path.isdir(directory):
         return fail(f"no spool directory at {directory}", USAGE)
+    refusal = _not_a_spool(directory, sending=bool(args.send))
+    if refusal is not None:
+        return fail(refusal, SEND_FAILED)
     try:
         if args.send:
             return _spool_send(args, directory)

@@ -15,14 +15,18 @@ one (:meth:`~Spool.adopt`). Events are opaque ``bytes`` (encoded JSON) here.
     result = sender.send(batch.events, deadline)
     spool.ack(batch)                                # or release(batch, retry_at=...) / reject(batch)
 
-Every storage failure raises :class:`~klime.errors.SpoolUnavailable`. See docs/spool.md.
+Every storage failure raises :class:`~klime.errors.SpoolUnavailable`. A spool is private
+and single-project: a directory another user could plant files in is refused (``"unsafe"``),
+files are created 0600, and rows are adopted only by an owner of the same project
+(:func:`project_id`: a fingerprint of the endpoint and write key). See docs/spool.md.
 """
 
 from __future__ import annotations
 
 from ..errors import SpoolUnavailable
 from ._admin import clear, inspect
-from ._models import AppendResult, Claimed, OwnerStats, SpoolStats
+from ._models import AdoptResult, AppendResult, Claimed, OwnerStats, SpoolStats
+from ._safety import DEFAULT_PROJECT, project_id, valid_event
 from ._spool import DEFAULT_BUSY_TIMEOUT_S, DEFAULT_MAX_BYTES, Spool, retry_time
 from ._store import DB_NAME, SCHEMA_VERSION
 
@@ -30,6 +34,10 @@ __all__ = [
     "Spool",
     "Claimed",
     "AppendResult",
+    "AdoptResult",
+    "project_id",
+    "valid_event",
+    "DEFAULT_PROJECT",
     "SpoolStats",
     "OwnerStats",
     "SpoolUnavailable",

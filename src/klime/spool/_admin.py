@@ -10,16 +10,22 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..errors import SpoolUnavailable
 from . import _owners
 from ._models import OwnerStats, SpoolStats
-from ._store import begin, connect_existing, unavailable
+from ._store import begin, connect_existing, has_projects, unavailable
 
 __all__ = ["inspect", "clear", "read_stats", "registered_owners"]
 
 
-def registered_owners(conn: sqlite3.Connection) -> Dict[int, Tuple[str, _owners.Identity, float]]:
-    """owner id -> (token, identity, opened)."""
-    rows = conn.execute("SELECT id, token, pid, start_ticks, boot_id, pid_ns, host, opened FROM owners")
+def registered_owners(
+    conn: sqlite3.Connection,
+) -> Dict[int, Tuple[str, _owners.Identity, float, Optional[str]]]:
+    """owner id -> (token, identity, opened, project); the project is None for an owner
+    registered by a klime from before projects (schema 1)."""
+    project = "project" if has_projects(conn) else "NULL"
+    rows = conn.execute(
+        f"SELECT id, token, pid, start_ticks, boot_id, pid_ns, host, opened, {project} FROM owners"
+    )
     return {
-        row[0]: (row[1], _owners.Identity(row[2], row[3], row[4], row[5], row[6]), row[7])
+        row[0]: (row[1], _owners.Identity(row[2], row[3], row[4], row[5], row[6]), row[7], row[8])
         for row in rows.fetchall()
     }
 
@@ -49,7 +55,8 @@ def read_stats(
     owners: List[OwnerStats] = []
     for owner_id in sorted(set(per_owner) | set(registered)):
         rows, size, claimed, waiting, oldest = per_owner.get(owner_id, (0, 0, 0, 0, None))
-        token, ident, opened = registered.get(owner_id, (f"unregistered-{owner_id}", None, None))
+        unregistered = (f"unregistered-{owner_id}", None, None, None)
+        token, ident, opened, project = registered.get(owner_id, unregistered)
         is_current = owner_id == current
         owners.append(
             OwnerStats(
@@ -64,6 +71,7 @@ def read_stats(
                 claimed=claimed or 0,
                 waiting=waiting or 0,
                 oldest_age=None if oldest is None else max(0.0, now - oldest),
+                project=project,
             )
         )
     first = [v[4] for v in per_owner.values() if v[4] is not None]

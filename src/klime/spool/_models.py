@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .._batching import body_size
 
-__all__ = ["Claimed", "AppendResult", "OwnerStats", "SpoolStats"]
+__all__ = ["Claimed", "AppendResult", "AdoptResult", "OwnerStats", "SpoolStats"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,9 @@ class OwnerStats:
 
     ``current`` is True for the owner of the spool object that made the snapshot. ``pid``,
     ``host`` and ``opened`` (unix time) are None for rows whose owner was never registered.
+    ``project``: the fingerprint of the endpoint and write key the owner sends to
+    (:func:`klime.spool.project_id`); None for an owner registered by an older klime, or
+    never registered. Only an owner of the same project adopts another's rows.
     """
 
     token: str
@@ -113,6 +116,22 @@ class OwnerStats:
     claimed: int
     waiting: int
     oldest_age: Optional[float]
+    project: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class AdoptResult:
+    """What one :meth:`~klime.spool.Spool.adopt_events` did: ``adopted`` rows of gone owners
+    of this project became this owner's; ``invalid`` rows of theirs that were not klime
+    events (see :func:`klime.spool.valid_event`) were deleted instead, never to be sent:
+    here for the caller to count and report (their bytes, or a placeholder object naming
+    the size when they are not a JSON object)."""
+
+    adopted: int
+    invalid: Tuple[bytes, ...] = field(default=(), repr=False)
+
+    def __repr__(self) -> str:
+        return f"AdoptResult(adopted={self.adopted}, invalid=<{len(self.invalid)} rows>)"
 
 
 @dataclass(frozen=True)

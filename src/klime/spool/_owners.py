@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 OWNERS_DIR = "owners"
+#: Open flags for lock files: close on exec, and never through a symlink planted there.
+_NOFOLLOW = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 _SUFFIX = ".lock"
 _TMP_PREFIX = "."
 _TMP_SUFFIX = ".tmp"
@@ -199,7 +201,7 @@ class OwnerLock:
         token = uuid.uuid4().hex
         tmp = os.path.join(owners_dir, _TMP_PREFIX + token + _TMP_SUFFIX)
         final = lock_path(owners_dir, token)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
         try:
             if not _flock_nb(fd):  # a brand-new file: nobody else can hold it
                 raise OSError(errno.EWOULDBLOCK, "could not lock a new owner file", tmp)
@@ -262,7 +264,7 @@ def probe(owners_dir: str, token: str, recorded: Optional[Identity]) -> Optional
     until :meth:`Held.finish`. Non-blocking (``LOCK_NB``). Never raises."""
     path = lock_path(owners_dir, token)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | _NOFOLLOW)
     except FileNotFoundError:
         # Only an abnormal spool lacks the file of a registered owner. Decide on the recorded
         # process, conservatively; without a record (rows of an unregistered owner) it is gone.
@@ -319,7 +321,7 @@ def sweep(owners_dir: str, registered: Set[str]) -> int:
         else:
             continue
         try:
-            fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(entry.path, os.O_RDWR | _NOFOLLOW)
         except OSError:
             continue
         hold_transient(fd)

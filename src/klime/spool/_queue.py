@@ -5,12 +5,13 @@ process logic: :class:`~klime.spool.Spool` supplies those. Blocks for its SQLite
 from __future__ import annotations
 
 import sqlite3
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .._batching import BODY_OVERHEAD
 from . import _owners
 from ._admin import registered_owners
 from ._models import Claimed
+from ._safety import DEFAULT_PROJECT
 from ._store import begin
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "delete",
     "release",
     "adopt",
+    "legacy_rows",
     "compact",
 ]
 
@@ -34,21 +36,23 @@ def _marks(n: int) -> str:
 
 
 class Owner(NamedTuple):
-    """An owner as the database knows it: its token (lock file) and its id (rows)."""
+    """An owner as the database knows it: its token (lock file), its id (rows) and the
+    project it sends to (whose gone owners' rows it may adopt)."""
 
     token: str
     id: int
+    project: str
 
 
-def register(conn: sqlite3.Connection, token: str, me: _owners.Identity, now: float) -> Owner:
+def register(conn: sqlite3.Connection, token: str, me: _owners.Identity, now: float, project: str) -> Owner:
     with begin(conn):
         cursor = conn.execute(
-            "INSERT INTO owners (token, pid, start_ticks, boot_id, pid_ns, host, opened)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (token, me.pid, me.start, me.boot, me.pidns, me.host, now),
+            "INSERT INTO owners (token, pid, start_ticks, boot_id, pid_ns, host, opened, project)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (token, me.pid, me.start, me.boot, me.pidns, me.host, now, project),
         )
     assert cursor.lastrowid is not None
-    return Owner(token, cursor.lastrowid)
+    return Owner(token, cursor.lastrowid, project)
 
 
 def unregister_if_empty(conn: sqlite3.Connection, owner: Owner) -> bool:
@@ -179,11 +183,24 @@ def release(conn: sqlite3.Connection, owner: Owner, claimed: Claimed, retry_at: 
         ).rowcount
 
 
-def adopt(conn: sqlite3.Connection, owners_dir: str, me: Owner, *, orphans: bool, now: float) -> int:
-    """Move the rows of every dead owner to ``me``, due ``now`` at the latest (a backoff the
-    dead process chose from its own view of the endpoint ends with it; the adopter backs
-    off again if the endpoint still fails); ``orphans`` also takes rows whose owner was
-    never registered (O(rows)). Returns the rows moved.
+def adopt(
+    conn: sqlite3.Connection,
+    owners_dir: str,
+    me: Owner,
+    *,
+    orphans: bool,
+    now: float,
+    legacy: bool,
+    valid: Callable[[object], bool],
+) -> Tuple[int, List[object]]:
+    """Move the rows of every dead owner *of this owner's project* to ``me``, due ``now`` at
+    the latest (a backoff the dead process chose from its own view of the endpoint ends
+    with it; the adopter backs off again if the endpoint still fails). ``legacy`` also
+    takes the rows of dead owners that recorded no project (registered by an older klime,
+    or of the default project) and,
+    with ``orphans``, rows whose owner was never registered (O(rows)). Each row must pass
+    ``valid``; one that does not is deleted (counted as dropped in the totals) and returned.
+    Returns (rows moved, bodies of the invalid rows deleted).
 
     Safe against racing adopters: a dead owner's rows are moved while its lock is held (a
     second adopter's probe then fails and skips it), and each chunk is one transaction
@@ -191,40 +208,85 @@ def adopt(conn: sqlite3.Connection, owners_dir: str, me: Owner, *, orphans: bool
     """
     registered = registered_owners(conn)
     candidates: List[Tuple[int, Optional[str], Optional[_owners.Identity]]] = [
-        (owner_id, token, ident) for owner_id, (token, ident, _) in registered.items() if owner_id != me.id
+        (owner_id, token, ident)
+        for owner_id, (token, ident, _, project) in registered.items()
+        if owner_id != me.id and (project == me.project or (legacy and _unknown_project(project)))
     ]
-    if orphans:
+    if orphans and legacy:
         query = "SELECT DISTINCT owner FROM events WHERE owner NOT IN (SELECT id FROM owners)"
         candidates += [(owner_id, None, None) for (owner_id,) in conn.execute(query).fetchall()]
     moved = 0
+    invalid: List[object] = []
     for owner_id, token, ident in candidates:
         held = _owners.probe(owners_dir, token, ident) if token is not None else None
         if token is not None and held is None:
             continue  # alive (or cannot tell)
         done = False
         try:
-            moved += _move(conn, owner_id, me.id, now)
+            moved += _move(conn, owner_id, me.id, now, valid, invalid)
             done = True
         finally:
             if held is not None:
                 held.finish(unlink=done)
-    _owners.sweep(owners_dir, {token for token, _, _ in registered.values()} | {me.token})
-    return moved
+    _owners.sweep(owners_dir, {entry[0] for entry in registered.values()} | {me.token})
+    return moved, invalid
 
 
-def _move(conn: sqlite3.Connection, dead: int, to: int, now: float) -> int:
+def _unknown_project(project: Optional[str]) -> bool:
+    """No endpoint and key recorded: an older klime's owner, or one of the default project."""
+    return project is None or project == DEFAULT_PROJECT
+
+
+def legacy_rows(conn: sqlite3.Connection) -> int:
+    """Rows of owners that recorded no project (an older klime's, the default project's) or
+    were never registered. O(rows)."""
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM events WHERE owner NOT IN"
+        " (SELECT id FROM owners WHERE project IS NOT NULL AND project != ?)",
+        (DEFAULT_PROJECT,),
+    ).fetchone()
+    return int(count)
+
+
+def _move(
+    conn: sqlite3.Connection,
+    dead: int,
+    to: int,
+    now: float,
+    valid: Callable[[object], bool],
+    invalid: List[object],
+) -> int:
     moved = 0
-    while True:  # bounded: every round moves a chunk of a finite set, or ends
+    while True:  # bounded: every round moves or deletes a chunk of a finite set, or ends
         with begin(conn):
-            n = conn.execute(
-                "UPDATE events SET owner = ?, claimed = 0, due = MIN(due, ?)"
-                " WHERE id IN (SELECT id FROM events WHERE owner = ? LIMIT ?)",
-                (to, now, dead, ADOPT_CHUNK),
-            ).rowcount
-            if n < ADOPT_CHUNK:
+            rows = conn.execute(
+                "SELECT id, size, body FROM events WHERE owner = ? LIMIT ?", (dead, ADOPT_CHUNK)
+            ).fetchall()
+            good: List[Tuple[float, int]] = []
+            bad_ids: List[Tuple[int]] = []
+            bad_size = 0
+            for row_id, size, body in rows:
+                if valid(body):
+                    good.append((now, row_id))
+                else:
+                    bad_ids.append((row_id,))
+                    bad_size += size if isinstance(size, int) else 0
+                    invalid.append(body)
+            if good:
+                conn.executemany(
+                    f"UPDATE events SET owner = {int(to)}, claimed = 0, due = MIN(due, ?) WHERE id = ?", good
+                )
+            if bad_ids:
+                conn.executemany("DELETE FROM events WHERE id = ?", bad_ids)
+                conn.execute(
+                    "UPDATE totals SET count = MAX(0, count - ?), bytes = MAX(0, bytes - ?),"
+                    " dropped_count = dropped_count + ?, dropped_bytes = dropped_bytes + ?",
+                    (len(bad_ids), bad_size, len(bad_ids), bad_size),
+                )
+            if len(rows) < ADOPT_CHUNK:
                 conn.execute("DELETE FROM owners WHERE id = ?", (dead,))
-        moved += n
-        if n < ADOPT_CHUNK:
+        moved += len(good)
+        if len(rows) < ADOPT_CHUNK:
             return moved
 
 

@@ -12,9 +12,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 from .._config import MAX_BATCH_EVENTS, MAX_REQUEST_BYTES
 from .._logging import log
 from ..errors import ConfigurationError, SpoolUnavailable
-from . import _fork, _owners, _queue, _store
+from . import _fork, _owners, _queue, _safety, _store
 from ._admin import read_stats
-from ._models import AppendResult, Claimed, SpoolStats
+from ._models import AdoptResult, AppendResult, Claimed, SpoolStats
 from ._store import DEFAULT_BUSY_TIMEOUT_S, classify, unavailable
 
 __all__ = ["Spool", "retry_time", "DEFAULT_MAX_BYTES", "DEFAULT_BUSY_TIMEOUT_S"]
@@ -22,7 +22,17 @@ __all__ = ["Spool", "retry_time", "DEFAULT_MAX_BYTES", "DEFAULT_BUSY_TIMEOUT_S"]
 T = TypeVar("T")
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-_COUNTERS = ("appended", "dropped", "dropped_bytes", "claimed", "acked", "rejected", "released", "adopted")
+_COUNTERS = (
+    "appended",
+    "dropped",
+    "dropped_bytes",
+    "claimed",
+    "acked",
+    "rejected",
+    "released",
+    "adopted",
+    "invalid",
+)
 
 
 def retry_time(attempts: int, initial: float, maximum: float, *, now: Optional[float] = None) -> float:
@@ -58,9 +68,14 @@ class Spool:
         busy_timeout: float,
         synchronous: str,
         clock: Callable[[], float],
+        project: str = _safety.DEFAULT_PROJECT,
+        adopt_legacy: bool = True,
     ) -> None:
         """Use :meth:`open`."""
         self.directory = directory
+        #: The project this owner belongs to (:func:`klime.spool.project_id`).
+        self.project = project
+        self.adopt_legacy = adopt_legacy
         self.max_bytes = max_bytes
         self._owners_dir = os.path.join(directory, _owners.OWNERS_DIR)
         self._busy_timeout = busy_timeout
@@ -86,8 +101,21 @@ class Spool:
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
         synchronous: str = "NORMAL",
         clock: Callable[[], float] = time.time,
+        project: Optional[str] = None,
+        adopt_legacy: Optional[bool] = None,
     ) -> Spool:
         """Open the spool in ``directory`` (created with mode 0o700) and register as an owner.
+
+        The directory must be private to this user (not a symlink, owned by the effective
+        uid, not writable by group or others; the same for klime's files in it), else
+        SpoolUnavailable(``"unsafe"``); a ``spool.sqlite3`` there that is not klime's raises
+        SpoolUnavailable(``"foreign"``) and is left alone. Files klime creates are 0600.
+        ``project``: the fingerprint of the endpoint and write key this owner sends to
+        (:func:`klime.spool.project_id`); None is the fixed ``"default"`` project. Only rows
+        of gone owners of the same project are adopted. ``adopt_legacy``: also adopt rows
+        that record no endpoint and key (written by a klime from before projects, or by an
+        owner of the ``"default"`` project); by default only the ``"default"`` project does
+        (see docs/spool.md, Security).
 
         ``max_bytes``: cap on the events' bytes in the whole spool (all processes together);
         an append beyond it drops the appending owner's oldest unclaimed rows.
@@ -112,13 +140,23 @@ class Spool:
         sync = str(synchronous).upper()
         if sync not in _store.SYNCHRONOUS:
             raise ConfigurationError('spool synchronous must be "NORMAL" or "FULL"')
+        if project is not None and (not isinstance(project, str) or not project):
+            raise ConfigurationError("spool project must be a non-empty string (see klime.spool.project_id)")
+        project_name = _safety.DEFAULT_PROJECT if project is None else project
+        legacy = project_name == _safety.DEFAULT_PROJECT if adopt_legacy is None else bool(adopt_legacy)
         path = os.path.abspath(os.fspath(directory))
         if not _owners.available():
             raise SpoolUnavailable(
                 "klime spool: needs fcntl.flock (not on this platform)", "unsupported", path
             )
         spool = cls(
-            path, max_bytes=max_bytes, busy_timeout=float(busy_timeout), synchronous=sync, clock=clock
+            path,
+            max_bytes=max_bytes,
+            busy_timeout=float(busy_timeout),
+            synchronous=sync,
+            clock=clock,
+            project=project_name,
+            adopt_legacy=legacy,
         )
         with spool._lock:
             spool._start()
@@ -146,6 +184,7 @@ class Spool:
         """Become an owner: lock file first, then the owners row. Caller holds the lock."""
         try:
             _store.make_directory(self.directory)  # every time: it may have been deleted since
+            _safety.check_directory(self.directory)  # and replaced, or planted with files
             owner = _owners.OwnerLock.create(self._owners_dir)
         except OSError as exc:
             raise unavailable(exc, self.directory, "creating the spool directory and owner lock") from exc
@@ -157,7 +196,9 @@ class Spool:
                 busy_timeout=self._busy_timeout,
                 synchronous=self._synchronous,
                 expected=expected,
-                setup=lambda conn: registered.append(_queue.register(conn, owner.token, me, self._clock())),
+                setup=lambda conn: registered.append(
+                    _queue.register(conn, owner.token, me, self._clock(), self.project)
+                ),
             )
         except BaseException as exc:
             owner.release(unlink=True)
@@ -362,21 +403,52 @@ class Spool:
         )
 
     def adopt(self) -> int:
-        """Take over the rows of owners whose process is gone (their lock is free): they
-        become this owner's, unclaimed, their attempts kept, due now (at the latest). A row that was in
-        flight when its owner died is sent again by its adopter (same bytes, same
-        messageId). Racing adopters never take the same row. Also removes lock files nobody
-        needs. Returns the rows adopted. Blocks O(rows adopted), in transactions of 2,000
-        rows, each waiting up to ``busy_timeout`` under contention; the first call also
-        scans for rows of unregistered owners (O(rows)). Thread-safe. Raises SpoolUnavailable."""
+        """Take over the rows of owners of this project whose process is gone (their lock is
+        free): they become this owner's, unclaimed, their attempts kept, due now (at the
+        latest). A row that was in flight when its owner died is sent again by its adopter
+        (same bytes, same messageId). Racing adopters never take the same row. Rows that are
+        not klime events are deleted, not adopted (see :meth:`adopt_events`). Also removes
+        lock files nobody needs. Returns the rows adopted. Blocks O(rows adopted), in
+        transactions of 2,000 rows, each waiting up to ``busy_timeout`` under contention;
+        the first call also scans for rows of unregistered owners (O(rows)). Thread-safe.
+        Raises SpoolUnavailable."""
+        return self.adopt_events().adopted
 
-        def run(conn: sqlite3.Connection, me: _queue.Owner) -> int:
-            moved = _queue.adopt(
-                conn, self._owners_dir, me, orphans=not self._orphans_checked, now=self._clock()
+    def adopt_events(self) -> AdoptResult:
+        """:meth:`adopt`, also returning the rows it deleted instead of adopting: each
+        adopted row must be a JSON object of at most 204,800 bytes with a known ``type``
+        (track, identify, group) and a string ``messageId`` (:func:`_safety.valid_event`);
+        one that is not is never sent: it is deleted (counted as dropped in the spool's
+        totals) and returned in ``invalid`` for the caller to count and report. Rows of
+        another project are left to that project. Blocks and raises as :meth:`adopt`."""
+
+        def run(conn: sqlite3.Connection, me: _queue.Owner) -> AdoptResult:
+            first = not self._orphans_checked
+            moved, invalid = _queue.adopt(
+                conn,
+                self._owners_dir,
+                me,
+                orphans=first,
+                now=self._clock(),
+                legacy=self.adopt_legacy,
+                valid=_safety.valid_event,
             )
             self._orphans_checked = True
-            self._count(adopted=moved)
-            return moved
+            self._count(adopted=moved, invalid=len(invalid))
+            if first and not self.adopt_legacy:
+                left = _queue.legacy_rows(conn)
+                if left:
+                    log.warning_once(
+                        "spool-legacy:" + self.directory,
+                        "klime: the spool in %s holds %d events whose endpoint and write key were "
+                        "not recorded (an older klime, or spool=DIR without a project); they are not sent "
+                        "automatically (they may belong to another app sharing the directory): "
+                        "send them with `klime spool %s --send` and the right write key",
+                        self.directory,
+                        left,
+                        self.directory,
+                    )
+            return AdoptResult(moved, tuple(_safety.describe_invalid(body) for body in invalid))
 
         return self._call("adopting", run)
 
@@ -403,5 +475,6 @@ class Spool:
     def counters(self) -> Dict[str, int]:
         """What this owner did since it opened (or since a fork): rows ``appended``,
         ``dropped`` (and ``dropped_bytes``) by the cap in its appends, ``claimed``, ``acked``,
-        ``rejected``, ``released``, ``adopted``. A plain dict copy; no I/O; never blocks."""
+        ``rejected``, ``released``, ``adopted``, ``invalid`` (rows of gone owners deleted by
+        :meth:`adopt_events` instead of adopted). A plain dict copy; no I/O; never blocks."""
         return dict(self._counters)

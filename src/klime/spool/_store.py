@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from .._logging import log
 from ..errors import SpoolUnavailable
-from . import _owners
+from . import _owners, _safety
 
 __all__ = [
     "DB_NAME",
@@ -35,9 +36,21 @@ __all__ = [
     "classify",
     "unavailable",
     "begin",
+    "recognise",
+    "APPLICATION_ID",
+    "has_projects",
 ]
 
 DB_NAME = "spool.sqlite3"
+#: ``PRAGMA application_id`` of a klime spool ("KLMS"): marks the file as klime's.
+APPLICATION_ID = 0x4B4C4D53
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The tables (and some of their columns) of a spool written by klime before the marker.
+_LEGACY_SHAPE = {
+    "owners": {"id", "token", "pid", "host", "opened"},
+    "events": {"id", "owner", "created", "due", "attempts", "claimed", "size", "body"},
+    "totals": {"id", "count", "bytes", "dropped_count", "dropped_bytes"},
+}
 DEFAULT_BUSY_TIMEOUT_S = 2.0
 OPEN_LOCK = "open.lock"
 SYNCHRONOUS = ("NORMAL", "FULL")
@@ -84,8 +97,15 @@ def _v1(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO totals VALUES (1, 0, 0, 0, 0)")
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    # the project (endpoint + write key fingerprint) of each owner: only an owner of the same
+    # project adopts its rows; NULL for owners registered by an older klime (see adopt)
+    conn.execute("ALTER TABLE owners ADD COLUMN project TEXT")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
 #: Migration ``i`` brings a database from version ``i`` to ``i + 1``; append, never edit.
-MIGRATIONS: Tuple[Callable[[sqlite3.Connection], None], ...] = (_v1,)
+MIGRATIONS: Tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # --------------------------------------------------------------------------- errors
@@ -220,9 +240,14 @@ def _connect(path: str, busy_timeout: float, synchronous: str, *, create: bool) 
 def _prepare(conn: sqlite3.Connection, directory: str) -> None:
     """WAL mode and the current schema, migrating an older one. Raises sqlite3 errors."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]  # reads the header: fails on garbage
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id not in (0, APPLICATION_ID) or (app_id == 0 and not _klime_shape(conn, version)):
+        raise _foreign(directory)
     if version == 0:
         # must precede the first table; only a new, empty database can change it
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # in the file's header before WAL mode: `klime spool` recognises the file by it
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         log.warning_once(
@@ -247,6 +272,78 @@ def _prepare(conn: sqlite3.Connection, directory: str) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+def _foreign(directory: str) -> SpoolUnavailable:
+    return SpoolUnavailable(
+        f"klime spool {directory}: {DB_NAME} there is not a klime spool database (another "
+        "program's file, or corrupt); not touching it",
+        "foreign",
+        directory,
+    )
+
+
+def _klime_shape(conn: sqlite3.Connection, version: int) -> bool:
+    """Without the marker: an empty database (version 0), or one with klime's tables."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables.discard("sqlite_sequence")
+    if version == 0:
+        return not tables
+    if not set(_LEGACY_SHAPE) <= tables:
+        return False
+    for table, needed in _LEGACY_SHAPE.items():
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not needed <= columns:
+            return False
+    return True
+
+
+def recognise(directory: str) -> str:
+    """What ``<directory>/spool.sqlite3`` is, creating and changing nothing: ``"none"`` (no
+    file, or an empty one), ``"klime"`` (marked as klime's spool), ``"legacy"`` (klime's
+    tables, written before the marker), ``"corrupt"`` (not an SQLite file) or ``"foreign"``
+    (an SQLite database of another program, or not a regular file). Blocks for one read of
+    the header and, without the marker, a read of the schema (an SQLite file without
+    tables, e.g. a spool being created, is ``"none"``). Never raises for a file it
+    can read; raises OSError for one it cannot."""
+    path = os.path.join(directory, DB_NAME)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "none"
+    if not stat.S_ISREG(st.st_mode):
+        return "foreign"
+    if st.st_size == 0:
+        return "none"
+    fd = os.open(path, os.O_RDONLY | _safety.OPEN_FLAGS)
+    try:
+        header = os.read(fd, 100)
+    finally:
+        os.close(fd)
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        return "corrupt"
+    app_id = int.from_bytes(header[68:72], "big")
+    if app_id == APPLICATION_ID:
+        return "klime"
+    if app_id != 0:
+        return "foreign"
+    quoted = path.replace("?", "%3f").replace("#", "%23")
+    wal = os.path.exists(path + "-wal")
+    # immutable: no lock, no -shm, no -wal created; with a live WAL its content is read too
+    uri = "file:" + quoted + ("?mode=ro" if wal else "?mode=ro&immutable=1")
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=DEFAULT_BUSY_TIMEOUT_S)
+    except sqlite3.Error:
+        return "corrupt"
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if not _klime_shape(conn, version):
+            return "foreign"
+        return "legacy" if version else "none"  # none: empty (a spool being created)
+    except sqlite3.Error as exc:
+        return "corrupt" if classify(exc) == "corrupt" else "foreign"
+    finally:
+        conn.close()
+
+
 def _stamp() -> str:
     now = time.time()
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "%06dZ" % int((now % 1) * 1e6)
@@ -269,7 +366,7 @@ def move_aside(path: str) -> str:
 def _directory_lock(directory: str, timeout: float) -> Iterator[None]:
     """Hold ``open.lock`` (flock) for the block; wait up to ``timeout`` seconds for it."""
     assert _owners.fcntl is not None
-    fd = os.open(os.path.join(directory, OPEN_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(directory, OPEN_LOCK), os.O_RDWR | os.O_CREAT | _safety.OPEN_FLAGS, 0o600)
     _owners.hold_transient(fd)
     try:
         deadline = time.monotonic() + timeout
@@ -295,16 +392,19 @@ def _directory_lock(directory: str, timeout: float) -> Iterator[None]:
 
 
 def make_directory(directory: str) -> str:
-    """Create the spool directory (mode 0o700) and its ``owners/``; return the absolute path."""
+    """Create the spool directory (mode 0o700) and its ``owners/``, checking each is private
+    (:mod:`._safety`) before anything is created inside it; return the absolute path.
+    Raises OSError, SpoolUnavailable (``"unsafe"``, or ``"unwritable"`` for a path that is
+    not a directory)."""
     directory = os.path.abspath(os.fspath(directory))
     for path in (directory, os.path.join(directory, _owners.OWNERS_DIR)):
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            if not os.path.isdir(path):
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
+            pass
         else:
             os.chmod(path, 0o700)  # whatever the umask
+        _safety.check_dir(directory, path)
     return directory
 
 
@@ -338,6 +438,8 @@ def open_database(
         for attempt in (1, 2):
             conn: Optional[sqlite3.Connection] = None
             try:
+                # 0600 whatever the umask: SQLite gives -wal and -shm the database's mode
+                _safety.create_private(path)
                 conn = _connect(path, busy_timeout, synchronous, create=True)
                 _prepare(conn, directory)
                 if setup is not None:
@@ -368,11 +470,25 @@ def connect_existing(
     directory: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S
 ) -> Optional[sqlite3.Connection]:
     """A connection to an existing spool for inspecting or clearing it, or None when there
-    is no spool database there (creates nothing). Raises SpoolUnavailable."""
+    is no spool database there (creates nothing, migrates nothing). The directory must be
+    private (:func:`._safety.check_directory`, without fixing anything) and the database
+    klime's. Raises SpoolUnavailable (``"unsafe"``, ``"foreign"``, ``"corrupt"``,
+    ``"version"``, ...)."""
     directory = os.path.abspath(os.fspath(directory))
+    _safety.check_directory(directory, fix=False)
     path = os.path.join(directory, DB_NAME)
-    if not os.path.exists(path):
+    try:
+        kind = recognise(directory)
+    except OSError as exc:
+        raise unavailable(exc, directory, "reading the database") from exc
+    if kind == "none":
         return None
+    if kind == "foreign":
+        raise _foreign(directory)
+    if kind == "corrupt":
+        raise SpoolUnavailable(
+            f"klime spool {directory}: {DB_NAME} is corrupt (not an SQLite database)", "corrupt", directory
+        )
     try:
         conn = _connect(path, busy_timeout, "NORMAL", create=False)
     except sqlite3.Error as exc:
@@ -382,7 +498,7 @@ def connect_existing(
     except sqlite3.Error as exc:
         conn.close()
         raise unavailable(exc, directory, "reading the database") from exc
-    if version != SCHEMA_VERSION:
+    if not 1 <= version <= SCHEMA_VERSION:
         conn.close()
         if version == 0:
             return None  # created but never set up
@@ -392,3 +508,8 @@ def connect_existing(
             directory,
         )
     return conn
+
+
+def has_projects(conn: sqlite3.Connection) -> bool:
+    """True when the owners table records projects (schema 2 and later)."""
+    return any(row[1] == "project" for row in conn.execute("PRAGMA table_info(owners)"))

@@ -48,6 +48,7 @@ class DiskQueue:
     """The spool transport's disk side; see the module docstring. Not used on its own."""
 
     directory: str
+    project: Optional[str]
     spool_max_bytes: int
     max_batch_size: int
     _lock: threading.Lock
@@ -84,7 +85,9 @@ class DiskQueue:
                 from ..spool import Spool
 
                 try:
-                    disk = self._disk = Spool.open(self.directory, max_bytes=self.spool_max_bytes)
+                    disk = self._disk = Spool.open(
+                        self.directory, max_bytes=self.spool_max_bytes, project=self.project
+                    )
                     opened = True
                 except SpoolUnavailable as exc:
                     self._degrade(exc)
@@ -107,8 +110,18 @@ class DiskQueue:
                 return
             self._degraded = True
             self._flights.work.notify_all()
+        once = f"spool-unavailable:{self.directory}"  # one warning per spool directory
+        if exc.reason in ("unsafe", "foreign"):
+            log.warning_once(
+                once,
+                "klime: %s. The spool is NOT used: events are kept in memory only (a crash or "
+                "a restart can lose them). Give the app a directory of its own (mode 0700, "
+                "owned by the user it runs as)",
+                str(exc).rstrip("."),
+            )
+            return
         log.warning_once(
-            "spool-unavailable",
+            once,
             "klime: the spool in %s cannot be used (%s): events are kept in memory only "
             "from now on (a crash or a restart can lose them); events already on disk "
             "wait there for the next process",
@@ -186,15 +199,27 @@ class DiskQueue:
             return
         self._next_adopt = _monotonic() + ADOPT_S
         try:
-            moved = disk.adopt()
+            result = disk.adopt_events()
             disk.compact()
         except SpoolUnavailable as exc:
             self._degrade(exc)
             return
-        if moved:
-            log.info("klime: took over %d spooled events of processes that are gone", moved)
+        moved, invalid = result.adopted, list(result.invalid)
+        if moved or invalid:
+            if moved:
+                log.info("klime: took over %d spooled events of processes that are gone", moved)
             with self._lock:
-                self._adopted += moved
+                self._adopted += moved + len(invalid)
                 self._spooled += moved
                 self._fresh += moved
                 self._wake_senders_locked(moved)
+        if invalid:  # never sent: counted as adopted and dropped, and reported
+            log.warning_once(
+                "spool-invalid-rows",
+                "klime: the spool in %s held %d rows of processes that are gone that are not "
+                "klime events; they were deleted, not sent, and reported to on_error",
+                self.directory,
+                len(invalid),
+            )
+            reason = "spooled row is not a valid klime event; deleted, not sent"
+            self.delivery.drop(invalid, reason, notice=False)

@@ -46,7 +46,7 @@ from .._deadline import Deadline
 from .._delivery import Outcome
 from .._logging import log
 from .._models import FlushResult
-from ..errors import SpoolUnavailable
+from ..errors import ConfigurationError, SendError, SpoolUnavailable
 from ._flights import Batch
 from ._spooler import ADOPT_S, SPOOL_WRITE_S, DiskQueue
 from .background import BackgroundTransport
@@ -61,6 +61,24 @@ _wall = time.time
 _monotonic = time.monotonic
 
 
+def _known_outcome(error: SendError) -> bool:
+    """True when a failure is the server's final word on its events (a 4xx, or a 2xx that
+    names rejected events) or transient (its events came back in ``unsent``); False for an
+    outcome nobody can vouch for: no status and no response (the sender raised, the
+    request could not be made), or a 5xx that was not retried."""
+    if error.response is not None or error.retryable:
+        return True
+    status = error.status_code
+    return status is not None and 400 <= status < 500
+
+
+def _first_unknown(outcome: Outcome) -> str:
+    for error in outcome.errors or ():
+        if not _known_outcome(error):
+            return str(error.message)[:200]
+    return "?"  # pragma: no cover - called only when there is one
+
+
 class SpoolTransport(DiskQueue, BackgroundTransport):
     """The background transport, with a durable spool in ``directory`` (see the module).
 
@@ -72,6 +90,10 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
             per episode).
         retry_initial_delay: seconds before a released batch's first retry; doubles per
             failed round, capped at :data:`MAX_SPOOL_BACKOFF_S`.
+        project: the fingerprint of the endpoint and write key the events go to
+            (:func:`klime.spool.project_id`); this process adopts only the rows of gone
+            processes of the same project. None: the fixed ``"default"`` project (which also
+            adopts rows of a klime from before projects).
         others: as :class:`~klime.transports.background.BackgroundTransport`.
 
     ``submit`` is the background transport's (thread-safe, microseconds, no I/O); ``flush``
@@ -87,11 +109,15 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         *,
         max_bytes: Optional[int] = None,
         retry_initial_delay: float = 1.0,
+        project: Optional[str] = None,
         **options: Any,
     ) -> None:
         from ..spool import DEFAULT_MAX_BYTES
 
+        if project is not None and (not isinstance(project, str) or not project):
+            raise ConfigurationError("spool project must be a non-empty string (see klime.spool.project_id)")
         self.directory = os.fspath(directory)
+        self.project = project
         self.spool_max_bytes = int(max_bytes) if max_bytes is not None else DEFAULT_MAX_BYTES
         self.retry_initial_delay = max(0.0, float(retry_initial_delay))
         super().__init__(**options)
@@ -216,11 +242,19 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
             if not self._flights.land_locked(batch, [], 0, None):
                 return False
         claimed: Any = batch.ref
-        back_ids = {id(event) for event in outcome.unsent or ()}
-        positions = [i for i, event in enumerate(claimed.events) if id(event) in back_ids]
+        unknown = any(not _known_outcome(error) for error in outcome.errors or ())
+        if unknown:
+            # An outcome nobody can vouch for (the sender raised, a body it could not read,
+            # a request never made): the whole batch stays on disk, due after a backoff.
+            # Nothing of it is counted or reported here (False: the Delivery drops this
+            # outcome); events of it that did arrive are sent again, same messageIds.
+            positions = list(range(len(claimed)))
+        else:
+            back_ids = {id(event) for event in outcome.unsent or ()}
+            positions = [i for i, event in enumerate(claimed.events) if id(event) in back_ids]
         back, done = claimed.split(positions)
         retry_at = _wall()
-        if outcome.exhausted:
+        if outcome.exhausted or unknown:
             delay = self.retry_initial_delay * 2.0 ** min(back.max_attempts, 30)
             retry_at += min(MAX_SPOOL_BACKOFF_S, delay)
         disk = self._disk
@@ -234,12 +268,19 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         with self._lock:
             self._spooled -= len(done)
             if back:
-                if outcome.exhausted:
+                if outcome.exhausted or unknown:
                     heapq.heappush(self._retry_at, retry_at)
                 else:
                     self._fresh += len(back)
             self._flights.work.notify_all()
-        return True
+        if unknown:
+            log.warning_once(
+                "spool-unknown-outcome",
+                "klime: a spooled batch had an outcome that cannot be trusted (%s); its events "
+                "stay in the spool and are tried again",
+                _first_unknown(outcome),
+            )
+        return not unknown
 
     def _tick_locked(self, now: float) -> None:
         super()._tick_locked(now)
