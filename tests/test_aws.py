@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import subprocess
 import sys
 import threading
@@ -205,8 +207,9 @@ def test_no_region_and_no_credentials(aws_env: None, monkeypatch: pytest.MonkeyP
     """Both fail before any request (instance metadata look-ups are disabled)."""
     pytest.importorskip("boto3")
     monkeypatch.delenv("AWS_DEFAULT_REGION")
-    with pytest.raises(ConfigurationError, match="no AWS region"):
+    with pytest.raises(ConfigurationError, match="no AWS region") as info:
         write_key_from_ssm("/klime/key")
+    assert "set AWS_DEFAULT_REGION" in str(info.value)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -263,3 +266,89 @@ def test_client_uses_the_key(moto_aws: Any, collector: Any) -> None:
     finally:
         client.shutdown(timeout=2)
     assert [e["event"] for e in collector.events()] == ["Deployed"]
+
+
+def test_the_region_hint_names_the_variable_boto3_reads(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside Lambda boto3 reads AWS_DEFAULT_REGION, not AWS_REGION: with only AWS_REGION
+    set there is still no region, and the message says which variable to set; setting it
+    then works."""
+    pytest.importorskip("boto3")
+    moto = pytest.importorskip("moto")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", REGION)
+    with pytest.raises(ConfigurationError) as info:
+        write_key_from_secret("klime")
+    message = str(info.value)
+    assert "no AWS region" in message and "set AWS_DEFAULT_REGION" in message
+    assert "set AWS_REGION" not in message
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    with moto.mock_aws():
+        boto("secretsmanager").create_secret(Name="klime", SecretString="wk_region")
+        assert write_key_from_secret("klime") == "wk_region"
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def texts(self) -> List[str]:
+        out = []
+        for record in self.records:
+            out.append(record.getMessage())
+            if record.exc_info:
+                out.append(logging.Formatter().formatException(record.exc_info))
+        return out
+
+
+@pytest.fixture
+def debug_logging() -> Iterator[_Capture]:
+    """Every logger at DEBUG into one capturing handler (as logging.basicConfig(level=DEBUG)
+    plus boto3.set_stream_logger would), restored afterwards."""
+    capture = _Capture()
+    root = logging.getLogger()
+    names = ("botocore", "boto3", "urllib3")
+    levels = {name: logging.getLogger(name).level for name in names}
+    root_level = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    for name in names:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    try:
+        yield capture
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(root_level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_debug_logging_never_shows_the_fetched_key(moto_aws: Any, debug_logging: _Capture) -> None:
+    ssm_secret, sm_secret = "wk_ssm_" + "7" * 20, "wk_sm_" + "9" * 20
+    boto("ssm").put_parameter(Name="/klime/debug", Value=ssm_secret, Type="SecureString")
+    boto("secretsmanager").create_secret(Name="klime/debug", SecretString=json.dumps({"wk": sm_secret}))
+    # The capture is live: botocore logs a response body with the secret in it when the
+    # user's own code reads it (not klime's business, and proof that the test can see it).
+    boto("ssm").get_parameter(Name="/klime/debug", WithDecryption=True)
+    assert any(ssm_secret in text for text in debug_logging.texts())
+    debug_logging.records.clear()
+
+    assert write_key_from_ssm("/klime/debug") == ssm_secret
+    assert write_key_from_secret("klime/debug", key="wk") == sm_secret
+    texts = debug_logging.texts()
+    assert texts, "nothing was logged at all: the capture is not working"
+    assert [t for t in texts if ssm_secret in t or sm_secret in t] == []
+    assert any("write key read from" in t for t in texts)  # klime's own line, without the key
+
+    # Only the look-up's own thread is quiet: botocore logs as usual for other calls afterwards.
+    debug_logging.records.clear()
+    boto("ssm").get_parameter(Name="/klime/debug", WithDecryption=True)
+    assert any(ssm_secret in text for text in debug_logging.texts())

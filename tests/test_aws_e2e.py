@@ -20,14 +20,22 @@ from conftest import WRITE_KEY
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 pytest.importorskip("werkzeug")  # moto[server]
+import botocore  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 from klime.devserver import Collector, Fault  # noqa: E402
 from support.lambda_emulator import LambdaEmulator  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("awslambdaric") is None, reason="awslambdaric is not installed"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("awslambdaric") is None, reason="awslambdaric is not installed"
+    ),
+    pytest.mark.skipif(
+        tuple(int(p) for p in botocore.__version__.split(".")[:3]) < (1, 31, 0),
+        reason="botocore < 1.31 does not read AWS_ENDPOINT_URL, which the emulated Lambda needs "
+        "to reach moto",
+    ),
+]
 
 REGION = "us-east-1"
 EVENTS = 400

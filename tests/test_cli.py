@@ -488,3 +488,44 @@ def test_spool_as_a_process(collector, src_env, tmp_path):
     )
     assert (sent.returncode, sent.stderr) == (0, "") and "sent 12 events in 1 request" in sent.stdout
     assert sorted(collector.message_ids()) == sorted(ids)
+
+
+CONTROLS = {chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} - {"\n"}
+
+
+def test_send_output_escapes_terminal_control_characters(env, collector, capsys):
+    """A hostile server's text reaches the terminal with its control characters escaped."""
+    hostile_200 = json.dumps(
+        {
+            "status": "ok",
+            "accepted": 0,
+            "failed": 1,
+            "errors": [{"index": 0, "message": "bad \x1b]0;pwned\x07 \u00e9", "code": "c\x1b[2J\x9b1m"}],
+        }
+    ).encode()
+    hostile_400 = json.dumps({"status": "error", "message": "no\x1b[2J\x7f"}).encode()
+    collector.respond(
+        Fault.status_code(200, body=hostile_200),
+        Fault.status_code(400, body=hostile_400),
+        Fault.status_code(400, body=hostile_400),
+    )
+    main(["track", "E", "--user-id", "u"])
+    first = capsys.readouterr()
+    main(["track", "E", "--user-id", "u"])
+    second = capsys.readouterr()
+    main(["track", "E", "--user-id", "u", "--json"])
+    third = capsys.readouterr()
+    for text in (first.out, first.err, second.out, second.err, third.out, third.err):
+        assert not CONTROLS & set(text), repr(text)
+    assert "bad \\x1b]0;pwned\\x07 \u00e9 (c\\x1b[2J\\x9b1m)" in first.err
+    assert "no\\x1b[2J\\x7f" in second.err
+    assert json.loads(third.err)["error"].endswith("no\x1b[2J\x7f")  # still valid JSON, same text
+
+
+def test_verbose_log_lines_escape_a_servers_control_characters(env, collector, capsys):
+    hostile_400 = json.dumps({"status": "error", "message": "no\x1b[2J\x7f"}).encode()
+    collector.respond(Fault.status_code(400, body=hostile_400))
+    main(["--verbose", "track", "E", "--user-id", "u"])
+    err = capsys.readouterr().err
+    assert not CONTROLS & set(err), repr(err)
+    assert "no\\x1b[2J\\x7f" in err

@@ -536,11 +536,14 @@ def test_close_idle_connections_makes_them_stale(collector: Collector) -> None:
     assert collector.connection_count() == 2
 
 
-def _control(collector: Collector, method: str, path: str, payload: Any = None) -> Any:
+def _control(
+    collector: Collector, method: str, path: str, payload: Any = None, *, key: str | None = None
+) -> Any:
     body = b"" if payload is None and method == "GET" else json.dumps(payload).encode()
-    status, _, answer = post(
-        collector, body, method=method, path=path, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    status, _, answer = post(collector, body, method=method, path=path, headers=headers)
     assert status == 200, answer
     return json.loads(answer)
 
@@ -573,6 +576,106 @@ def test_control_endpoints(collector: Collector) -> None:
     assert _control(collector, "GET", "/_klime/events?min=1&timeout=5") == [track(0)]
 
 
+def _status_of(collector: Collector, path: str, headers: dict[str, str], method: str = "GET") -> int:
+    """The status of one control request sent with exactly ``headers`` (Host included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=5)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", "0")
+        conn.endheaders()
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_control_endpoints_need_the_write_key_when_the_server_has_one() -> None:
+    with Collector(write_key=KEY) as collector:
+        host = {"Host": f"127.0.0.1:{collector.port}"}
+        post(collector)
+        assert _status_of(collector, "/_klime/events", host) == 401
+        assert _status_of(collector, "/_klime/events", {**host, "Authorization": "Bearer nope"}) == 401
+        assert _status_of(collector, "/_klime/events", {**host, "Authorization": KEY}) == 401  # no scheme
+        assert _status_of(collector, "/_klime/reset", host, method="POST") == 401
+        assert _status_of(collector, "/_klime/health", host) == 401
+        assert len(collector.events()) == 1  # the refused reset did nothing
+        assert _control(collector, "GET", "/_klime/events", key=KEY) == [track(0)]
+        _control(collector, "POST", "/_klime/reset", {}, key=KEY)
+        assert collector.events() == []
+        # the key can change while running (the attribute is read at each request)
+        collector.write_key = "rotated"
+        assert _status_of(collector, "/_klime/health", {**host, "Authorization": f"Bearer {KEY}"}) == 401
+        assert _control(collector, "GET", "/_klime/health", key="rotated") == {"status": "ok"}
+
+
+def test_control_endpoints_refuse_foreign_hosts_and_origins() -> None:
+    """DNS rebinding (a foreign name in Host) and cross-origin browser requests (Origin,
+    Sec-Fetch-Site) are refused, with or without a write key; the batch endpoint is not
+    affected (an SDK may reach the collector by any name)."""
+    for write_key in (None, KEY):
+        with Collector(write_key=write_key) as collector:
+            port = collector.port
+            auth = {"Authorization": f"Bearer {KEY}"}
+            ok = {"Host": f"127.0.0.1:{port}", **auth}
+            for good_host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+                assert _status_of(collector, "/_klime/health", {**auth, "Host": good_host}) == 200, good_host
+            for bad_host in (
+                f"evil.example:{port}",
+                "evil.example",
+                f"127.0.0.1:{port + 1}",
+                "127.0.0.1",
+                f"localhost.evil.example:{port}",
+                f"127.0.0.2:{port}",
+                f"127.0.0.1:{port}x",
+                "",
+            ):
+                assert _status_of(collector, "/_klime/health", {**auth, "Host": bad_host}) == 403, bad_host
+            assert _status_of(collector, "/_klime/health", auth) == 403  # no Host at all
+            for bad_origin in (
+                "http://evil.example",
+                f"http://evil.example:{port}",
+                "null",
+                f"https://127.0.0.1:{port}",
+            ):
+                headers = {**ok, "Origin": bad_origin}
+                assert _status_of(collector, "/_klime/reset", headers, "POST") == 403, bad_origin
+            assert (
+                _status_of(collector, "/_klime/health", {**ok, "Origin": f"http://127.0.0.1:{port}"}) == 200
+            )
+            assert (
+                _status_of(collector, "/_klime/health", {**ok, "Origin": f"http://localhost:{port}"}) == 200
+            )
+            assert _status_of(collector, "/_klime/health", {**ok, "Sec-Fetch-Site": "cross-site"}) == 403
+            assert _status_of(collector, "/_klime/health", {**ok, "Sec-Fetch-Site": "same-origin"}) == 200
+            assert (
+                _status_of(collector, "/_klime/reset", {**ok, "Sec-Fetch-Site": "same-site"}, "POST") == 403
+            )
+            rebound = {**HEADERS, "Host": f"evil.example:{port}"}
+            assert post(collector, headers=rebound)[0] == 200
+            assert len(collector.events()) == 1
+
+
+def test_control_access_rules_for_a_server_on_all_interfaces() -> None:
+    """Bound to every interface (checked without binding one): any IP address in Host is
+    taken (an address cannot be rebound), a name other than localhost is not."""
+    from klime.devserver._answers import Refusal
+    from klime.devserver._control import check_access
+
+    def verdict(host: str) -> int:
+        headers = {"Host": host, "Authorization": f"Bearer {KEY}"}
+        try:
+            check_access(headers.get, bound_host="0.0.0.0", port=8787, write_key=KEY)
+        except Refusal as refusal:
+            return refusal.status
+        return 200
+
+    assert [verdict(h) for h in ("192.0.2.7:8787", "[2001:db8::1]:8787", "localhost:8787")] == [200] * 3
+    assert [verdict(h) for h in ("evil.example:8787", "192.0.2.7:9999", "192.0.2.7")] == [403] * 3
+
+
 def test_echo_prints_one_line_per_event_and_per_rejection() -> None:
     echo = io.StringIO()
     identify = {
@@ -601,6 +704,48 @@ def test_echo_prints_one_line_per_event_and_per_rejection() -> None:
     assert lines[2].endswith('  group     org_456  user=user_123  {"name": "Acme"}')
     assert lines[3].endswith("-> 500 (fault)")
     assert len(lines) == 4
+
+
+def _raw_request(port: int, data: bytes) -> bytes:
+    """Send ``data`` as it is (http.client refuses control characters in a path)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_echo_escapes_terminal_control_characters() -> None:
+    """OSC (retitle), CSI (clear screen) as ESC sequences and as C1 code points, BEL, DEL
+    and newlines in event text or a request path are printed as \\xNN; other Unicode is
+    printed as it is."""
+    echo = io.StringIO()
+    hostile = track(
+        0,
+        event="Signup \x1b]0;pwned\x07",
+        userId="u\x1b[2J\x1b[H",
+        groupId="org\nforged line",
+        properties={"csi": "\x9b31mred", "del": "a\x7fb", "plan": "pro é 中"},
+    )
+    group = {"type": "group", "messageId": "g", "timestamp": "t", "groupId": "\x1bP\x1b\\", "traits": {}}
+    with Collector(echo=echo) as collector:
+        assert post(collector, batch_body(hostile, group))[0] == 200
+        answer = _raw_request(collector.port, b"GET /x\x1b[2J HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 404")
+    out = echo.getvalue()
+    controls = {chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} - {"\n"}
+    assert not controls & set(out), repr(out)
+    lines = out.splitlines()
+    assert len(lines) == 3, lines  # the newline in groupId forged no line
+    assert "user=u\\x1b[2J\\x1b[H" in lines[0] and "group=org\\x0aforged line" in lines[0]
+    assert "\\x9b31mred" in lines[0] and "a\\x7fb" in lines[0] and "pro é 中" in lines[0]
+    assert "\\x1b]0;pwned\\x07" in lines[0] or "\\u001b]0;pwned\\u0007" in lines[0]
+    assert "group     \\x1bP\\x1b\\" in lines[1]
+    assert lines[2].endswith("-> 404 GET /x\\x1b[2J")
 
 
 def test_many_requests_per_second_on_one_connection(collector: Collector) -> None:
@@ -784,7 +929,7 @@ def test_reset_keeps_the_requests_still_in_flight_in_the_peak() -> None:
 
 def test_cli_runs_a_command_against_the_collector_and_summarises() -> None:
     script = (
-        "import json, os, sys, urllib.request\n"
+        "import json, os, sys, urllib.error, urllib.request\n"
         "event = {'type': 'track', 'messageId': 'm1', 'timestamp': '2024-01-01T00:00:00.000Z',"
         " 'event': 'Button Clicked', 'userId': 'user_123', 'properties': {'plan': 'pro'}}\n"
         "request = urllib.request.Request(os.environ['KLIME_ENDPOINT'] + '/v1/batch',"
@@ -792,6 +937,15 @@ def test_cli_runs_a_command_against_the_collector_and_summarises() -> None:
         "'Content-Type': 'application/json',"
         " 'Authorization': 'Bearer ' + os.environ['KLIME_WRITE_KEY']})\n"
         "print('child got', urllib.request.urlopen(request, timeout=5).status, flush=True)\n"
+        "control = os.environ['KLIME_ENDPOINT'] + '/_klime/events'\n"
+        "try:\n"
+        "    urllib.request.urlopen(control, timeout=5)\n"
+        "except urllib.error.HTTPError as error:\n"
+        "    print('control without the key', error.code, flush=True)\n"
+        "keyed = urllib.request.Request(control, headers={"
+        "'Authorization': 'Bearer ' + os.environ['KLIME_WRITE_KEY']})\n"
+        "answer = json.load(urllib.request.urlopen(keyed, timeout=5))\n"
+        "print('control with the key', len(answer), flush=True)\n"
         "sys.exit(3)\n"
     )
     result = subprocess.run(
@@ -817,6 +971,7 @@ def test_cli_runs_a_command_against_the_collector_and_summarises() -> None:
     assert result.returncode == 3, (out, result.stderr)
     assert out.startswith("klime devserver listening on http://127.0.0.1:")
     assert "child got 200" in out
+    assert "control without the key 401" in out and "control with the key 1" in out
     assert '  track     "Button Clicked"  user=user_123  {"plan": "pro"}' in out
     assert "1 events arrived: 1 track, 0 identify, 0 group" in out
 

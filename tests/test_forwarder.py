@@ -249,6 +249,28 @@ def test_malformed_bodies_are_dropped_and_the_rest_forwarded(
     assert failed_ids(answer) == ids_of(bad)
 
 
+def test_a_deeply_nested_body_fails_only_its_own_record(
+    collector: Collector, forward: Any, caplog: Any
+) -> None:
+    """``"[" * 100000 + "]" * 100000`` (and the same depth inside an event) makes json.loads
+    raise RecursionError: that record is dropped (or dead-lettered), never the whole batch."""
+    caplog.set_level(logging.ERROR, logger="klime")
+    deep = "[" * 100_000 + "]" * 100_000
+    bad = [
+        record(deep),
+        record('{"batch": [{"type": "track", "event": "E", "properties": {"p": ' + deep + "}}]}"),
+    ]
+    before, after = encoded(3, tag="before"), encoded(4, tag="after")
+    records = [records_of([before])[0], *bad, records_of([after])[0]]
+    assert forward()({"Records": records}, Context(30_000)) == {"batchItemFailures": []}
+    assert collector.message_ids() == event_ids([before, after])
+    dropped = [r.getMessage() for r in caplog.records if "is not a Klime batch" in r.getMessage()]
+    assert len(dropped) == 2 and all("nested too deeply" in m for m in dropped)
+    answer = forward(dead_letter_rejected=True)({"Records": records}, Context(30_000))
+    assert failed_ids(answer) == ids_of(bad)
+    assert collector.message_ids() == event_ids([before, after]) * 2
+
+
 def test_an_oversized_foreign_message_is_split(collector: Collector, forward: Any) -> None:
     events = encoded(250)
     answer = forward()({"Records": records_of([events])}, Context(30_000))

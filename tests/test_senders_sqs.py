@@ -388,6 +388,11 @@ def test_unreachable_endpoint_is_transient_and_bounded(aws_env: None) -> None:
     assert result.error is not None and result.error.retryable
 
 
+@pytest.mark.skipif(
+    tuple(int(p) for p in __import__("botocore").__version__.split(".")[:3]) < (1, 43, 68),
+    reason="botocore < 1.43.68 ignores a per-call read_timeout; the client's read_timeout bounds "
+    "the call (docs/aws.md)",
+)
 def test_deadline_cuts_a_hung_call_short(aws_env: None) -> None:
     """A server that accepts and never answers: the read timeout follows the deadline."""
     listener = socket.socket()
@@ -423,6 +428,98 @@ def test_deadline_cuts_a_hung_call_short(aws_env: None) -> None:
     assert elapsed < 20  # without the cap: a 60 s read timeout
     assert result.deadline_reached and result.failed == (0, 1)
     assert result.error is not None and result.error.retryable
+
+
+class _AnsweringServer:
+    """A raw HTTP server on 127.0.0.1 that answers every request 200 with ``body`` (SQS's
+    JSON content type), one connection at a time; at most ``limit`` connections."""
+
+    def __init__(self, body: bytes, limit: int = 20) -> None:
+        self.body = body
+        self.answered = 0
+        self._limit = limit
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._listener.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}/123456789012/q"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and self.answered < self._limit:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self._answer(conn)
+                except OSError:
+                    continue
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            rest += chunk
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.body) + self.body
+        )
+        self.answered += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # RecursionError in json.loads
+        b'{"Successful": [{"Id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}",
+        b"<html>502 Bad Gateway</html>",  # not JSON
+        b'{"Successful": "not a list"}',
+        b'{"Successful": [1, 2], "Failed": {"x": 1}}',
+        b"",
+    ],
+    ids=["deep-nesting", "deep-inside", "html", "wrong-shape", "wrong-items", "empty"],
+)
+def test_an_unparseable_answer_is_a_bounded_transient_failure(aws_env: None, body: bytes) -> None:
+    """A 200 whose body botocore cannot read (too deeply nested, not JSON, the wrong shape):
+    send() does not raise, retries within its attempts, and reports every event failed."""
+    server = _AnsweringServer(body)
+    try:
+        sender = SqsSender(server.url, retry_max_attempts=2, retry_initial_delay=1)
+        started = time.monotonic()
+        result = sender.send(encoded(3), Deadline.after(10))
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert result.failed == (0, 1, 2) and result.requests == 2
+    assert result.error is not None and result.error.retryable
+    assert "SQS did not accept 1 of 1 messages" in result.error.message
+    assert elapsed < 10
 
 
 def test_invocation_transport_keeps_events_when_the_deadline_passes(aws_env: None) -> None:

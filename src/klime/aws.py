@@ -17,14 +17,17 @@ A write key is fetched once per process (a Lambda cold start, a worker's start) 
 later calls with the same arguments return the cached value without a request. Failures
 are never cached. Every failure is a :class:`~klime.ConfigurationError` that names the
 parameter or secret and the cause (not found, access denied, no credentials, no region);
-the key itself never appears in a message or a log line.
+the key itself never appears in a message or a log line, botocore's included: its DEBUG
+records of klime's own look-up (which hold the response body) are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, Optional, Set, Tuple
 
 from ._boto import INSTALL_HINT, MissingDependencyError, client_error_info, require_boto3
 from ._logging import log
@@ -86,13 +89,89 @@ def _make_client(service: str, region: Optional[str], what: str) -> Any:
         raise _lookup_error(exc, what) from exc
 
 
+# ------------------------------------------------------------------------------ quiet botocore
+
+#: Loggers under which botocore (and urllib3 beneath it) may write what a call sends or
+#: receives: ``botocore.parsers`` logs every response body at DEBUG, the secret included.
+_WIRE_LOGGER_PREFIXES = ("botocore", "boto3", "urllib3")
+
+
+class _QuietLookups(logging.Filter):
+    """Drops the records below WARNING that botocore emits on a thread inside a klime look-up.
+
+    Why a filter by thread and not a higher logger level for the duration of the call: a
+    level is process-wide, so it would also silence the botocore debugging of every other
+    thread, and two look-ups overlapping in time would restore each other's levels wrongly.
+    Why not a filter on the secret's text: ``botocore.parsers`` logs the body *before*
+    klime has read the secret out of it. Only the look-up's own records are dropped, on
+    the thread making it (a botocore call runs on its caller's thread); everything else
+    goes through untouched. Thread-safe: the set of threads is replaced, never mutated, so
+    :meth:`filter` reads it without a lock.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("klime.aws")
+        self._threads: FrozenSet[int] = frozenset()
+        self._lock = threading.Lock()
+        self._attached: Set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Logger filters run on the thread that logs, so its identity is the emitter's
+        # (record.thread is None when logging.logThreads is off).
+        return record.levelno >= logging.WARNING or threading.get_ident() not in self._threads
+
+    def attach(self) -> None:
+        """Attach to every botocore/boto3/urllib3 logger that exists now (idempotent).
+
+        Filters on a logger apply only to records logged on that very logger, so each one
+        gets it; called after the client is made, when botocore's modules are imported.
+        """
+        existing = list(logging.Logger.manager.loggerDict.items())
+        names = [logging.getLogger(prefix).name for prefix in _WIRE_LOGGER_PREFIXES]
+        names += [
+            name
+            for name, logger in existing
+            if isinstance(logger, logging.Logger) and name.split(".", 1)[0] in _WIRE_LOGGER_PREFIXES
+        ]
+        with self._lock:
+            for name in names:
+                if name not in self._attached:
+                    self._attached.add(name)
+                    logging.getLogger(name).addFilter(self)
+
+    @contextlib.contextmanager
+    def on_this_thread(self) -> Iterator[None]:
+        """Drop this thread's botocore records below WARNING while the block runs."""
+        me = threading.get_ident()
+        with self._lock:
+            already = me in self._threads
+            self._threads = self._threads | {me}
+        try:
+            yield
+        finally:
+            if not already:
+                with self._lock:
+                    self._threads = self._threads - {me}
+
+
+_quiet = _QuietLookups()
+
+
+def _call_quietly(client: Any, operation: str, **params: Any) -> Any:
+    """``client.<operation>(**params)`` with botocore's wire logging off for this thread."""
+    _quiet.attach()
+    with _quiet.on_this_thread():
+        return getattr(client, operation)(**params)
+
+
 def _lookup_error(exc: BaseException, what: str) -> ConfigurationError:
     """A ConfigurationError explaining why ``what`` could not be read."""
     from botocore import exceptions as bx
 
     if isinstance(exc, bx.NoRegionError):
         return ConfigurationError(
-            f"cannot read {what}: no AWS region configured (set AWS_REGION, or give the full ARN)"
+            f"cannot read {what}: no AWS region configured (set AWS_DEFAULT_REGION, or region in "
+            "the AWS config file, or give the full ARN; on Lambda AWS_REGION is set for you)"
         )
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return ConfigurationError(f"cannot read {what}: no AWS credentials found")
@@ -157,7 +236,7 @@ def write_key_from_ssm(name: str, *, decrypt: bool = True) -> str:
         what = f"SSM parameter {name!r}"
         client = _make_client("ssm", _region_from_arn(name), what)
         try:
-            response = client.get_parameter(Name=name, WithDecryption=bool(decrypt))
+            response = _call_quietly(client, "get_parameter", Name=name, WithDecryption=bool(decrypt))
         except Exception as exc:
             raise _lookup_error(exc, what) from exc
         value = (response.get("Parameter") or {}).get("Value")
@@ -187,7 +266,7 @@ def write_key_from_secret(secret_id: str, key: Optional[str] = None) -> str:
         what = f"secret {secret_id!r}"
         client = _make_client("secretsmanager", _region_from_arn(secret_id), what)
         try:
-            response = client.get_secret_value(SecretId=secret_id)
+            response = _call_quietly(client, "get_secret_value", SecretId=secret_id)
         except Exception as exc:
             raise _lookup_error(exc, what) from exc
         text = response.get("SecretString")

@@ -7,28 +7,30 @@ May import: the face (``Client``, on first use), the model (errors) and the stan
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from typing import Any, Dict, TextIO
 
 from ..errors import ConfigurationError, SendError, ValidationError
-from ._status import OK, SEND_FAILED, USAGE, fail
+from ._status import OK, SEND_FAILED, USAGE, fail, json_line, printable
 
 __all__ = ["send_now"]
 
 
 def _print_response(response: Any, as_json: bool, out: TextIO) -> None:
+    # The answer is the server's text: printed with its control characters escaped.
     if as_json:
-        print(json.dumps(asdict(response), sort_keys=True), file=out)
+        print(json_line(asdict(response)), file=out)
         return
     print(
-        f"{response.status}: {response.accepted} accepted, {response.failed} failed "
-        f"(HTTP {response.status_code})",
+        printable(
+            f"{response.status}: {response.accepted} accepted, {response.failed} failed "
+            f"(HTTP {response.status_code})"
+        ),
         file=out,
     )
     for error in response.errors:
-        print(f"  event {error.index}: {error.message} ({error.code})", file=out)
+        print(printable(f"  event {error.index}: {error.message} ({error.code})"), file=out)
 
 
 def _print_error(error: SendError, as_json: bool) -> None:
@@ -40,10 +42,10 @@ def _print_error(error: SendError, as_json: bool) -> None:
         }
         if error.response is not None:
             payload["response"] = asdict(error.response)
-        print(json.dumps(payload, sort_keys=True), file=sys.stderr)
+        print(json_line(payload), file=sys.stderr)
         return
     status = f" (HTTP {error.status_code})" if error.status_code is not None else ""
-    print(f"klime: send failed{status}: {error.message}", file=sys.stderr)
+    print(printable(f"klime: send failed{status}: {error.message}"), file=sys.stderr)
 
 
 def send_now(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ The package, one job a module (each lists what it may import)::
     _http.py        the HTTP server: sockets, bodies, routing, carrying out the faults
     _bodies.py      request bodies off the wire (Content-Length, chunked, the size limit)
     _answers.py     Klime's answers: validation of requests and events, response bodies
-    _control.py     the /_klime/ control endpoints (the Collector's calls over HTTP)
+    _control.py     the /_klime/ control endpoints (the Collector's calls over HTTP) and who may call them
     _faults.py      Fault and FaultSchedule: scripted, standing and random faults
     _record.py      RecordedRequest and Arrivals: what arrived, when, and what is in flight
     _printer.py     the echo: one line per event, and the summary

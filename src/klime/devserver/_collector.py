@@ -32,9 +32,12 @@ class Collector:
     """A Klime-compatible HTTP collector on a local port, with recording and fault injection.
 
     ``write_key=None`` accepts any non-empty Bearer token; otherwise the token must equal
-    ``write_key`` (401 otherwise). ``echo`` receives one line per accepted event and per
-    rejected or faulted request. ``seed`` is the seed :meth:`set_random_faults` uses when it is
-    given none. Nothing is bound until :meth:`start`.
+    ``write_key`` (401 otherwise), and the ``/_klime/`` control endpoints require it too
+    (``Authorization: Bearer <write_key>``). The control endpoints answer only requests
+    addressed to this server (Host) and not sent cross-origin by a browser (Origin).
+    ``echo`` receives one line per accepted event and per rejected or faulted request, its
+    control characters escaped. ``seed`` is the seed :meth:`set_random_faults` uses when it
+    is given none. Nothing is bound until :meth:`start`.
 
     All methods are thread-safe. :meth:`start` returns once the socket is listening;
     :meth:`stop` and the ``wait_for_*`` methods block (stop briefly).
@@ -81,6 +84,7 @@ class Collector:
                 printer=self._printer,
                 authorize=self._authorized,
                 control=functools.partial(control, self),
+                control_key=self._control_key,
             )
             self._server = server
             self._thread = threading.Thread(
@@ -247,3 +251,6 @@ class Collector:
 
     def _authorized(self, header: str | None) -> bool:
         return authorized(header, self.write_key)
+
+    def _control_key(self) -> str | None:
+        return self.write_key

@@ -29,7 +29,7 @@ from klime._config import BATCH_PATH
 
 from ._answers import JSON, PHRASES, Refusal, answer_batch, answer_status_fault, error_body
 from ._bodies import ClientGone, read_body
-from ._control import PREFIX
+from ._control import PREFIX, check_access
 from ._faults import DRIP_CHUNK_BYTES, FaultSchedule
 from ._printer import Printer
 from ._record import Arrivals, RecordedRequest, Visit
@@ -43,7 +43,9 @@ class Server(http.server.ThreadingHTTPServer):
     """The listening socket and its connections; binds in the constructor.
 
     ``authorize(header)`` says whether an ``Authorization`` header is accepted;
-    ``control(method, target, body)`` answers ``/_klime/...`` (see :func:`._control.control`).
+    ``control(method, target, body)`` answers ``/_klime/...`` (see :func:`._control.control`)
+    once :func:`._control.check_access` let the request in, with ``control_key()`` (the
+    write key the control endpoints require, or None) read at each request.
     Thread-safe; :meth:`halt` is called once, from the thread that stops the collector.
     """
 
@@ -59,12 +61,14 @@ class Server(http.server.ThreadingHTTPServer):
         printer: Printer,
         authorize: Callable[[str | None], bool],
         control: Callable[[str, str, bytes], bytes],
+        control_key: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.arrivals = arrivals
         self.faults = faults
         self.printer = printer
         self.authorize = authorize
         self.control = control
+        self.control_key = control_key
         self.stop_event = threading.Event()  # set at halt(): delays and drips end at once
         self.stopping = False
         self._lock = threading.Lock()
@@ -212,11 +216,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, error_body(message), extra=extra)
 
     def _control(self) -> None:
+        server = self.server
         try:
+            check_access(
+                self.headers.get,
+                bound_host=server.server_name,
+                port=server.server_port,
+                write_key=server.control_key(),
+            )
             body = self._read_body()
             if body is None:
                 raise Refusal(413, "control request too large")
-            payload = self.server.control(self.command, self.path, body)
+            payload = server.control(self.command, self.path, body)
         except Refusal as exc:
             self.close_connection = self.close_connection or exc.close
             self._send(exc.status, error_body(exc.message))

@@ -6,7 +6,11 @@ What ``klime listen`` and ``python -m klime.devserver`` show on the terminal::
     07:42:02.700  -> 500 (fault)
     2 events arrived: 1 track, 1 identify, 0 group
 
-Imports: the standard library only.
+Everything that arrived is untrusted text: control characters in it (C0 such as ESC and
+newline, DEL, C1) are written as ``\\xNN`` (:func:`printable`), so an event cannot move the
+cursor, retitle or clear the terminal, or forge lines; other Unicode is shown as it is.
+
+Imports: the standard library and klime._terminal.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import threading
 import time
 from typing import Any, Mapping, Sequence, TextIO
 
-__all__ = ["Printer", "describe_event", "summary"]
+from .._terminal import printable
+
+__all__ = ["Printer", "describe_event", "printable", "summary"]
 
 _EVENT_TYPES = ("track", "identify", "group")
-
 
 class Printer:
     """Writes timestamped lines to ``stream``, or nowhere when it is None.
@@ -38,11 +43,11 @@ class Printer:
         return self._stream is not None
 
     def line(self, text: str) -> None:
-        """Write ``text`` after the wall-clock time, and flush."""
+        """Write ``text`` (control characters escaped) after the wall-clock time, and flush."""
         stream = self._stream
         if stream is None:
             return
-        line = f"{_clock()}  {text}\n"
+        line = f"{_clock()}  {printable(text)}\n"
         with self._lock:
             try:
                 stream.write(line)

@@ -18,10 +18,11 @@ What happens to a message:
 
 - accepted by Klime (2xx, including events Klime rejected one by one, which are logged): done,
   Lambda deletes it;
-- refused for good (400, 401, other 4xx but 408/429, or a body that is not a Klime batch):
+- refused for good (400, 401, other 4xx but 408/429, or a body that is not a Klime batch,
+  including one that cannot be parsed at all: not JSON, nested too deeply, too big):
   logged at ERROR and dropped, so it is not retried forever (``dead_letter_rejected=True``
   returns it as failed instead, for the queue's redrive policy to move to its dead-letter
-  queue);
+  queue). Only that message is affected: the others of the batch are forwarded as usual;
 - transient failure (5xx, 408, 429, network) once the in-invocation retries are spent, or no
   time left: returned in ``batchItemFailures``, with every message not yet forwarded, so SQS
   delivers them again after the visibility timeout. The handler stops at the first such
@@ -87,10 +88,27 @@ class _Unit:
         self.owners = owners
 
 
+#: What parsing a hostile body can raise besides ValueError: nesting deeper than the
+#: interpreter's recursion limit (``"[" * 100000``), or a body too big to hold decoded.
+_UNPARSEABLE = (ValueError, TypeError, RecursionError, MemoryError)
+
+
 def _events_of(body: Any) -> List[bytes]:
-    """The encoded events of one message body; ValueError when it is not a Klime batch."""
+    """The encoded events of one message body; ValueError when it is not a Klime batch
+    (a body that cannot be parsed at all, deep nesting included, is one of those)."""
     if not isinstance(body, str):
         raise ValueError("the message has no text body")
+    try:
+        return _decode_batch(body)
+    except RecursionError:
+        raise ValueError("the body is nested too deeply to parse") from None
+    except MemoryError:
+        raise ValueError("the body is too large to parse") from None
+    except TypeError as exc:
+        raise ValueError(f"the body cannot be parsed ({exc})") from None
+
+
+def _decode_batch(body: str) -> List[bytes]:
     document = json.loads(body)
     items = document.get("batch") if isinstance(document, dict) else None
     if not isinstance(items, list):
@@ -230,7 +248,7 @@ class SqsForwarder:
         for index, record in enumerate(records):
             try:
                 parsed.append(_events_of(record.get("body") if isinstance(record, dict) else None))
-            except ValueError as exc:
+            except _UNPARSEABLE as exc:  # this record's failure only, never the batch's
                 parsed.append(None)
                 rejected.add(index)
                 log.error(
