@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import pytest
@@ -25,6 +26,7 @@ import klime
 from conftest import WRITE_KEY, Recorder, conserved, wait_until
 from klime import SendError, ValidationError
 from klime._config import MAX_EVENT_BYTES
+from klime._events import decode, encode_group, encode_identify, encode_track
 from klime.devserver import Collector, Fault
 
 SETTLE = 10.0
@@ -330,7 +332,7 @@ def test_the_table_has_at_least_25_cases():
 
 
 # ---------------------------------------------------------------------------------------
-# cases where klime lets a foreign exception out (core bugs; see the report)
+# conversion errors of user objects (they used to escape as their own exceptions)
 
 FOREIGN = [
     ("model-dump-raises", lambda c: c.track("E", {"m": DumpRaises()}, user_id="u")),
@@ -369,6 +371,326 @@ def test_conversion_errors_of_user_objects_never_hurt_the_neighbours(
         assert arrived == [] and harness.client.stats()["tracked"] == tracked + 2
 
 
+# ---------------------------------------------------------------------------------------
+# hostile user objects (issue 20): whatever they do, only a ValidationError naming the path
+# comes out of the call (BaseExceptions that are not Exceptions may pass: not tested here)
+
+
+class Boom(Exception):
+    """An exception whose own message cannot be printed either."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of the exception is broken too")
+
+
+class ReprRaisesStr(str):
+    def __repr__(self) -> str:
+        raise Boom()
+
+    def __str__(self) -> str:
+        raise Boom()
+
+
+class LenRaisesStr(str):
+    def __len__(self) -> int:
+        raise Boom()
+
+    def __bool__(self) -> bool:
+        raise Boom()
+
+
+class ClassRaises:
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        raise Boom()
+
+
+class ItemsRaisesMapping(Mapping):  # type: ignore[type-arg]
+    def __getitem__(self, key: Any) -> Any:
+        raise Boom()
+
+    def __iter__(self) -> Any:
+        raise Boom()
+
+    def __len__(self) -> int:
+        return 1
+
+
+class LenRaisesMapping(ItemsRaisesMapping):
+    def __len__(self) -> int:
+        raise Boom()
+
+
+class ItemsRaisesDict(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise Boom()
+
+    def keys(self) -> Any:
+        raise Boom()
+
+    def __iter__(self) -> Any:
+        raise Boom()
+
+
+class ValuesRaisesDict(dict):  # type: ignore[type-arg]
+    def values(self) -> Any:
+        raise Boom()
+
+
+class IntStrRaises(int):
+    def __str__(self) -> str:
+        raise Boom()
+
+    def __repr__(self) -> str:
+        raise Boom()
+
+
+class IndexOnly:
+    def __index__(self) -> int:
+        return 5
+
+    def __str__(self) -> str:
+        raise Boom()
+
+
+class DumpRaisesBoom:
+    def model_dump(self) -> Dict[str, Any]:
+        raise Boom()
+
+
+class DumpMutatesItsParent:
+    """Adds a key to the dict holding it each time it is converted (the C encoder then
+    stops with "dictionary changed size during iteration")."""
+
+    def __init__(self, parent: Dict[str, Any]) -> None:
+        self.parent = parent
+
+    def model_dump(self) -> Dict[str, Any]:
+        self.parent[f"added-{len(self.parent)}"] = 1
+        return {"ok": True}
+
+
+def mutating_properties() -> Dict[str, Any]:
+    inner: Dict[str, Any] = {"x": 1}
+    inner["m"] = DumpMutatesItsParent(inner)
+    return {"a": {"b": inner}}
+
+
+@dataclasses.dataclass
+class FieldRaises:
+    x: int = 1
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "x":
+            raise Boom()
+        return object.__getattribute__(self, name)
+
+
+class EnumValueRaises(enum.Enum):
+    A = 1
+
+    @property
+    def value(self) -> Any:  # type: ignore[override]
+        raise Boom()
+
+
+class DecimalFloatRaises(decimal.Decimal):
+    def __float__(self) -> float:
+        raise Boom()
+
+
+class IsoformatRaises(dt.datetime):
+    def isoformat(self, *args: Any, **kwargs: Any) -> str:
+        raise Boom()
+
+
+class IsoformatRaisesDate(dt.date):
+    def isoformat(self) -> str:
+        raise Boom()
+
+
+class IterRaisesSet(set):  # type: ignore[type-arg]
+    def __iter__(self) -> Any:
+        raise Boom()
+
+
+class KeyReprRaises:
+    def __hash__(self) -> int:
+        return 7
+
+    def __str__(self) -> str:
+        raise Boom()
+
+    def __repr__(self) -> str:
+        raise Boom()
+
+
+def ok(result: Any) -> None:
+    """The value was usable after all (a documented conversion): encoded, no error."""
+    assert isinstance(result, bytes)
+
+
+# (id, value placed at properties.a.b / traits.a.b, the path fragment the error names,
+#  or None when the value is accepted)
+HOSTILE_VALUES: List[Tuple[str, Callable[[], Any], Optional[str]]] = [
+    ("str-subclass-repr-raises", lambda: ReprRaisesStr("v"), None),
+    ("object-whose-class-raises", ClassRaises, ".a.b"),
+    ("mapping-whose-iter-raises", ItemsRaisesMapping, ".a.b"),
+    ("mapping-whose-len-raises", LenRaisesMapping, ".a.b"),
+    ("dict-whose-items-keys-iter-raise", lambda: ItemsRaisesDict(k=1), ".a.b"),
+    ("int-whose-str-raises", lambda: IntStrRaises(5), None),
+    ("model-dump-raises-an-unprintable-error", DumpRaisesBoom, ".a.b"),
+    ("dataclass-field-raises", FieldRaises, ".a.b"),
+    ("enum-value-raises", lambda: EnumValueRaises.A, ".a.b"),
+    ("decimal-float-raises", lambda: DecimalFloatRaises("1.5"), ".a.b"),
+    ("decimal-with-a-billion-digits", lambda: decimal.Decimal("1e999999999"), ".a.b"),
+    ("decimal-signaling-nan", lambda: decimal.Decimal("sNaN"), ".a.b"),
+    ("datetime-isoformat-raises", lambda: IsoformatRaises(2024, 1, 2), ".a.b"),
+    ("date-isoformat-raises", lambda: IsoformatRaisesDate(2024, 1, 2), ".a.b"),
+    ("set-whose-iteration-raises", lambda: IterRaisesSet({1}), ".a.b"),
+    ("int-too-long-to-print", lambda: 10**5000, ".a.b"),
+    ("list-holding-a-hostile-object", lambda: [1, ClassRaises()], ".a.b[1]"),
+]
+
+
+def hostile_calls() -> List[Any]:
+    """Every hostile object in every place a user object can go."""
+    cases = []
+    for name, make, path in HOSTILE_VALUES:
+        cases.append(
+            pytest.param(
+                lambda m=make: encode_track("E", {"a": {"b": m()}}, "u", None),
+                None if path is None else "properties" + path,
+                id=f"properties-{name}",
+            )
+        )
+        cases.append(
+            pytest.param(
+                lambda m=make: encode_identify("u", {"a": {"b": m()}}),
+                None if path is None else "traits" + path,
+                id=f"traits-{name}",
+            )
+        )
+    keys = [
+        ("key-str-subclass-repr-raises", lambda: ReprRaisesStr("k"), None),
+        ("key-whose-str-and-repr-raise", KeyReprRaises, "properties.a"),
+        ("key-int-too-long-to-print", lambda: 10**5000, "properties.a"),
+        ("key-int-whose-str-raises", lambda: IntStrRaises(3), None),
+    ]
+    for name, make, path in keys:
+        cases.append(
+            pytest.param(lambda m=make: encode_track("E", {"a": {m(): 1}}, "u", None), path, id=name)
+        )
+        # the same key beside a tuple key: the slow path, which builds the paths
+        cases.append(
+            pytest.param(
+                lambda m=make: encode_track("E", {"a": {m(): 1, (1,): 2}}, "u", None),
+                path,
+                id=f"{name}-slow-path",
+            )
+        )
+    tops: List[Tuple[str, Callable[[], Any], Optional[str]]] = [
+        (
+            "properties-object-whose-class-raises",
+            lambda: encode_track("E", ClassRaises(), "u", None),
+            "properties",
+        ),
+        (
+            "properties-mapping-whose-len-raises",
+            lambda: encode_track("E", LenRaisesMapping(), "u", None),
+            "properties",
+        ),
+        (
+            "properties-mapping-whose-iter-raises",
+            lambda: encode_track("E", ItemsRaisesMapping(), "u", None),
+            "properties",
+        ),
+        (
+            "properties-dict-whose-items-raise",
+            lambda: encode_track("E", ItemsRaisesDict(k=1), "u", None),
+            "properties",
+        ),
+        (
+            "properties-dict-whose-values-raise",
+            lambda: encode_track("E", ValuesRaisesDict(k={"n": 1}), "u", None),
+            None,
+        ),
+        ("properties-changed-while-read", lambda: encode_track("E", mutating_properties(), "u", None), None),
+        ("traits-object-whose-class-raises", lambda: encode_identify("u", ClassRaises()), "traits"),
+        (
+            "event-name-str-subclass-repr-raises",
+            lambda: encode_track(ReprRaisesStr("E"), None, "u", None),
+            None,
+        ),
+        ("event-name-whose-len-raises", lambda: encode_track(LenRaisesStr("E"), None, "u", None), None),
+        ("event-name-whose-class-raises", lambda: encode_track(ClassRaises(), None, "u", None), "event name"),
+        ("event-name-whose-repr-raises", lambda: encode_track(StrRaises(), None, "u", None), "event name"),
+        ("user-id-str-subclass-repr-raises", lambda: encode_identify(ReprRaisesStr("u"), None), None),
+        ("user-id-whose-len-raises", lambda: encode_identify(LenRaisesStr("u"), None), None),
+        ("user-id-whose-class-raises", lambda: encode_identify(ClassRaises(), None), "user_id"),
+        ("user-id-int-whose-str-raises", lambda: encode_identify(IntStrRaises(5), None), None),
+        ("user-id-index-only", lambda: encode_identify(IndexOnly(), None), "user_id"),
+        ("group-id-whose-class-raises", lambda: encode_group(ClassRaises(), None, None), "group_id"),
+        (
+            "timestamp-whose-class-raises",
+            lambda: encode_track("E", None, "u", None, timestamp=ClassRaises()),
+            "timestamp",
+        ),
+        (
+            "timestamp-isoformat-raises",
+            lambda: encode_track("E", None, "u", None, timestamp=IsoformatRaises(2024, 1, 2)),
+            None,
+        ),
+        (
+            "message-id-whose-class-raises",
+            lambda: encode_track("E", None, "u", None, message_id=ClassRaises()),
+            "message_id",
+        ),
+        (
+            "message-id-str-subclass-repr-raises",
+            lambda: encode_track("E", None, "u", None, message_id=ReprRaisesStr("m")),
+            None,
+        ),
+    ]
+    for name, call, path in tops:
+        cases.append(pytest.param(call, path, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("call, path", hostile_calls())
+def test_a_hostile_object_gives_a_validation_error_naming_its_path_or_is_used(
+    call: Callable[[], Any], path: Optional[str]
+) -> None:
+    try:
+        result = call()
+    except ValidationError as exc:
+        assert path is not None, f"refused, but it should have been accepted: {exc}"
+        message = str(exc)  # a message that can itself be printed
+        assert message.startswith(path), message
+        assert type(exc) is ValidationError
+        assert exc.__cause__ is None  # no user object kept alive through the chain
+    else:
+        assert path is None, f"accepted, but {path} should have been refused"
+        ok(result)
+        decode(result)
+
+
+def test_hostile_objects_through_a_client_queue_nothing_and_hurt_no_neighbour(harness: Neighbours) -> None:
+    for name, make, path in HOSTILE_VALUES:
+        tracked = harness.client.stats()["tracked"]
+        error, arrived = harness.around(
+            lambda m=make: harness.client.track("E", {"a": {"b": m()}}, user_id="u")
+        )
+        if path is None:
+            assert error is None and len(arrived) == 1, (name, error)
+        else:
+            assert isinstance(error, ValidationError) and str(error).startswith("properties" + path), (
+                name,
+                error,
+            )
+            assert arrived == [] and harness.client.stats()["tracked"] == tracked + 2, name
+
+
 def test_depth_limit_does_not_depend_on_key_types(harness: Neighbours):
     depth = 120
     plain, _ = harness.around(lambda: harness.client.track("E", nested(depth), user_id="u"))
@@ -399,6 +721,45 @@ def test_infinite_timeout_of_track_sync_means_no_limit(harness: Neighbours):
 def test_infinite_timeout_of_flush_means_no_limit(harness: Neighbours):
     error, _ = harness.around(lambda: harness.client.flush(timeout=INF))
     assert error is None, repr(error)
+
+
+@pytest.mark.parametrize("forever", [1e10, 1e300, 10**400], ids=["1e10", "1e300", "int-10e400"])
+def test_a_huge_timeout_means_no_limit_and_overflows_nothing(harness: Neighbours, forever: Any) -> None:
+    response = harness.client.track_sync("E", user_id="u", timeout=forever)
+    assert response.accepted == 1
+    harness.client.track("E", user_id="u")
+    error, _ = harness.around(lambda: harness.client.flush(timeout=forever))
+    assert error is None, repr(error)
+    harness.client.track("E", user_id="u")
+    harness.client.shutdown(timeout=forever)
+    stats = harness.client.stats()
+    assert stats["queued"] == 0 and conserved(stats) and stats["sent"] == stats["tracked"], stats
+
+
+EXIT_SCRIPT = """
+import sys, klime
+client = klime.Client("%s", endpoint=sys.argv[1], exit_timeout=1e10, flush_interval=60_000)
+for i in range(6):
+    client.track("at-exit-%%d" %% i, user_id="u")
+"""
+
+
+def test_an_exit_timeout_of_1e10_sends_everything_at_exit(
+    collector: Collector, src_env: Dict[str, str]
+) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT % WRITE_KEY, collector.url],
+        env=src_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "OverflowError" not in done.stderr, done.stderr
+    names = sorted(e["event"] for e in collector.events())
+    assert names == [f"at-exit-{i}" for i in range(6)], (names, done.stderr)
 
 
 @pytest.mark.parametrize("timeout", ["soon", NAN], ids=["str", "nan"])

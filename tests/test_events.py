@@ -280,3 +280,248 @@ def test_the_depth_limit_is_the_same_on_every_path_and_every_python(key):
         encode_track("x", nested(MAX_DEPTH), "u", None)
     with pytest.raises(ValidationError, match="nested more than"):
         encode_track("x", nested(100_000), "u", None)  # never the encoder's own limit
+
+
+# ---------------------------------------------------------------------------------------
+# caller-chosen timestamps and message ids (issue 22)
+
+UTC = dt.UTC
+
+
+def test_a_naive_timestamp_is_taken_as_utc_with_milliseconds_truncated():
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, 678999)
+    raw = encode_track("x", None, "u", None, timestamp=when)
+    assert decode(raw)["timestamp"] == "2026-01-02T03:04:05.678Z"
+    assert (
+        raw.startswith(b'{"type":"track","messageId":"') and b'"timestamp":"2026-01-02T03:04:05.678Z",' in raw
+    )
+
+
+@pytest.mark.parametrize(
+    "when, wire",
+    [
+        (dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC), "2026-01-02T03:04:05.678Z"),
+        (
+            dt.datetime(2026, 1, 2, 5, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+            "2026-01-02T03:04:05.000Z",
+        ),
+        (
+            dt.datetime(2026, 1, 1, 22, 4, 5, 1000, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+            "2026-01-02T03:04:05.001Z",
+        ),
+        (
+            dt.datetime(2026, 1, 2, 8, 49, 5, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=45))),
+            "2026-01-02T03:04:05.000Z",
+        ),
+        (dt.datetime(1970, 1, 1), "1970-01-01T00:00:00.000Z"),
+    ],
+    ids=["utc", "plus-2h", "minus-5h-across-midnight", "nepal", "epoch"],
+)
+def test_an_aware_timestamp_is_converted_to_utc(when, wire):
+    for raw in (
+        encode_track("x", None, "u", None, timestamp=when),
+        encode_identify("u", None, timestamp=when),
+        encode_group("g", None, None, timestamp=when),
+    ):
+        assert decode(raw)["timestamp"] == wire
+
+
+def test_a_tzinfo_without_an_offset_counts_as_naive():
+    class NoOffset(dt.tzinfo):
+        def utcoffset(self, d):
+            return None
+
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=NoOffset())
+    assert (
+        decode(encode_track("x", None, "u", None, timestamp=when))["timestamp"] == "2026-01-02T03:04:05.000Z"
+    )
+
+
+def test_a_timestamp_has_the_same_wire_form_as_now():
+    now = dt.datetime.now(UTC)
+    ours = decode(encode_track("x", None, "u", None, timestamp=now))["timestamp"]
+    assert re.fullmatch(TS, ours) and len(ours) == len(now_timestamp())
+
+
+def test_a_timestamp_up_to_24_hours_ahead_is_accepted():
+    soon = dt.datetime.now(UTC) + dt.timedelta(hours=23, minutes=59)
+    encode_track("x", None, "u", None, timestamp=soon)
+
+
+def test_the_message_id_alone_keeps_a_fresh_timestamp_and_vice_versa():
+    ev = decode(encode_track("x", None, "u", None, message_id="m-1"))
+    assert ev["messageId"] == "m-1" and re.fullmatch(TS, ev["timestamp"])
+    ev = decode(encode_identify("u", None, timestamp=dt.datetime(2020, 1, 1)))
+    assert re.fullmatch(UUID4, ev["messageId"]) and ev["timestamp"] == "2020-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    "timestamp, message",
+    [
+        ("2026-01-02T03:04:05Z", "timestamp must be a datetime.datetime"),
+        (1767323045, "timestamp must be a datetime.datetime"),
+        (1767323045.5, "timestamp must be a datetime.datetime"),
+        (dt.date(2026, 1, 2), "timestamp must be a datetime.datetime"),
+        (True, "timestamp must be a datetime.datetime"),
+        (dt.datetime(1969, 12, 31, 23, 59, 59, 999999), "before 1970"),
+        (dt.datetime(1, 1, 1), "before 1970"),
+        (dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=23, minutes=59))), "before 1970"),
+        (dt.datetime(9999, 12, 31, 23, 59, 59, 999999), "more than 24 hours in the future"),
+        (
+            dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.timezone(dt.timedelta(hours=-23, minutes=-59))),
+            "in the future",
+        ),
+        (dt.datetime(2200, 1, 1), "more than 24 hours in the future"),
+    ],
+    ids=[
+        "str",
+        "int",
+        "float",
+        "date",
+        "bool",
+        "just-before-1970",
+        "year-1",
+        "year-1-east",
+        "year-9999",
+        "year-9999-west",
+        "year-2200",
+    ],
+)
+def test_a_bad_timestamp_is_a_validation_error(timestamp, message):
+    for call in (
+        lambda: encode_track("x", None, "u", None, timestamp=timestamp),
+        lambda: encode_identify("u", None, timestamp=timestamp),
+        lambda: encode_group("g", None, "u", timestamp=timestamp),
+    ):
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            call()
+
+
+def test_a_timestamp_25_hours_ahead_is_refused():
+    later = dt.datetime.now(UTC) + dt.timedelta(hours=25)
+    with pytest.raises(ValidationError, match="more than 24 hours in the future"):
+        encode_track("x", None, "u", None, timestamp=later)
+
+
+def test_a_datetime_whose_offset_raises_is_a_validation_error():
+    class Broken(dt.tzinfo):
+        def utcoffset(self, d):
+            raise RuntimeError("no offset")
+
+    with pytest.raises(ValidationError, match="timestamp"):
+        encode_track("x", None, "u", None, timestamp=dt.datetime(2026, 1, 1, tzinfo=Broken()))
+
+
+@pytest.mark.parametrize(
+    "mid",
+    ['order-42/"quoted"\\back', "名前-☕-🎉", "x", "a" * 200, "  spaced  ", "\u2028line-sep", "ünïcödé"],
+    ids=["quotes-backslash", "cjk-emoji", "one-char", "200-chars", "spaces", "u2028", "accents"],
+)
+def test_a_message_id_is_sent_exactly_as_given(mid):
+    for raw in (
+        encode_track("x", {"p": 1}, "u", None, message_id=mid),
+        encode_identify("u", None, message_id=mid),
+        encode_group("g", {"t": 1}, "u", message_id=mid),
+    ):
+        assert decode(raw)["messageId"] == mid
+        assert message_id(raw) == mid  # what the SQS sender's de-duplication reads
+
+
+def test_a_str_subclass_message_id_is_sent_by_value():
+    class Id(str):
+        def __str__(self):
+            raise RuntimeError("not used")
+
+    assert decode(encode_track("x", None, "u", None, message_id=Id("m-1")))["messageId"] == "m-1"
+
+
+@pytest.mark.parametrize(
+    "mid, message",
+    [
+        (b"m-1", "message_id must be a non-empty str, not bytes"),
+        (42, "message_id must be a non-empty str, not int"),
+        (uuid.UUID(int=1), "not UUID"),
+        ("", "message_id must be a non-empty str"),
+        ("a" * 201, "201 characters long; the limit is 200"),
+        ("a\nb", "control character"),
+        ("a\x00b", "control character"),
+        ("a\x85b", "control character"),
+        ("a\ud800b", "lone surrogate"),
+    ],
+    ids=["bytes", "int", "uuid", "empty", "201-chars", "newline", "nul", "c1", "surrogate"],
+)
+def test_a_bad_message_id_is_a_validation_error(mid, message):
+    for call in (
+        lambda: encode_track("x", None, "u", None, message_id=mid),
+        lambda: encode_identify("u", None, message_id=mid),
+        lambda: encode_group("g", None, "u", message_id=mid),
+    ):
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            call()
+
+
+def test_message_id_reads_klimes_own_ids_too():
+    raw = encode_track("x", {"messageId": "decoy"}, "u", None)
+    assert message_id(raw) == decode(raw)["messageId"] and re.fullmatch(UUID4, message_id(raw))
+
+
+# ---------------------------------------------------------------------------------------
+# keys that collide once stringified (issue 20)
+
+
+@pytest.mark.parametrize(
+    "properties, where, key",
+    [
+        ({1: "a", "1": "b"}, "properties", "1"),
+        ({"1": "b", 1: "a"}, "properties", "1"),
+        ({True: 1, "true": 2}, "properties", "true"),
+        ({None: 1, "null": 2}, "properties", "null"),
+        ({1.5: 1, "1.5": 2}, "properties", "1.5"),
+        ({"a": {"b": {2: "x", "2": "y"}}}, "properties.a.b", "2"),
+        ({"list": [{"k": 1}, {3: "x", "3": "y"}]}, "properties.list[1]", "3"),
+        ({"a": {(1, 2): "x", "(1, 2)": "y"}}, "properties.a", "(1, 2)"),
+        ({"pad": "{" * 10, 1: "a", "1": "b"}, "properties", "1"),
+    ],
+    ids=[
+        "int-then-str",
+        "str-then-int",
+        "bool",
+        "none",
+        "float",
+        "nested",
+        "in-a-list",
+        "tuple",
+        "brace-in-a-string",
+    ],
+)
+def test_keys_that_become_the_same_string_are_refused(properties, where, key):
+    with pytest.raises(ValidationError) as info:
+        encode_track("x", properties, "u", None)
+    assert str(info.value) == f'{where} has two keys that both become "{key}"'
+
+
+def test_a_long_event_with_colliding_keys_is_refused_too():
+    props = {"pad": "x" * 2000, "deep": {"deeper": {7: "a", "7": "b"}}}
+    with pytest.raises(
+        ValidationError, match=re.escape('properties.deep.deeper has two keys that both become "7"')
+    ):
+        encode_track("x", props, "u", None)
+
+
+def test_non_string_keys_that_do_not_collide_still_work_on_every_path():
+    props = {1: "a", 2: "b", "nested": {3: [{4: "c"}]}, "pad": "{"}
+    assert decode(encode_track("x", props, "u", None))["properties"] == {
+        "1": "a",
+        "2": "b",
+        "nested": {"3": [{"4": "c"}]},
+        "pad": "{",
+    }
+    long_props = dict(props, big="x" * 2000)
+    assert decode(encode_track("x", long_props, "u", None))["properties"]["nested"] == {"3": [{"4": "c"}]}
+
+
+def test_paths_in_messages_name_keys_with_dots():
+    with pytest.raises(ValidationError, match=r"^properties\.a\.b is NaN"):
+        encode_track("x", {"a": {"b": float("nan")}}, "u", None)
+    with pytest.raises(ValidationError, match=r'^traits\["odd key"\]\[2\] is Infinity'):
+        encode_identify("u", {"odd key": [1, 2, float("inf")]})

@@ -7,6 +7,16 @@ the caller's dicts cannot change a queued event. Everything downstream (batching
 callbacks) works on these bytes; :func:`decode` turns them back into a wire dict when a
 callback or a test needs one.
 
+A caller may choose an event's ``timestamp`` and ``message_id`` (to import history or to
+re-send an event under the id it already had); both are checked here like everything else.
+
+Hostile input: whatever a user object does while it is read (a ``__str__``, ``__repr__``,
+``items()``, ``model_dump()``, ``isoformat()``... that raises, a dict changed while it is
+read), the only exception that leaves these functions is :class:`~klime.ValidationError`,
+naming where the value is (``properties.a.b``); exceptions that are not an ``Exception``
+(KeyboardInterrupt, SystemExit) pass through. Messages never call a user
+object's ``repr``/``str``: they name its type.
+
 Thread-safe: the functions here keep no state but a random generator (re-seeded in a forked
 child) and a one-entry timestamp cache.
 """
@@ -21,11 +31,13 @@ import json
 import math
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Mapping
 from json.encoder import encode_basestring as _c_quote
-from typing import Any, Callable, Dict, Optional, Sequence
+from json.encoder import encode_basestring_ascii as _ascii_quote
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ._config import MAX_DEPTH, MAX_EVENT_BYTES
 from ._version import __version__
@@ -41,6 +53,8 @@ __all__ = [
     "message_id",
     "reseed",
     "to_json_value",
+    "MAX_FUTURE_SKEW_S",
+    "MAX_MESSAGE_ID_CHARS",
 ]
 
 Properties = Optional[Mapping[str, Any]]
@@ -96,6 +110,98 @@ def now_timestamp() -> str:
     return text
 
 
+#: How far ahead of this machine's clock a caller's ``timestamp`` may be: clocks of the
+#: machines that produced an event (and this one) drift, but an event from tomorrow is a bug.
+MAX_FUTURE_SKEW_S = 24 * 3600.0
+_EPOCH = _dt.datetime(1970, 1, 1)
+_NO_TIME = _dt.timedelta(0)
+
+
+def _caller_timestamp(value: Any) -> str:
+    """``value`` (the caller's ``timestamp=``) in the wire form of :func:`now_timestamp`.
+
+    A ``datetime.datetime`` only: an aware one is converted to UTC, a naive one is taken as
+    UTC (the rule for datetime property values). From 1970-01-01T00:00:00Z to
+    :data:`MAX_FUTURE_SKEW_S` ahead of now; anything else is a ValidationError. Milliseconds
+    are truncated, as :func:`now_timestamp` truncates.
+    """
+    try:
+        is_datetime = isinstance(value, _dt.datetime)
+    except Exception:
+        is_datetime = False
+    if not is_datetime:
+        raise ValidationError(
+            f"timestamp must be a datetime.datetime (or None for now), not {_describe(value)}"
+        )
+    try:
+        offset = value.utcoffset()  # None for a naive datetime: taken as UTC
+        wall = _dt.datetime(
+            value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond
+        )
+        # Differences of datetimes never overflow; a UTC instant out of datetime's range can.
+        since_epoch = wall - _EPOCH - (offset if offset is not None else _NO_TIME)
+        seconds = since_epoch.total_seconds()
+    except Exception as exc:
+        raise ValidationError(
+            f"timestamp ({_describe(value)}) cannot be read: {_exception_text(exc)}"
+        ) from None
+    if since_epoch < _NO_TIME:
+        raise ValidationError("timestamp is before 1970-01-01T00:00:00Z")
+    if seconds > time.time() + MAX_FUTURE_SKEW_S:
+        raise ValidationError(
+            f"timestamp is more than {MAX_FUTURE_SKEW_S / 3600:g} hours in the future"
+        )
+    utc = _EPOCH + since_epoch
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+        utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond // 1000
+    )
+
+
+#: The longest ``message_id`` a caller may choose. A uuid is 36 characters, a ULID 26; the
+#: ids other tools forward (prefixed uuids, hashes) fit with room to spare. A longer value is
+#: almost surely something else passed by mistake, and ids are logged and used as
+#: de-duplication keys, where a bound matters.
+MAX_MESSAGE_ID_CHARS = 200
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _caller_message_id(value: Any) -> str:
+    """``value`` (the caller's ``message_id=``) as a JSON string, sent exactly as given.
+
+    A non-empty ``str`` of at most :data:`MAX_MESSAGE_ID_CHARS` characters, valid Unicode,
+    without control characters (they would corrupt the log lines and de-duplication keys
+    that carry ids). Anything else is a ValidationError.
+    """
+    if type(value) is not str:
+        try:
+            is_text = isinstance(value, str)
+        except Exception:
+            is_text = False
+        if not is_text:
+            raise ValidationError(f"message_id must be a non-empty str, not {_describe(value)}")
+        value = str.__str__(value)  # a str subclass: its value, never its own methods
+    if not value:
+        raise ValidationError("message_id must be a non-empty str")
+    if len(value) > MAX_MESSAGE_ID_CHARS:
+        raise ValidationError(
+            f"message_id is {len(value)} characters long; the limit is {MAX_MESSAGE_ID_CHARS}"
+        )
+    if _CONTROL_CHARACTER.search(value):
+        raise ValidationError("message_id contains a control character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("message_id contains a lone surrogate (it is not valid Unicode)") from None
+    return _c_quote(value)
+
+
+def _head(kind: str, timestamp: Any, message_id: Any) -> str:
+    """The start of an event of ``kind`` with the caller's timestamp and/or message id."""
+    mid = f'"{new_message_id()}"' if message_id is None else _caller_message_id(message_id)
+    ts = now_timestamp() if timestamp is None else _caller_timestamp(timestamp)
+    return f'{{"type":"{kind}","messageId":{mid},"timestamp":"{ts}",'
+
+
 # ---------------------------------------------------------------------------------------
 # JSON coercion
 
@@ -113,6 +219,10 @@ class _Unsupported(TypeError):
     pass
 
 
+#: The most digits a number may have (CPython's default limit for int-to-text conversion).
+_MAX_NUMBER_DIGITS = 4300
+
+
 def _default(value: Any) -> Any:
     """json's ``default`` hook: the documented conversions, or TypeError."""
     if isinstance(value, _dt.datetime):
@@ -122,7 +232,11 @@ def _default(value: Any) -> Any:
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
             raise ValueError("non-finite Decimal")
-        return int(value) if value == value.to_integral_value() else float(value)
+        if value != value.to_integral_value():
+            return float(value)
+        if value.adjusted() >= _MAX_NUMBER_DIGITS:  # int() of Decimal("1e999999999") never ends
+            raise ValueError(f"a Decimal with more than {_MAX_NUMBER_DIGITS} digits")
+        return int(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, enum.Enum):
@@ -168,24 +282,66 @@ _encode = _make_encoder()
 
 
 def _describe(value: Any) -> str:
-    return type(value).__qualname__
+    """The name of ``value``'s type, for messages; never runs the value's own code."""
+    try:
+        name = type(value).__qualname__
+    except Exception:
+        name = None
+    return name if type(name) is str else "object"
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``ExcType: message`` of an exception raised by user code, which may itself misbehave."""
+    try:
+        text = str(exc)
+        text = text if type(text) is str else ""
+    except Exception:
+        text = ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{_describe(exc)}: {text}" if text else _describe(exc)
 
 
 def _clip(path: str) -> str:
     return path if len(path) <= 120 else path[:60] + "..." + path[-50:]
 
 
+def _child(path: str, key: str) -> str:
+    """The path of ``key`` in the mapping at ``path``: ``properties.a``, or
+    ``properties["a b"]`` for a key that is not a plain name."""
+    if len(key) > 40:
+        key = key[:37] + "..."
+    if key.isidentifier():
+        return f"{path}.{key}"
+    return f"{path}[{_ascii_quote(key)}]"
+
+
 def _plain_key(key: Any, path: str) -> str:
-    if isinstance(key, str):
+    """``key`` as the JSON object key the C encoder would make of it (str, int, float, bool,
+    None), or ``str(key)``; a plain ``str`` in every case."""
+    if type(key) is str:
         return key
-    if key is None or isinstance(key, (bool, int, float)):
-        return json.dumps(key) if not isinstance(key, str) else key
+    if isinstance(key, str):
+        return str.__str__(key)
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, int):
+        return int.__repr__(key)  # ValueError when too long to print: named by the caller
+    if isinstance(key, float):
+        if math.isfinite(key):
+            return float.__repr__(key)
+        return "NaN" if math.isnan(key) else ("Infinity" if key > 0 else "-Infinity")
     try:
-        return str(key)
+        text = str(key)
+        if not isinstance(text, str):
+            raise TypeError("__str__ returned a non-string")
     except Exception as exc:
         raise ValidationError(
-            f"{_clip(path)} has a key of type {_describe(key)} that cannot be turned into a string: {exc!r}"
+            f"{_clip(path)} has a key of type {_describe(key)} that cannot be turned into a string "
+            f"({_exception_text(exc)})"
         ) from None
+    return str.__str__(text)
 
 
 def to_json_value(
@@ -194,59 +350,144 @@ def to_json_value(
     """Return ``value`` as plain JSON data, or raise ValidationError naming where it is bad.
 
     This is the slow path, used only when the fast C encoder refused a value, to explain why
-    (or to stringify keys it does not accept).
+    (or to stringify keys it does not accept). Whatever a user object raises while it is read
+    becomes a ValidationError naming its path; RecursionError passes through (the caller
+    reports it as too deep), and so do BaseExceptions that are not Exceptions.
     """
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValidationError(f"{_clip(path)} is {value!r}; NaN and Infinity are not valid JSON")
-        return value
-    if isinstance(value, bytes):
-        raise ValidationError(f"{_clip(path)} is bytes; decode it to a string first")
-    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
-        if id(value) in _seen:
-            raise ValidationError(f"{_clip(path)} contains itself (a reference cycle)")
-        if _depth >= MAX_DEPTH:
-            raise ValidationError(f"{_clip(path)} is nested more than {MAX_DEPTH} levels deep")
-        seen = _seen | {id(value)}
-        if isinstance(value, Mapping):
-            out: Dict[str, Any] = {}
-            for key, item in value.items():
-                skey = _plain_key(key, path)
-                out[skey] = to_json_value(item, f"{path}[{skey!r}]", _depth + 1, seen)
-            return out
-        return [to_json_value(item, f"{path}[{i}]", _depth + 1, seen) for i, item in enumerate(value)]
     try:
-        converted = _default(value)
-    except _Unsupported:
-        raise ValidationError(
-            f"{_clip(path)} is of type {_describe(value)}, which klime cannot turn into JSON "
-            "(convert it to a str, number, bool, None, list or dict)"
-        ) from None
+        if value is None or type(value) in (str, bool):
+            return value
+        if isinstance(value, str):
+            return str.__str__(value)
+        if isinstance(value, int):
+            int.__repr__(value)  # ValueError here, with the path, when it is too long to print
+            return value
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                what = "NaN" if math.isnan(value) else "Infinity"
+                raise ValidationError(f"{_clip(path)} is {what}; NaN and Infinity are not valid JSON")
+            return value
+        if isinstance(value, bytes):
+            raise ValidationError(f"{_clip(path)} is bytes; decode it to a string first")
+        if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+            if id(value) in _seen:
+                raise ValidationError(f"{_clip(path)} contains itself (a reference cycle)")
+            if _depth >= MAX_DEPTH:
+                raise ValidationError(f"{_clip(path)} is nested more than {MAX_DEPTH} levels deep")
+            seen = _seen | {id(value)}
+            if isinstance(value, Mapping):
+                out: Dict[str, Any] = {}
+                for key, item in list(value.items()):  # a snapshot: user code below may change it
+                    skey = _plain_key(key, path)
+                    if skey in out:
+                        raise ValidationError(
+                            f"{_clip(path)} has two keys that both become {_ascii_quote(skey[:40])}"
+                        )
+                    out[skey] = to_json_value(item, _child(path, skey), _depth + 1, seen)
+                return out
+            items = list(value)  # a snapshot, as for a mapping
+            return [to_json_value(item, f"{path}[{i}]", _depth + 1, seen) for i, item in enumerate(items)]
+        try:
+            converted = _default(value)
+        except _Unsupported:
+            raise ValidationError(
+                f"{_clip(path)} is of type {_describe(value)}, which klime cannot turn into JSON "
+                "(convert it to a str, number, bool, None, list or dict)"
+            ) from None
+        return to_json_value(converted, path, _depth + 1, _seen | {id(value)})
+    except (ValidationError, RecursionError):
+        raise
     except Exception as exc:
         raise ValidationError(
-            f"{_clip(path)} ({_describe(value)}) cannot be turned into JSON: {exc}"
+            f"{_clip(path)} ({_describe(value)}) cannot be turned into JSON: {_exception_text(exc)}"
         ) from None
-    return to_json_value(converted, path, _depth + 1, _seen | {id(value)})
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Does ``value`` nest dicts/lists more than ``limit`` levels deep? Iterative (no
-    recursion limit), stops at the first path that is too deep."""
+_join = "".join
+
+
+def _plain_tree(value: Any, check_depth: bool) -> int:
+    """Walk what the C encoder accepted: 0 when fine, _TOO_DEEP when it nests more than
+    MAX_DEPTH levels (looked at only when ``check_depth``), _ODD_KEYS when a dict has a key
+    that is not a str (the slow path then stringifies the keys and refuses duplicates).
+    Iterative (no recursion limit); stops at the first finding."""
     stack = [(value, 1)]
+    pop = stack.pop
+    push = stack.append
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping):
+        item, depth = pop()
+        kind = type(item)
+        if kind is dict or isinstance(item, dict):
+            try:
+                _join(item)  # TypeError when a key is not a str
+            except TypeError:
+                return _ODD_KEYS
             children: Any = item.values()
-        elif isinstance(item, (list, tuple, set, frozenset)):
+        elif kind is list or kind is tuple or isinstance(item, (list, tuple)):
+            children = item
+        elif check_depth and isinstance(item, Mapping):
+            children = item.values()
+        elif check_depth and isinstance(item, (set, frozenset)):
             children = item
         else:
             continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
+        if check_depth and depth > MAX_DEPTH:
+            return _TOO_DEEP
+        for child in children:
+            if type(child) in _LEAVES:
+                continue
+            push((child, depth + 1))
+    return 0
+
+
+_TOO_DEEP = 1
+_ODD_KEYS = 2
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
+def _keys_are_text(value: Dict[Any, Any]) -> bool:
+    """Is every key of every dict in ``value`` (what the C encoder accepted) a str? The
+    short-text case of :func:`_plain_tree`, with no depth to follow: as lean as it gets."""
+    stack: List[Any] = [value]
+    pop = stack.pop
+    extend = stack.extend
+    leaves = _LEAVES
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind in leaves:
+            continue
+        if kind is dict or isinstance(item, dict):
+            try:
+                _join(item)  # TypeError when a key is not a str
+            except TypeError:
+                return False
+            extend(item.values())
+        elif kind is list or kind is tuple or isinstance(item, (list, tuple)):
+            extend(item)
+    return True
+
+
+#: Each level of nesting takes at least two characters, so a shorter text is never too deep:
+#: the depth is looked at only for longer ones (the C encoder's own limit differs from one
+#: Python to the next; this one does not).
+_LONG_TEXT = 2 * MAX_DEPTH
+
+
+def _fast_text(value: Dict[Any, Any], text: str, what: str) -> bool:
+    """May ``text`` (the C encoder's JSON of the dict ``value``, which has nested objects or
+    is long) be sent as it is? False when the slow path must look at ``value``: a key that
+    is not a str may collide with another once stringified (``{1: "a", "1": "b"}``).
+    Raises ValidationError when ``value`` is too deep."""
+    try:
+        if len(text) < _LONG_TEXT:
+            return _keys_are_text(value)
+        finding = _plain_tree(value, True)
+    except Exception:  # user code (a dict subclass's values()) misbehaving: the slow path
+        return False
+    if finding == _TOO_DEEP:
+        raise _too_deep(what)
+    return finding != _ODD_KEYS
 
 
 def _too_deep(what: str) -> ValidationError:
@@ -263,18 +504,31 @@ def _json_object(value: Any, what: str) -> str | None:
         except Exception:
             pass  # the slow path below explains the problem precisely (or fixes keys)
         else:
-            # Each level of nesting takes at least two characters, so a short text is never
-            # too deep: the depth is looked at only for large values (the C encoder's own
-            # limit differs from one Python to the next; this one does not).
-            if len(text) < 2 * MAX_DEPTH or not _deeper_than(value, MAX_DEPTH):
+            if len(text) < _LONG_TEXT and text.find("{", 1) < 0:
+                # No nested object (a "{" inside a string only means the longer check
+                # below): the top-level keys are the only ones that may not be str.
+                try:
+                    _join(value)  # TypeError when a key is not a str
+                except TypeError:
+                    pass  # {1: "a", "1": "b"} would become two "1" keys: the slow path
+                else:
+                    return text
+            elif _fast_text(value, text, what):
                 return text
-            raise _too_deep(what)
     elif value is None:
         return None
-    elif not isinstance(value, Mapping):
-        raise ValidationError(f"{what} must be a dict, not {_describe(value)}")
-    elif not value:
-        return None
+    else:
+        try:
+            is_mapping = isinstance(value, Mapping)
+            empty = is_mapping and not value
+        except Exception as exc:
+            raise ValidationError(
+                f"{what} ({_describe(value)}) cannot be read: {_exception_text(exc)}"
+            ) from None
+        if not is_mapping:
+            raise ValidationError(f"{what} must be a dict, not {_describe(value)}")
+        if empty:
+            return None
     try:
         plain = to_json_value(value, what)
     except RecursionError:
@@ -283,8 +537,8 @@ def _json_object(value: Any, what: str) -> str | None:
         return _encode(plain)
     except RecursionError:
         raise _too_deep(what) from None
-    except Exception as exc:  # e.g. an int too long to print (sys.set_int_max_str_digits)
-        raise ValidationError(f"{what} cannot be turned into JSON: {exc}") from None
+    except Exception as exc:  # plain data: should not happen, but never let it out
+        raise ValidationError(f"{what} cannot be turned into JSON: {_exception_text(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,11 +552,17 @@ def _id(value: Any, name: str) -> str | None:
         raise ValidationError(f"{name} must be a non-empty string")
     if value is None:
         return None
-    if isinstance(value, str):  # a str subclass: its own __str__ is not trusted
-        if value:
-            return str.__str__(value)
+    try:
+        is_text = isinstance(value, str)
+        is_int = not is_text and isinstance(value, int) and not isinstance(value, bool)
+    except Exception:  # a __class__ that raises
+        is_text = is_int = False
+    if is_text:  # a str subclass: its own methods (__str__, __len__) are not trusted
+        text = str.__str__(value)
+        if text:
+            return text
         raise ValidationError(f"{name} must be a non-empty string")
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int:
         try:
             return int.__repr__(value)
         except ValueError:  # too many digits to print
@@ -331,12 +591,37 @@ def _finish(text: str) -> bytes:
     return raw
 
 
-def encode_track(event: Any, properties: Properties, user_id: Any, group_id: Any) -> bytes:
-    """Validate and encode a ``track`` event. Raises ValidationError."""
+_CALLER_CHOICES_DOC = """
+    ``timestamp`` (keyword-only): when the event happened, a ``datetime.datetime``; an aware
+    one is converted to UTC, a naive one is taken as UTC; sent as UTC with milliseconds
+    (truncated), e.g. ``2026-01-02T03:04:05.678Z``. None (the default) means now. Refused
+    (ValidationError): anything that is not a datetime (a ``date`` is ambiguous, a str or a
+    number is not parsed), an instant before 1970-01-01T00:00:00Z, or one more than
+    :data:`MAX_FUTURE_SKEW_S` (24 hours) ahead of this machine's clock.
+
+    ``message_id`` (keyword-only): the event's ``messageId``, sent exactly as given, so that
+    an event re-imported or re-sent under the id it already had is recognised as the same
+    event. A non-empty ``str`` of at most :data:`MAX_MESSAGE_ID_CHARS` characters, valid
+    Unicode, without control characters; anything else is a ValidationError. None (the
+    default) means a new random uuid4.
+"""
+
+
+def encode_track(
+    event: Any,
+    properties: Properties,
+    user_id: Any,
+    group_id: Any,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
+) -> bytes:
+    """Validate and encode a ``track`` event. Raises ValidationError (and nothing else).
+
+    Does not block; thread-safe.
+    """
     if type(event) is not str or not event:
-        if not isinstance(event, str) or not event:
-            raise ValidationError(f"event name must be a non-empty string, not {_short(event)}")
-        event = str.__str__(event)
+        event = _event_name(event)
     uid = _id(user_id, "user_id")
     gid = _id(group_id, "group_id")
     props = _json_object(properties, "properties")
@@ -349,41 +634,92 @@ def encode_track(event: Any, properties: Properties, user_id: Any, group_id: Any
     else:
         ids = f',"userId":{_c_quote(uid)},"groupId":{_c_quote(gid)}'
     tail = _TAIL if props is None else f',"properties":{props}{_TAIL}'
-    return _finish(
-        f'{{"type":"track","messageId":"{new_message_id()}","timestamp":"{now_timestamp()}",'
-        f'"event":{_c_quote(event)}{ids}{tail}'
-    )
+    if timestamp is None and message_id is None:  # the hot path: one f-string
+        return _finish(
+            f'{{"type":"track","messageId":"{new_message_id()}","timestamp":"{now_timestamp()}",'
+            f'"event":{_c_quote(event)}{ids}{tail}'
+        )
+    return _finish(f'{_head("track", timestamp, message_id)}"event":{_c_quote(event)}{ids}{tail}')
 
 
-def encode_identify(user_id: Any, traits: Properties) -> bytes:
-    """Validate and encode an ``identify`` event. Raises ValidationError."""
+def encode_identify(
+    user_id: Any,
+    traits: Properties,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
+) -> bytes:
+    """Validate and encode an ``identify`` event. Raises ValidationError (and nothing else).
+
+    Does not block; thread-safe.
+    """
     uid = _required_id(user_id, "user_id")
     body = _json_object(traits, "traits")
     tail = _TAIL if body is None else f',"traits":{body}{_TAIL}'
-    return _finish(
-        f'{{"type":"identify","messageId":"{new_message_id()}","timestamp":"{now_timestamp()}",'
-        f'"userId":{_c_quote(uid)}{tail}'
-    )
+    if timestamp is None and message_id is None:
+        return _finish(
+            f'{{"type":"identify","messageId":"{new_message_id()}","timestamp":"{now_timestamp()}",'
+            f'"userId":{_c_quote(uid)}{tail}'
+        )
+    return _finish(f'{_head("identify", timestamp, message_id)}"userId":{_c_quote(uid)}{tail}')
 
 
-def encode_group(group_id: Any, traits: Properties, user_id: Any) -> bytes:
-    """Validate and encode a ``group`` event. Raises ValidationError."""
+def encode_group(
+    group_id: Any,
+    traits: Properties,
+    user_id: Any,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
+) -> bytes:
+    """Validate and encode a ``group`` event. Raises ValidationError (and nothing else).
+
+    Does not block; thread-safe.
+    """
     gid = _required_id(group_id, "group_id")
     uid = _id(user_id, "user_id")
     body = _json_object(traits, "traits")
     user = "" if uid is None else f',"userId":{_c_quote(uid)}'
     tail = _TAIL if body is None else f',"traits":{body}{_TAIL}'
-    return _finish(
-        f'{{"type":"group","messageId":"{new_message_id()}","timestamp":"{now_timestamp()}",'
-        f'"groupId":{_c_quote(gid)}{user}{tail}'
-    )
+    if timestamp is None and message_id is None:
+        return _finish(
+            f'{{"type":"group","messageId":"{new_message_id()}","timestamp":"{now_timestamp()}",'
+            f'"groupId":{_c_quote(gid)}{user}{tail}'
+        )
+    return _finish(f'{_head("group", timestamp, message_id)}"groupId":{_c_quote(gid)}{user}{tail}')
+
+
+for _encoder in (encode_track, encode_identify, encode_group):
+    _encoder.__doc__ = (_encoder.__doc__ or "") + _CALLER_CHOICES_DOC
+del _encoder
+
+
+def _event_name(value: Any) -> str:
+    """A str subclass's value as the event name; anything else (or empty) is refused."""
+    try:
+        is_text = isinstance(value, str)
+    except Exception:  # a __class__ that raises
+        is_text = False
+    if is_text:
+        text = str.__str__(value)  # its own __str__/__len__ are not trusted
+        if text:
+            return text
+    raise ValidationError(f"event name must be a non-empty string, not {_short(value)}")
+
+
+_SHOWN_AS_IS = (str, bytes, int, float, bool, type(None))
 
 
 def _short(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{_describe(value)}>"
+    """A short text for ``value`` in a message: the value of a built-in scalar, else its type.
+    Never runs the value's own ``__repr__``."""
+    if type(value) in _SHOWN_AS_IS:
+        try:
+            text = repr(value[:60] if type(value) in (str, bytes) else value)
+        except ValueError:  # an int too long to print
+            text = "a very large int"
+    else:
+        text = f"a {_describe(value)}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -398,10 +734,22 @@ def decode_all(events: Sequence[bytes]) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in events]
 
 
+#: Bytes after ``"messageId":`` that always hold the whole id: its JSON string of at most
+#: MAX_MESSAGE_ID_CHARS characters (each at most 6 bytes escaped, 4 in UTF-8) and quotes.
+_MESSAGE_ID_WINDOW = 6 * MAX_MESSAGE_ID_CHARS + 2
+_raw_decode = json.JSONDecoder().raw_decode
+
+
 def message_id(raw: bytes) -> str:
-    """The messageId of an encoded event (they all start with type then messageId)."""
-    start = raw.index(b'"messageId":"') + 13
-    return raw[start : start + 36].decode("ascii")
+    """The messageId of an encoded event (they all start with type then messageId): a
+    uuid4 of klime's, or the caller's own ``message_id``. Raises ValueError when ``raw``
+    has none. Thread-safe."""
+    start = raw.index(b'"messageId":"') + 12
+    window = raw[start : start + _MESSAGE_ID_WINDOW].decode("utf-8", "ignore")
+    value, _ = _raw_decode(window)  # the JSON string; what follows it is ignored
+    if type(value) is not str:
+        raise ValueError("the event's messageId is not a string")
+    return value
 
 
 Encoder = Callable[..., bytes]
