@@ -37,6 +37,9 @@ LAYERS: List[Tuple[str, int, str]] = [
     ("klime._batching", 0, "model"),
     ("klime._logging", 0, "model"),
     ("klime._settings", 0, "model"),
+    ("klime._wire_event", 0, "model"),
+    ("klime._terminal", 0, "model"),
+    ("klime.types", 0, "model"),
     ("klime._runtime", 1, "process"),
     ("klime._lifecycle", 1, "process"),
     ("klime._boto", 1, "senders"),
@@ -46,8 +49,12 @@ LAYERS: List[Tuple[str, int, str]] = [
     ("klime.transports", 3, "transports"),
     ("klime._client", 4, "face"),
     ("klime._aio", 4, "face"),
-    ("klime._options", 4, "face"),
+    ("klime.client", 4, "face"),
     ("klime._default", 4, "face"),
+    ("klime._backfill", 4, "face"),
+    ("klime._import_run", 4, "face"),
+    ("klime._import_formats", 0, "model"),
+    ("klime._import_sources", 0, "model"),
     ("klime.integrations", 5, "top"),
     ("klime.cli", 5, "top"),
     ("klime.devserver", 5, "top"),
@@ -151,10 +158,11 @@ def test_no_import_circle():
 
 
 @pytest.mark.parametrize("name", sorted(modules()))
-def test_each_module_is_small_and_says_what_it_is_for(name):
+def test_each_module_says_what_it_is_for(name):
+    """Modules are cut along seams, not to meet a line count (there is no cap); each one
+    of any size says what it is for."""
     path = modules()[name]
     lines = path.read_text().count("\n")
-    assert lines <= 420, f"{name}: {lines} lines; split it along its seams"
     tree = ast.parse(path.read_text())
     if lines > 30:
         assert ast.get_docstring(tree), f"{name}: no module docstring"

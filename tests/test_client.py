@@ -257,3 +257,42 @@ def test_memory_transport_serves_sync_calls_without_network(make_client, collect
     assert collector.requests() == []
     stats = client.stats()
     assert stats["tracked"] == 1 and stats["sent"] == 1 and conserved(stats)
+
+
+def test_tiny_intervals_are_raised_to_floors_with_one_warning(collector, caplog_klime) -> None:
+    """A flush_interval of 1 µs made an idle client burn a quarter of a core, and a
+    retry_initial_delay of 0 made 1,025 requests in 2 s for one failing event (issue 20)."""
+    import time as _time
+
+    from klime._logging import log
+
+    for option in ("flush_interval", "retry_initial_delay"):
+        log.reset_once(f"floor-{option}")  # once per process: another test may have said it
+    client = klime.Client(WRITE_KEY, endpoint=collector.url, flush_interval=0.001, retry_initial_delay=0)
+    try:
+        assert client.flush_interval == 10 and client.retry_initial_delay == 10
+        floors = [r for r in caplog_klime.records if "below" in r.getMessage()]
+        assert len(floors) == 2
+        client.track("E", user_id="u")  # the sender thread is running from here
+        assert client.flush(timeout=10).sent == 1
+        cpu_before, wall_before = _time.process_time(), _time.monotonic()
+        _time.sleep(1.0)  # idle: what the sender thread costs while nothing happens
+        cpu = _time.process_time() - cpu_before
+        wall = _time.monotonic() - wall_before
+        assert cpu / wall < 0.05, f"an idle client used {cpu / wall:.0%} of a core"
+    finally:
+        client.shutdown(timeout=2)
+
+
+def test_a_failing_endpoint_gets_retry_max_attempts_requests_per_event(collector) -> None:
+    from klime.devserver import Fault
+
+    collector.set_mode(Fault("status", status=503))
+    client = klime.Client(WRITE_KEY, endpoint=collector.url, flush_interval=0.001, retry_initial_delay=0)
+    try:
+        client.track("E", user_id="u")
+        result = client.flush(timeout=10)
+        assert result.failed == 1
+        assert len(collector.requests()) == client.retry_max_attempts
+    finally:
+        client.shutdown(timeout=2)

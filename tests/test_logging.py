@@ -77,7 +77,7 @@ def test_a_server_that_keeps_failing_says_so_once(collector, src_env):
     script = f"""
         import klime
         client = klime.Client({WRITE_KEY!r}, endpoint={collector.url!r}, retry_max_attempts=2,
-                              retry_initial_delay=1, max_batch_size=5)
+                              retry_initial_delay=10, max_batch_size=5)
         for i in range(50):               # ten batches, each given up on
             client.track("Failing", {{"i": i}}, user_id="u")
         result = client.flush(timeout=20)

@@ -12,13 +12,14 @@ Or use the module-level functions, which act on a default client created on firs
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import sys
-import types
+import types as _types
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
-from . import _default, _lifecycle
-from ._client import Client
+from . import _default, _lifecycle, types
+from ._client import Client, KlimeClient
 from ._logging import NULL_HANDLER as _NULL_HANDLER
 from ._logging import set_logger as _set_logger
 from ._models import BatchResponse, EventError, FlushResult
@@ -36,12 +37,14 @@ from .transports import (
 )
 
 if TYPE_CHECKING:
+    from ._backfill import ImportResult, backfill, import_files
     from .integrations import klime_cloud_function, klime_lambda
     from .integrations.asgi import asgi_lifespan
 
 __all__ = [
     "__version__",
     "Client",
+    "KlimeClient",
     "BatchResponse",
     "EventError",
     "FlushResult",
@@ -60,6 +63,8 @@ __all__ = [
     "client",
     "configure",
     "get_client",
+    "set_client",
+    "types",
     "track",
     "identify",
     "group",
@@ -69,6 +74,9 @@ __all__ = [
     "flush",
     "shutdown",
     "restart",
+    "backfill",
+    "import_files",
+    "ImportResult",
     "asgi_lifespan",
     "klime_lambda",
     "klime_cloud_function",
@@ -85,13 +93,17 @@ logging.getLogger("klime").addHandler(_NULL_HANDLER)
 client: Optional[Client]
 
 
-class _KlimeModule(types.ModuleType):
+class _KlimeModule(_types.ModuleType):
     @property
     def client(self) -> Optional[Client]:
         return _default.current()
 
     @client.setter
     def client(self, value: Optional[Client]) -> None:
+        if isinstance(value, _types.ModuleType):
+            # ``import klime.client`` (klime 1.x's module) binds the submodule here; the
+            # attribute stays the default client, the module is reached by its import
+            return
         _default.replace(value)
 
 
@@ -132,67 +144,97 @@ def configure(
 
 
 def get_client() -> Client:
-    """The default client, created from the environment on first use."""
+    """The default client, created from the environment on first use. Thread-safe."""
     return _default.get_or_create()
+
+
+def set_client(client: Optional[Client]) -> Optional[Client]:
+    """Make ``client`` the default client (None: forget it); returns the previous one,
+    which is not shut down. The same as assigning ``klime.client``. Thread-safe."""
+    return _default.replace(client)
 
 
 def track(
     event: str,
     properties: Optional[Mapping[str, Any]] = None,
-    *,
     user_id: Union[str, int, None] = None,
     group_id: Union[str, int, None] = None,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
 ) -> None:
     """:meth:`Client.track` on the default client."""
-    get_client().track(event, properties, user_id=user_id, group_id=group_id)
+    get_client().track(
+        event, properties, user_id, group_id, timestamp=timestamp, message_id=message_id
+    )
 
 
-def identify(user_id: Union[str, int], traits: Optional[Mapping[str, Any]] = None) -> None:
+def identify(
+    user_id: Union[str, int],
+    traits: Optional[Mapping[str, Any]] = None,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
+) -> None:
     """:meth:`Client.identify` on the default client."""
-    get_client().identify(user_id, traits)
+    get_client().identify(user_id, traits, timestamp=timestamp, message_id=message_id)
 
 
 def group(
     group_id: Union[str, int],
     traits: Optional[Mapping[str, Any]] = None,
-    *,
     user_id: Union[str, int, None] = None,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
 ) -> None:
     """:meth:`Client.group` on the default client."""
-    get_client().group(group_id, traits, user_id=user_id)
+    get_client().group(group_id, traits, user_id, timestamp=timestamp, message_id=message_id)
 
 
 def track_sync(
     event: str,
     properties: Optional[Mapping[str, Any]] = None,
-    *,
     user_id: Union[str, int, None] = None,
     group_id: Union[str, int, None] = None,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
     timeout: Optional[float] = None,
 ) -> BatchResponse:
     """:meth:`Client.track_sync` on the default client."""
-    return get_client().track_sync(event, properties, user_id=user_id, group_id=group_id, timeout=timeout)
+    return get_client().track_sync(
+        event, properties, user_id, group_id, timestamp=timestamp, message_id=message_id, timeout=timeout
+    )
 
 
 def identify_sync(
     user_id: Union[str, int],
     traits: Optional[Mapping[str, Any]] = None,
     *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
     timeout: Optional[float] = None,
 ) -> BatchResponse:
     """:meth:`Client.identify_sync` on the default client."""
-    return get_client().identify_sync(user_id, traits, timeout=timeout)
+    return get_client().identify_sync(
+        user_id, traits, timestamp=timestamp, message_id=message_id, timeout=timeout
+    )
 
 
 def group_sync(
     group_id: Union[str, int],
     traits: Optional[Mapping[str, Any]] = None,
-    *,
     user_id: Union[str, int, None] = None,
+    *,
+    timestamp: Optional[_dt.datetime] = None,
+    message_id: Optional[str] = None,
     timeout: Optional[float] = None,
 ) -> BatchResponse:
     """:meth:`Client.group_sync` on the default client."""
-    return get_client().group_sync(group_id, traits, user_id=user_id, timeout=timeout)
+    return get_client().group_sync(
+        group_id, traits, user_id, timestamp=timestamp, message_id=message_id, timeout=timeout
+    )
 
 
 def flush(timeout: Optional[float] = None) -> FlushResult:
@@ -202,7 +244,8 @@ def flush(timeout: Optional[float] = None) -> FlushResult:
 
 
 def shutdown(timeout: Optional[float] = None) -> FlushResult:
-    """Shut the default client down, if there is one. Blocks up to ``timeout`` seconds."""
+    """Shut the default client down, if there is one; see :meth:`Client.shutdown` (bounded
+    by default)."""
     current = _default.current()
     return current.shutdown(timeout) if current is not None else FlushResult()
 
@@ -224,6 +267,10 @@ def __getattr__(name: str) -> Any:
         from . import integrations
 
         return getattr(integrations, name)
+    if name in ("backfill", "import_files", "ImportResult"):  # history import: loaded when used
+        from . import _backfill
+
+        return getattr(_backfill, name)
     if name == "asgi_lifespan":  # an integration too (klime.integrations.asgi)
         from .integrations.asgi import asgi_lifespan
 

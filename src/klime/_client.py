@@ -7,6 +7,8 @@ or integration, never a branch here.
 
 from __future__ import annotations
 
+import datetime as _dt
+import logging
 import math
 import numbers
 import os
@@ -15,18 +17,23 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from . import _config, _events, _lifecycle
 from ._aio import AsyncClientMixin
-from ._deadline import check_timeout
+from ._deadline import check_timeout, seconds_or_no_limit
 from ._delivery import Delivery, ErrorCallback, SuccessCallback
-from ._logging import log
+from ._logging import log, set_logger
 from ._models import BatchResponse, FlushResult
 from .errors import ConfigurationError, SendError
 from .senders.base import Sender
 from .transports import make_sync_transport, make_transport
 from .transports.base import Transport
 
-__all__ = ["Client"]
+__all__ = ["Client", "KlimeClient"]
 
 _getpid = os.getpid
+
+#: Seconds ``shutdown()`` waits when called without ``timeout`` (OpenTelemetry waits 30 s,
+#: Sentry 2 s): long enough for a few round trips and a retry, short enough to fit in a
+#: container's stop grace period (Docker's is 10 s) beside the app's own shutdown.
+DEFAULT_SHUTDOWN_TIMEOUT = _config.DEFAULT_SHUTDOWN_TIMEOUT_S
 
 
 def _number(name: str, value: Any, default: float, *, minimum: float, strict: bool = False) -> float:
@@ -43,6 +50,22 @@ def _number(name: str, value: Any, default: float, *, minimum: float, strict: bo
     return number
 
 
+def _at_least(name: str, value: float, floor: float, why: str) -> float:
+    """``value``, raised to ``floor`` (with one warning) when a tiny value would hurt."""
+    if value >= floor:
+        return value
+    log.warning_once(
+        f"floor-{name}",
+        "klime: %s=%g ms is below %g ms (%s); using %g ms",
+        name,
+        value,
+        floor,
+        why,
+        floor,
+    )
+    return floor
+
+
 def _integer(name: str, value: Any, default: int, *, minimum: int) -> int:
     if value is None:
         return default
@@ -53,8 +76,14 @@ def _integer(name: str, value: Any, default: int, *, minimum: int) -> int:
     return int(value)
 
 
-def _spool_options(directory: Any, max_bytes: Any, retry_initial_delay_ms: float) -> Optional[Dict[str, Any]]:
-    """The spool transport's options from the Client's, checked; None without a spool."""
+def _spool_options(
+    directory: Any, max_bytes: Any, retry_initial_delay_ms: float, destination: str, write_key: Optional[str]
+) -> Optional[Dict[str, Any]]:
+    """The spool transport's options from the Client's, checked; None without a spool.
+
+    ``destination`` and ``write_key`` make the spool's project id (a fingerprint, never the
+    key): only a process sending to the same place with the same key adopts the events a
+    dead process left."""
     if directory is None:
         if max_bytes is not None:
             raise ConfigurationError("spool_max_bytes needs spool=DIRECTORY")
@@ -64,10 +93,13 @@ def _spool_options(directory: Any, max_bytes: Any, retry_initial_delay_ms: float
     cap = _integer(
         "spool_max_bytes", max_bytes, _config.DEFAULT_SPOOL_MAX_BYTES, minimum=_config.MIN_SPOOL_BYTES
     )
+    from .spool import project_id
+
     return {
         "directory": os.fspath(directory),
         "max_bytes": cap,
         "retry_initial_delay": retry_initial_delay_ms / 1000.0,
+        "project": project_id(destination, write_key),
     }
 
 
@@ -75,6 +107,26 @@ def _callback(name: str, value: Any) -> Any:
     if value is not None and not callable(value):
         raise ConfigurationError(f"{name} must be callable or None, not {type(value).__name__}")
     return value
+
+
+_logger_in_use: Optional[logging.Logger] = None
+
+
+def _use_logger(logger: Any) -> None:
+    """``Client(logger=)``: klime's records go to ``logger``. klime logs through one logger
+    per process (as ``klime.configure(logger=)``), so a second client with another logger
+    takes over from the first, and says so once."""
+    global _logger_in_use
+    if not callable(getattr(logger, "warning", None)):
+        raise ConfigurationError(f"logger must be a logging.Logger, not {type(logger).__name__}")
+    previous, _logger_in_use = _logger_in_use, logger
+    set_logger(logger)
+    if previous is not None and previous is not logger:
+        log.warning_once(
+            "second-logger",
+            "klime: a second client was given another logger; klime logs through one logger "
+            "per process, the latest one given",
+        )
 
 
 class Client(AsyncClientMixin):
@@ -85,12 +137,14 @@ class Client(AsyncClientMixin):
     :class:`~klime.ValidationError` on bad input and never raise for delivery problems,
     which go to ``on_error``. All methods are thread-safe. Interval, batch, queue and retry
     options use the Ruby SDK's names and milliseconds; ``timeout`` arguments are seconds.
+
+    The first eleven parameters may be given by position, in klime 1.x's order
+    (``KlimeClient`` is this class); the others are keyword-only.
     """
 
     def __init__(
         self,
         write_key: Optional[str] = None,
-        *,
         endpoint: Optional[str] = None,
         flush_interval: Optional[float] = None,
         max_batch_size: Optional[int] = None,
@@ -98,8 +152,10 @@ class Client(AsyncClientMixin):
         retry_max_attempts: Optional[int] = None,
         retry_initial_delay: Optional[float] = None,
         flush_on_shutdown: Optional[bool] = None,
+        logger: Optional[logging.Logger] = None,
         on_error: Optional[ErrorCallback] = None,
         on_success: Optional[SuccessCallback] = None,
+        *,
         transport: Union[str, Transport, None] = None,
         sender: Optional[Sender] = None,
         exit_timeout: Optional[float] = None,
@@ -120,8 +176,13 @@ class Client(AsyncClientMixin):
         elif not isinstance(sender, Sender):
             raise ConfigurationError(f"sender must be a klime Sender, not {type(sender).__name__}")
         self.endpoint = endpoint or _config.env(_config.ENV_ENDPOINT) or _config.DEFAULT_ENDPOINT
-        self.flush_interval = _number(
-            "flush_interval", flush_interval, _config.DEFAULT_FLUSH_INTERVAL_MS, minimum=0, strict=True
+        self.flush_interval = _at_least(
+            "flush_interval",
+            _number(
+                "flush_interval", flush_interval, _config.DEFAULT_FLUSH_INTERVAL_MS, minimum=0, strict=True
+            ),
+            _config.MIN_FLUSH_INTERVAL_MS,
+            "an idle client would wake this often and burn CPU",
         )
         batch = _integer("max_batch_size", max_batch_size, _config.DEFAULT_MAX_BATCH_SIZE, minimum=1)
         if batch > _config.MAX_BATCH_EVENTS:
@@ -139,8 +200,13 @@ class Client(AsyncClientMixin):
         self.retry_max_attempts = _integer(
             "retry_max_attempts", retry_max_attempts, _config.DEFAULT_RETRY_MAX_ATTEMPTS, minimum=1
         )
-        self.retry_initial_delay = _number(
-            "retry_initial_delay", retry_initial_delay, _config.DEFAULT_RETRY_INITIAL_DELAY_MS, minimum=0
+        self.retry_initial_delay = _at_least(
+            "retry_initial_delay",
+            _number(
+                "retry_initial_delay", retry_initial_delay, _config.DEFAULT_RETRY_INITIAL_DELAY_MS, minimum=0
+            ),
+            _config.MIN_RETRY_INITIAL_DELAY_MS,
+            "a failing endpoint would get a storm of retries",
         )
         if flush_on_shutdown is not None and not isinstance(flush_on_shutdown, bool):
             raise ConfigurationError("flush_on_shutdown must be True or False")
@@ -156,10 +222,24 @@ class Client(AsyncClientMixin):
                 f"max_concurrent_requests must be at most {_config.MAX_CONCURRENT_REQUESTS}, "
                 f"got {self.max_concurrent_requests}"
             )
-        spool_options = _spool_options(spool, spool_max_bytes, self.retry_initial_delay)
-        self.exit_timeout = _number("exit_timeout", exit_timeout, _config.DEFAULT_EXIT_TIMEOUT_S, minimum=0)
+        spool_options = _spool_options(
+            spool,
+            spool_max_bytes,
+            self.retry_initial_delay,
+            self.endpoint if sender is None else f"sender:{sender!r}",
+            write_key if sender is None else None,
+        )
+        # seconds; math.inf (or anything beyond a year) means "no limit"
+        self.exit_timeout = (
+            math.inf
+            if isinstance(exit_timeout, numbers.Real) and not isinstance(exit_timeout, bool)
+            and seconds_or_no_limit(float(exit_timeout)) is None
+            else _number("exit_timeout", exit_timeout, _config.DEFAULT_EXIT_TIMEOUT_S, minimum=0)
+        )
         self.on_error = _callback("on_error", on_error)
         self.on_success = _callback("on_success", on_success)
+        if logger is not None:
+            _use_logger(logger)
 
         if sender is None:
             from .senders.http import HttpSender
@@ -228,40 +308,60 @@ class Client(AsyncClientMixin):
         self,
         event: str,
         properties: Optional[Mapping[str, Any]] = None,
-        *,
         user_id: Union[str, int, None] = None,
         group_id: Union[str, int, None] = None,
+        *,
+        timestamp: Optional[_dt.datetime] = None,
+        message_id: Optional[str] = None,
     ) -> None:
         """Record that ``user_id`` (or the group ``group_id``) did ``event``.
 
-        Non-blocking, thread-safe. Raises ValidationError on bad input (nothing queued).
+        ``timestamp`` (a ``datetime``; naive means UTC) and ``message_id`` (a non-empty
+        ``str``) replace the time of the call and a fresh id: for history and for events
+        that must be sent exactly once by id. Non-blocking, thread-safe. Raises
+        ValidationError on bad input (nothing queued).
         """
         if self._pid != _getpid():
             self._check_fork()
-        if not self._transport.submit(_events.encode_track(event, properties, user_id, group_id)):
+        raw = _events.encode_track(
+            event, properties, user_id, group_id, timestamp=timestamp, message_id=message_id
+        )
+        if not self._transport.submit(raw):
             self._closed_call("track")
 
-    def identify(self, user_id: Union[str, int], traits: Optional[Mapping[str, Any]] = None) -> None:
-        """Attach ``traits`` to the user ``user_id``. Non-blocking, thread-safe."""
+    def identify(
+        self,
+        user_id: Union[str, int],
+        traits: Optional[Mapping[str, Any]] = None,
+        *,
+        timestamp: Optional[_dt.datetime] = None,
+        message_id: Optional[str] = None,
+    ) -> None:
+        """Attach ``traits`` to the user ``user_id``. Non-blocking, thread-safe.
+        ``timestamp``/``message_id``: as in :meth:`track`."""
         if self._pid != _getpid():
             self._check_fork()
-        if not self._transport.submit(_events.encode_identify(user_id, traits)):
+        raw = _events.encode_identify(user_id, traits, timestamp=timestamp, message_id=message_id)
+        if not self._transport.submit(raw):
             self._closed_call("identify")
 
     def group(
         self,
         group_id: Union[str, int],
         traits: Optional[Mapping[str, Any]] = None,
-        *,
         user_id: Union[str, int, None] = None,
+        *,
+        timestamp: Optional[_dt.datetime] = None,
+        message_id: Optional[str] = None,
     ) -> None:
         """Attach ``traits`` to the group ``group_id`` and link ``user_id`` to it.
 
-        Non-blocking, thread-safe.
+        Non-blocking, thread-safe. ``timestamp``/``message_id``: as in :meth:`track`.
         """
         if self._pid != _getpid():
             self._check_fork()
-        if not self._transport.submit(_events.encode_group(group_id, traits, user_id)):
+        raw = _events.encode_group(group_id, traits, user_id, timestamp=timestamp, message_id=message_id)
+        if not self._transport.submit(raw):
             self._closed_call("group")
 
     def _closed_call(self, method: str) -> None:
@@ -287,9 +387,11 @@ class Client(AsyncClientMixin):
         self,
         event: str,
         properties: Optional[Mapping[str, Any]] = None,
-        *,
         user_id: Union[str, int, None] = None,
         group_id: Union[str, int, None] = None,
+        *,
+        timestamp: Optional[_dt.datetime] = None,
+        message_id: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> BatchResponse:
         """Send one track event now, on this thread, with retries.
@@ -297,30 +399,39 @@ class Client(AsyncClientMixin):
         Blocks up to ``timeout`` seconds (None: until retries run out). Returns the
         server's :class:`~klime.BatchResponse`; raises :class:`~klime.SendError` on any
         failure, a partial one included (``on_error`` is not called: the exception is
-        the report). Thread-safe.
+        the report; the server's answer is ``SendError.response``). Thread-safe.
         """
-        return self._send_now(_events.encode_track(event, properties, user_id, group_id), timeout)
+        raw = _events.encode_track(
+            event, properties, user_id, group_id, timestamp=timestamp, message_id=message_id
+        )
+        return self._send_now(raw, timeout)
 
     def identify_sync(
         self,
         user_id: Union[str, int],
         traits: Optional[Mapping[str, Any]] = None,
         *,
+        timestamp: Optional[_dt.datetime] = None,
+        message_id: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> BatchResponse:
         """Send one identify event now; see :meth:`track_sync`."""
-        return self._send_now(_events.encode_identify(user_id, traits), timeout)
+        raw = _events.encode_identify(user_id, traits, timestamp=timestamp, message_id=message_id)
+        return self._send_now(raw, timeout)
 
     def group_sync(
         self,
         group_id: Union[str, int],
         traits: Optional[Mapping[str, Any]] = None,
-        *,
         user_id: Union[str, int, None] = None,
+        *,
+        timestamp: Optional[_dt.datetime] = None,
+        message_id: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> BatchResponse:
         """Send one group event now; see :meth:`track_sync`."""
-        return self._send_now(_events.encode_group(group_id, traits, user_id), timeout)
+        raw = _events.encode_group(group_id, traits, user_id, timestamp=timestamp, message_id=message_id)
+        return self._send_now(raw, timeout)
 
     # ------------------------------------------------------------------ flush / shutdown
 
@@ -333,10 +444,16 @@ class Client(AsyncClientMixin):
     def shutdown(self, timeout: Optional[float] = None) -> FlushResult:
         """Flush (when ``flush_on_shutdown``) within ``timeout`` seconds, then stop.
 
-        Events not sent by then are reported to ``on_error``. Later calls of any method
-        are no-ops (``*_sync`` raise SendError). Idempotent, thread-safe.
+        Blocks at most ``timeout`` seconds; None means the default bound,
+        :data:`DEFAULT_SHUTDOWN_TIMEOUT` (5 s; ``math.inf`` waits without limit). Once the
+        interpreter is exiting (an ``atexit`` handler of the app, such as klime 1.x's
+        ``atexit.register(client.shutdown)``) the bound is ``exit_timeout`` at most, as for
+        klime's own exit hook. Events not sent by then are reported to ``on_error``. Later
+        calls of any method are no-ops (``*_sync`` raise SendError). Idempotent, thread-safe.
         """
-        timeout = check_timeout(timeout)  # a bad value is refused before anything changes
+        timeout = check_timeout(DEFAULT_SHUTDOWN_TIMEOUT if timeout is None else timeout)
+        if _lifecycle.interpreter_exiting():
+            timeout = self.exit_timeout if timeout is None else min(timeout, self.exit_timeout)
         self._check_fork()
         with self._close_lock:
             if self._closed:
@@ -378,6 +495,11 @@ class Client(AsyncClientMixin):
 
     # ------------------------------------------------------------------ accounting
 
+    def queue_size(self) -> int:
+        """Events recorded and not resolved yet (waiting, or being sent): klime 1.x's
+        ``queue_size()``, the ``queued`` of :meth:`stats`. Thread-safe, non-blocking."""
+        return self.stats()["queued"]
+
     def stats(self) -> Dict[str, int]:
         """Counters of this process: ``tracked + adopted == sent + failed + dropped +
         queued`` holds whenever nothing is moving (``adopted``: events taken over from the
@@ -398,3 +520,7 @@ class Client(AsyncClientMixin):
             "retries": books["retries"],
             "requests": books["requests"],
         }
+
+
+#: klime 1.x's name for the client: the same class (``from klime import KlimeClient``).
+KlimeClient = Client

@@ -17,6 +17,12 @@ DEFAULT_MAX_QUEUE_SIZE = 1000
 DEFAULT_RETRY_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_INITIAL_DELAY_MS = 1000
 DEFAULT_EXIT_TIMEOUT_S = 2.0
+#: Floors of the interval options, milliseconds: below them an idle client spins and a
+#: failing endpoint gets a storm of requests (a smaller value is raised, with a warning).
+MIN_FLUSH_INTERVAL_MS = 10.0
+MIN_RETRY_INITIAL_DELAY_MS = 10.0
+#: ``shutdown()`` without a timeout gives up after this many seconds.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 #: Requests in flight at once at most (under a backlog, with slow round trips; one at a
 #: time otherwise). Also the size of the HTTP sender's keep-alive connection pool.
 DEFAULT_MAX_CONCURRENT_REQUESTS = 32

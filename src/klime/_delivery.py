@@ -18,6 +18,7 @@ from ._logging import log
 from ._logging import log as logger
 from ._models import BatchResponse, EventError
 from ._settings import defaults
+from ._wire_event import as_events
 from .errors import SendError
 from .senders.base import Feedback, Sender, SendResult
 
@@ -36,7 +37,10 @@ def _cut(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-ErrorCallback = Callable[[SendError, List[Dict[str, Any]]], Any]
+#: ``on_error(error, events)``: the events are :class:`klime.types.Event` objects (wire dicts
+#: that also read as klime 1.x's events). Typed ``List[Any]`` so that a callback annotated
+#: either way (``list[dict[str, Any]]``, or klime 1.x's ``List[Event]``) type-checks.
+ErrorCallback = Callable[[SendError, List[Any]], Any]
 SuccessCallback = Callable[[BatchResponse], Any]
 
 
@@ -207,7 +211,7 @@ class Delivery:
         if outcome.sent and not failed_events:
             self._recovered()
         for error, lost in failed_events:
-            error.events = decode_all(lost)
+            error.events = as_events(decode_all(lost))
             self._notice_loss(error, len(lost))
             if report:
                 self.report_error(error)
@@ -317,7 +321,7 @@ class Delivery:
         if (self.on_error or defaults.on_error) is None:  # nobody to hand the events to
             logger.error("klime: %d events not delivered: %s", len(events), reason)
             return
-        self.report_error(SendError(reason, None, decode_all(events), retryable=retryable))
+        self.report_error(SendError(reason, None, as_events(decode_all(events)), retryable=retryable))
 
     # ---------------------------------------------------------------- callbacks
 

@@ -146,6 +146,16 @@ def unregister(client: Client) -> None:
         atexit.unregister(hook)
 
 
+def interpreter_exiting() -> bool:
+    """Is the interpreter on its way out (``atexit`` handlers running, or finalizing)?
+
+    ``threading`` marks the main thread as finished before it runs ``atexit`` handlers, so
+    an application's own handler (klime 1.x's ``atexit.register(client.shutdown)``) sees
+    False from ``main_thread().is_alive()``. Non-blocking, thread-safe.
+    """
+    return sys.is_finalizing() or not threading.main_thread().is_alive()
+
+
 def clients() -> List[Client]:
     """Every live, registered client of this process (a new list). Thread-safe."""
     with _guard():

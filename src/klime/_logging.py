@@ -158,9 +158,6 @@ class _Log:
             self._episodes.discard(key)
             return True
 
-    def in_episode(self, key: str) -> bool:
-        return key in self._episodes
-
 
 log = _Log()
 
