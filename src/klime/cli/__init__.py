@@ -7,6 +7,7 @@
     klime group org_1 --user-id u1 --trait name="Acme Inc"
     klime listen --port 8787          # a local collector that prints what arrives
     klime spool /var/lib/myapp/klime  # what a durable spool holds; --send / --clear --yes
+    klime import events.ndjson.gz --checkpoint import.ckpt --rejects rejects.ndjson
 
 ``track``, ``identify`` and ``group`` send at once on the calling thread (the ``*_sync``
 calls), print the server's answer and exit with status 0; on failure they print the error
@@ -20,8 +21,14 @@ dead) and exits 0; ``--send`` sends the events of processes that are gone (a liv
 keeps its own) and exits 0 when nothing was rejected or left behind, else 1; ``--clear
 --yes`` deletes every spooled event. A missing directory or bad usage exits with 2.
 
+``import PATH...`` sends history (``--format klime|segment|csv|mixpanel|posthog``) with
+each event's own timestamp, exactly once by messageId, resumable with ``--checkpoint``; its
+exit statuses (0 all sent, 1 events rejected or the import stopped, 2 usage, 3 malformed
+lines skipped, 130 interrupted) are in :mod:`._import` and docs/backfill.md.
+
 Also runnable as ``python -m klime.cli``. The parts: :mod:`._main` (arguments and
 :func:`main`), :mod:`._send` (track/identify/group), :mod:`._spool`, :mod:`._listen`,
+:mod:`._import`,
 :mod:`._status` (exit statuses). A tool on top of klime: it may import any layer below it
 (on first use, where the import is heavy), never the ``klime`` package itself.
 """

@@ -1,5 +1,5 @@
 """The ``klime`` command's argument parsing and :func:`main`, which hands each command to
-its module (:mod:`._send`, :mod:`._spool`, :mod:`._listen`).
+its module (:mod:`._send`, :mod:`._spool`, :mod:`._listen`, :mod:`._import`).
 
 May import: the other modules of ``klime.cli``, the model (the version) and the standard
 library. What a command needs from the rest of klime its module imports on first use, so
@@ -15,10 +15,11 @@ import sys
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from .._version import __version__
+from ._import import add_import_command, import_command
 from ._listen import listen
 from ._send import send_now
 from ._spool import spool
-from ._status import INTERRUPTED, USAGE
+from ._status import INTERRUPTED, USAGE, printable
 
 __all__ = ["main", "parse_value"]
 
@@ -124,7 +125,7 @@ def _send_command(
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klime",
-        description="Send an event to Klime from the command line, or run a local collector.",
+        description="Send an event to Klime from the command line, import history, or run a local collector.",
         epilog="Run 'klime COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"klime {__version__}")
@@ -196,7 +197,16 @@ def _build_parser() -> argparse.ArgumentParser:
     action.add_argument("--clear", action="store_true", help="delete every spooled event (needs --yes)")
     spool_command.add_argument("--yes", action="store_true", help="confirm --clear")
     _connection_options(spool_command, top=False)
+    add_import_command(commands, _connection_options)
     return parser
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines for a terminal: control characters that came from a server are escaped;
+    a traceback keeps its line breaks."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
 
 
 def _verbosely(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -205,7 +215,7 @@ def _verbosely(run: Callable[[argparse.Namespace], int], args: argparse.Namespac
         return run(args)
     logger = logging.getLogger("klime")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(message)s"))
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -227,8 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return USAGE
     if args.command == "listen":
         return listen(args)
+    run = {"spool": spool, "import": import_command}.get(args.command, send_now)
     try:
-        return _verbosely(spool if args.command == "spool" else send_now, args)
+        return _verbosely(run, args)
     except KeyboardInterrupt:
         print("klime: interrupted", file=sys.stderr)
         return INTERRUPTED
