@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-noaws lint bench soak clean venv dev test-matrix
+.PHONY: demo test check check-durations test-lowest test-noaws lint bench soak clean venv dev test-matrix
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,46 @@ demo: $(VENV)/.base
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory lint
+
+## The edit-test loop (issue 21): the unit tests, then lint and types, in well under a minute.
+## Leaves out the real-server suites (uWSGI, gunicorn, Celery, the Lambda emulator, the AWS
+## end-to-end run, soaks, benchmarks, the stateful machines, the spooled transport's process
+## matrix, the typed examples' mypy runs) and each test listed in tools/check-deselect.txt: those
+## of 0.2 s or more, measured by `make check-durations`. `make test` still runs everything.
+CHECK_SLOW_FILES := \
+  tests/test_uwsgi.py tests/test_gunicorn.py tests/test_celery.py tests/test_examples_celery.py \
+  tests/test_lambda_emulator.py tests/test_aws_e2e.py tests/test_soak.py tests/test_benchmarks.py \
+  tests/test_stateful.py tests/test_transports_spooled.py tests/test_examples_typed.py
+CHECK_PYTEST_ARGS := $(addprefix --ignore=,$(CHECK_SLOW_FILES)) -m "not slow and not soak"
+
+check: $(VENV)/.dev
+	$(PY) -m pytest -q $(CHECK_PYTEST_ARGS) @tools/check-deselect.txt
+	$(MAKE) --no-print-directory lint
+
+## Re-measures which tests `make check` leaves out (runs every test that check may run, once).
+check-durations: $(VENV)/.dev
+	$(PY) -m pytest -q --durations=0 $(CHECK_PYTEST_ARGS) > $(VENV)/check-durations.txt || true
+	$(PY) tools/check_select.py $(VENV)/check-durations.txt
+	rm -f $(VENV)/check-durations.txt
+
+## The suite with every runtime dependency at the LOWEST version pyproject.toml declares
+## (tools/lowest.py: requests, urllib3, boto3, and botocore from tools/lowest-constraints.txt),
+## in its own venv; fails if pip installed anything else than those floors.
+LOWEST ?= .venv-lowest
+LOWEST_PY := $(LOWEST)/bin/python
+
+$(LOWEST)/.installed: pyproject.toml tools/lowest.py tools/lowest-constraints.txt
+	$(PYTHON) -m venv $(LOWEST)
+	echo '*' > $(LOWEST)/.gitignore
+	$(LOWEST_PY) -m pip --disable-pip-version-check -q install -U pip
+	$(LOWEST_PY) tools/lowest.py constraints > $(LOWEST)/constraints.txt
+	$(LOWEST_PY) -m pip --disable-pip-version-check -q install -c $(LOWEST)/constraints.txt -e ".[dev]"
+	$(LOWEST_PY) -m pip --disable-pip-version-check check
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST_PY) tools/lowest.py check
+	$(LOWEST_PY) -m pytest -q
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check src tests benchmarks examples tools
@@ -57,4 +97,4 @@ test-matrix:
 	$(PYTHON) tools/test_matrix.py $(MATRIX_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-noaws build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-noaws $(LOWEST) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
