@@ -9,6 +9,8 @@ MODE is
   ``end_limit`` (seconds) the end runs on a daemon thread and the process leaves through
   ``os._exit`` once it returned or the limit passed, whichever is first (the 503 case,
   where a normal end would wait out every retry);
+- ``burst``: ``events`` calls as fast as they go, then the SDK's normal end (as ``paced``):
+  what each call costs the caller, and how long the app spends on the burst;
 - ``exit``: ``events`` calls as fast as they go, then nothing: the process just ends, and
   whatever the SDK does at exit (atexit hooks) is what is measured;
 - SDK ``none`` (paced only): no SDK at all, the workload's arguments are built and no call
@@ -17,6 +19,8 @@ MODE is
   other on its own keep-alive connection for ``seconds`` (what the collector can take).
 
 Every SDK runs at its defaults: only the write key and the host are given, no callback.
+SDK ``klime-1.1`` is Klime's previous SDK (``klime`` 1.1.0, ``KlimeClient``), run by
+``roundtrip.py`` with the interpreter of its own venv (same import name as this project).
 Nothing here configures logging or writes to stderr, so whatever reaches stderr was
 printed by the SDK (or Python, for it). The result is written as JSON to ``out``.
 Timestamps are ``time.monotonic_ns()`` (CLOCK_MONOTONIC: one clock for every process on
@@ -45,6 +49,8 @@ def main() -> None:
         result = _load(spec)
     elif mode == "exit":
         result = _exit(sdk, spec)
+    elif mode == "burst":
+        result = _burst(sdk, spec)
     elif mode == "paced":
         result = _paced(sdk, spec)
     else:
@@ -75,6 +81,11 @@ def _make_client(sdk: str, url: str) -> tuple:
 
         client = klime.Client(WRITE_KEY, endpoint=url)
         return client, client.shutdown
+    if sdk == "klime-1.1":  # its documented end: shutdown() sends what is queued
+        from klime import KlimeClient
+
+        old = KlimeClient(WRITE_KEY, endpoint=url)
+        return old, old.shutdown
     if sdk == "segment":
         from segment.analytics.client import Client
 
@@ -105,7 +116,7 @@ def _firer(sdk: str, client: object, lat: object) -> object:
     make = _workload.properties
     event = _workload.EVENT
     pc = time.perf_counter_ns
-    if sdk == "klime":
+    if sdk in ("klime", "klime-1.1"):  # the same call: track(event, properties, user_id=...)
         track = client.track  # type: ignore[attr-defined]
 
         def fire_klime(i: int) -> int:
@@ -153,7 +164,7 @@ def _firer(sdk: str, client: object, lat: object) -> object:
 
 
 def _identity(sdk: str) -> dict:
-    if sdk != "klime":
+    if sdk not in ("klime", "klime-1.1"):
         return {}
     import klime
 
@@ -292,6 +303,34 @@ def _exit(sdk: str, spec: dict) -> dict:
         "events": n,
         "first_ns": first_ns,
         "last_call_ns": last_call_ns,
+        "sdk_stats": _klime_stats(sdk, client),
+        "pid": os.getpid(),
+    }
+    result.update(_percentiles(lat))
+    result.update(_identity(sdk))
+    return result
+
+
+def _burst(sdk: str, spec: dict) -> dict:
+    """Track ``events`` as fast as possible, then the SDK's normal end."""
+    import array
+
+    n = int(spec["events"])
+    client, end = _make_client(sdk, str(spec["url"]))
+    lat = array.array("q", bytes(8 * n))
+    fire = _firer(sdk, client, lat)
+    first_ns = time.monotonic_ns()
+    for i in range(n):
+        fire(i)
+    last_call_ns = time.monotonic_ns()
+    end()
+    end_ns = time.monotonic_ns()
+    result = {
+        "sdk": sdk,
+        "events": n,
+        "first_ns": first_ns,
+        "last_call_ns": last_call_ns,
+        "end_ns": end_ns,
         "sdk_stats": _klime_stats(sdk, client),
         "pid": os.getpid(),
     }

@@ -3,7 +3,10 @@
     python benchmarks/_worker.py MODE SDK '<json spec>'
 
 MODE is ``run`` (the workload), ``import`` (time the import only) or ``floor`` (what the
-cheapest conceivable call costs; SDK is ignored). The spec holds the SDK's options, the
+cheapest conceivable call costs; SDK is ignored). SDK ``klime-1.1`` is Klime's previous
+SDK (``klime`` 1.1.0 from PyPI, ``KlimeClient``): ``run.py`` starts that worker with the
+interpreter of its own venv (``_venvs.py``), since it has this project's import name.
+The spec holds the SDK's options, the
 collector URL, the number of events and the file to write the result to (JSON). Only
 ``sys`` and ``time`` are imported before the SDK, so its import time is measured in a
 process that has loaded nothing it might share.
@@ -23,6 +26,8 @@ def _import_sdk(sdk: str) -> float:
     start = time.perf_counter()
     if sdk == "klime":
         import klime  # noqa: F401
+    elif sdk == "klime-1.1":
+        from klime import KlimeClient  # noqa: F401
     elif sdk == "segment":
         import segment.analytics  # noqa: F401
     elif sdk == "posthog":
@@ -103,6 +108,14 @@ def _make_client(spec: dict, errors: list) -> tuple:
             client.flush(timeout=300)
 
         return client, client.track, flush
+    if sdk == "klime-1.1":
+        from klime import KlimeClient
+
+        def on_error_11(error: object, batch: list) -> None:
+            errors[0] += len(batch)
+
+        old = KlimeClient(WRITE_KEY, endpoint=url, on_error=on_error_11, **opts)
+        return old, old.track, old.flush
     if sdk == "segment":
         from segment.analytics.client import Client
 
@@ -153,7 +166,7 @@ def _run(spec: dict, import_s: float | None) -> dict:
     sdk = spec["sdk"]
 
     first_ns = time.monotonic_ns()
-    if sdk == "klime":
+    if sdk in ("klime", "klime-1.1"):  # the same call: track(event, properties, user_id=...)
         for i in range(n):
             props = make(i)
             uid = users[i % 1000]
@@ -184,6 +197,11 @@ def _run(spec: dict, import_s: float | None) -> dict:
     sdk_stats = None
     if sdk == "klime":
         sdk_stats = client.stats()
+    sdk_version = None
+    if sdk in ("klime", "klime-1.1"):  # which klime ran: run.py checks it
+        import klime
+
+        sdk_version = getattr(klime, "__version__", None)
 
     result: dict = {
         "import_s": import_s,
@@ -201,6 +219,7 @@ def _run(spec: dict, import_s: float | None) -> dict:
         "on_error_events": errors[0],
         "threads_during_calls": threads_running,
         "sdk_stats": sdk_stats,
+        "sdk_version": sdk_version,
         "pid": os.getpid(),
     }
     result.update(_percentiles(lat))

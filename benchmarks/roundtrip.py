@@ -1,7 +1,7 @@
-"""Round trips: klime vs segment-analytics-python vs posthog at real-network latency.
+"""Round trips: klime vs klime 1.1.0 vs segment-analytics-python vs posthog at real-network latency.
 
     python benchmarks/roundtrip.py [--delays 0,50,200] [--rates 1000,5000,10000]
-        [--seconds 5,4,3] [--sdks klime,segment,posthog] [--baseline-src PATH]
+        [--seconds 5,4,3] [--sdks klime,klime-1.1,segment,posthog] [--baseline-src PATH]
         [--repeat K] [--json out.json] [--markdown] [--check] [--quick]
 
 One local collector (``_collector.py``) answers each request ``delay`` ms after it arrived,
@@ -12,8 +12,15 @@ paced at each rate for a few seconds, then ends as its documentation says (klime
 ``shutdown()``; Segment ``flush()`` + ``shutdown()``; PostHog ``shutdown()``). Per run:
 tracked, delivered (distinct ids), lost, duplicates, the stderr lines the SDK printed,
 time to drain, sustained delivered rate, caller p50/p99, CPU per delivered event, peak
-requests in flight and requests made. Two more cases: the exit flush (1,000 events as fast
-as possible, then the script just ends) and a collector answering 503 to everything.
+requests in flight and requests made. Three more cases: the burst (1,000 events as fast as
+possible at each delay, then the SDK's normal end: caller p50/p99/max and the app's time),
+the exit flush (1,000 events as fast as possible, then the script just ends) and a
+collector answering 503 to everything.
+
+``klime-1.1`` is Klime's previous SDK, ``klime`` 1.1.0 from PyPI (``KlimeClient(key,
+endpoint=url)``, its end ``shutdown()``), run in a venv of its own (``_venvs.py``: it has
+this project's import name), made on demand with pip; without the package index it is
+skipped, with the reason.
 
 ``--baseline-src PATH`` adds ``klime-base``: klime imported from another checkout's ``src``
 (e.g. ``git worktree add /tmp/klime-base <commit>``), run beside this checkout's klime.
@@ -35,19 +42,29 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import _venvs  # noqa: E402
 from _collector import CountingCollector, Span  # noqa: E402
 
 WORKER = os.path.join(HERE, "_paced.py")
-SDKS = ("klime", "klime-base", "segment", "posthog")
+SDKS = ("klime", "klime-base", "klime-1.1", "segment", "posthog")
+DEFAULT_SDKS = "klime,klime-1.1,segment,posthog"
+#: The peers of the 5x target (klime 1.1.0 is shown beside them, not a target's peer).
 PEERS = ("segment", "posthog")
-FAMILY = {"klime": "klime", "klime-base": "klime", "segment": "segment", "posthog": "posthog", "none": "none"}
+FAMILY = {
+    "klime": "klime",
+    "klime-base": "klime",
+    "klime-1.1": "klime-1.1",
+    "segment": "segment",
+    "posthog": "posthog",
+    "none": "none",
+}
 DISTRIBUTIONS = {"segment": "segment-analytics-python", "posthog": "posthog"}
 
 #: Seconds per rate when --seconds is not given (the issue's cases).
@@ -67,6 +84,12 @@ class BenchError(RuntimeError):
 class ExitCase:
     events: int = 1000
     delay_ms: float = 50.0
+
+
+@dataclass
+class BurstCase:
+    events: int = 1000
+    delays_ms: Tuple[float, ...] = (0.0, 50.0, 200.0)
 
 
 @dataclass
@@ -90,6 +113,9 @@ class Plan:
     timeout: float
     collector_check: float  # seconds of the collector check (0: none)
     baseline_src: Optional[str] = None
+    burst: Optional[BurstCase] = None
+    #: the interpreter of an SDK that cannot run in this venv (klime-1.1)
+    pythons: Dict[str, str] = field(default_factory=dict)
 
     def events(self, rate: float) -> int:
         return max(1, round(rate * self.seconds[rate]))
@@ -109,6 +135,9 @@ def child_env(sdk: str, baseline_src: Optional[str]) -> Dict[str, str]:
         and k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPROFILEIMPORTTIME", "PYTHONWARNINGS", "PYTHONDEVMODE")
     }
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    if sdk == "klime-1.1":  # this project's import name: nothing of this checkout on its path
+        env.pop("PYTHONPATH", None)
+        return env
     src = baseline_src if sdk == "klime-base" and baseline_src else os.path.join(REPO, "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -122,9 +151,16 @@ class WorkerRun:
 
 
 def run_worker(
-    mode: str, sdk: str, spec: Dict[str, Any], workdir: str, timeout: float, env: Dict[str, str]
+    mode: str,
+    sdk: str,
+    spec: Dict[str, Any],
+    workdir: str,
+    timeout: float,
+    env: Dict[str, str],
+    python: Optional[str] = None,
 ) -> WorkerRun:
-    """Run one worker process to completion (killed and reaped on timeout)."""
+    """Run one worker process to completion (killed and reaped on timeout); ``python`` is
+    its interpreter (default: this one)."""
     tag = f"{mode}-{sdk}-{time.monotonic_ns()}"
     out = os.path.join(workdir, tag + ".json")
     spec = dict(spec, out=out, bench_dir=HERE)
@@ -132,7 +168,7 @@ def run_worker(
     err_path = os.path.join(workdir, tag + ".err")
     with open(out_path, "wb") as so, open(err_path, "wb") as se:
         proc = subprocess.Popen(
-            [sys.executable, WORKER, mode, FAMILY.get(sdk, sdk), json.dumps(spec)],
+            [python or sys.executable, WORKER, mode, FAMILY.get(sdk, sdk), json.dumps(spec)],
             stdout=so,
             stderr=se,
             stdin=subprocess.DEVNULL,
@@ -170,7 +206,13 @@ def run_worker(
 
 
 def check_identity(sdk: str, result: Dict[str, Any], baseline_src: Optional[str]) -> None:
-    """klime and klime-base must have imported the klime they were meant to."""
+    """klime, klime-base and klime-1.1 must have imported the klime they were meant to."""
+    if sdk == "klime-1.1":
+        if result.get("klime_version") != _venvs.KLIME11_VERSION:
+            raise BenchError(
+                f"klime-1.1 imported klime {result.get('klime_version')} from {result.get('klime_file')}"
+            )
+        return
     if FAMILY.get(sdk) != "klime":
         return
     path = os.path.realpath(result.get("klime_file") or "")
@@ -285,9 +327,34 @@ def exit_metrics(run: WorkerRun, col: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def burst_metrics(run: WorkerRun, col: Dict[str, Any]) -> Dict[str, Any]:
+    raw = run.result
+    n = int(raw["events"])
+    unique = int(col["unique"])
+    last = col["last_ns"]
+    lines, first_line = stderr_summary(run.stderr)
+    return {
+        "tracked": n,
+        "delivered": unique,
+        "lost": n - unique,
+        "duplicates": int(col["duplicates"]),
+        "stderr_lines": lines,
+        "stderr_first": first_line,
+        "p50_us": raw["p50_us"],
+        "p99_us": raw["p99_us"],
+        "max_us": raw["max_us"],
+        # the app's time for the burst: its calls; then what the SDK's end call blocked
+        "calls_s": (raw["last_call_ns"] - raw["first_ns"]) / 1e9,
+        "end_s": (raw["end_ns"] - raw["last_call_ns"]) / 1e9,
+        "to_last_batch_s": (last - raw["last_call_ns"]) / 1e9 if last is not None else _nan(),
+        "requests": int(col["requests"]),
+        "peak_in_flight": int(col["peak_in_flight"]),
+    }
+
+
 @dataclass
 class Sample:
-    case: str  # "paced", "exit", "fault"
+    case: str  # "paced", "burst", "exit", "fault"
     sdk: str
     delay_ms: float
     rate: float  # 0 for the exit case (as fast as possible)
@@ -508,6 +575,7 @@ def render(plan: Plan, groups: Dict[GroupKey, Dict[str, Any]], results: List[Tar
                         _fmt("{:,.0f}", g["delivered_per_s"]),
                         _fmt("{:.1f}", g["p50_us"]),
                         _fmt("{:.1f}", g["p99_us"]),
+                        _fmt("{:,.0f}", g["max_us"]),
                         _fmt("{:.1f}", g["cpu_us_per_event"]),
                         _fmt("{:.0f}", g["peak_in_flight"]),
                         _fmt("{:,.0f}", g["requests"]),
@@ -531,6 +599,7 @@ def render(plan: Plan, groups: Dict[GroupKey, Dict[str, Any]], results: List[Tar
                     "delivered ev/s",
                     "p50 µs",
                     "p99 µs",
+                    "max µs",
                     "CPU µs/ev",
                     "peak in flight",
                     "requests",
@@ -604,6 +673,57 @@ def render(plan: Plan, groups: Dict[GroupKey, Dict[str, Any]], results: List[Tar
             )
             + "\n"
         )
+
+    if plan.burst:
+        rows = []
+        for delay in plan.burst.delays_ms:
+            for sdk in order:
+                g = groups.get(("burst", delay, 0.0, sdk))
+                if not g:
+                    continue
+                rows.append(
+                    [
+                        f"{delay:g}",
+                        sdk,
+                        _fmt("{:.1f}", g["p50_us"]),
+                        _fmt("{:,.0f}", g["p99_us"]),
+                        _fmt("{:,.0f}", g["max_us"]),
+                        _fmt("{:.3f}", g["calls_s"]),
+                        _fmt("{:.3f}", g["end_s"]),
+                        _fmt("{:,.0f}", g["tracked"]),
+                        _fmt("{:,.0f}", g["delivered"]),
+                        _fmt("{:,.0f}", g["lost"]),
+                        _fmt("{:,.0f}", g["stderr_lines"]),
+                        _fmt("{:,.0f}", g["requests"]),
+                    ]
+                )
+        if rows:
+            heading(
+                f"Burst: {plan.burst.events:,} events as fast as possible, then the SDK's normal end "
+                "(each SDK at its defaults)"
+            )
+            parts.append(
+                table(
+                    [
+                        "delay ms",
+                        "SDK",
+                        "caller p50 µs",
+                        "caller p99 µs",
+                        "caller max µs",
+                        "app time for the burst s",
+                        "then the end call s",
+                        "tracked",
+                        "delivered",
+                        "lost",
+                        "stderr lines",
+                        "requests",
+                    ],
+                    rows,
+                    markdown,
+                    left=2,
+                )
+                + "\n"
+            )
 
     if plan.exit:
         rows = []
@@ -707,6 +827,7 @@ def render(plan: Plan, groups: Dict[GroupKey, Dict[str, Any]], results: List[Tar
             "pacer": f"pacer alone, {_rate(rate)}",
             "paced": f"{_ms(delay)}, {_rate(rate)}",
             "exit": f"exit, {_ms(delay)}",
+            "burst": f"burst, {_ms(delay)}",
             "fault": f"503, {_ms(delay)}",
         }[case]
         rows.append([sdk, where, _fmt("{:,.0f}", g["stderr_lines"]), g["stderr_first"]])
@@ -764,6 +885,8 @@ def versions(plan: Plan) -> Dict[str, str]:
         out["klime-base"] = (
             f"{_read_version(plan.baseline_src)} ({_git(root, 'rev-parse', '--short', 'HEAD') or '?'})"
         )
+    if "klime-1.1" in plan.pythons:
+        out["klime-1.1"] = f"{_venvs.KLIME11_VERSION} ({plan.pythons['klime-1.1']})"
     for sdk, dist in DISTRIBUTIONS.items():
         try:
             out[sdk] = metadata.version(dist)
@@ -794,12 +917,14 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
     if args.quick:
         delays, rates, secs = [0.0, 5.0], [400.0], [0.5]
         exit_case: Optional[ExitCase] = ExitCase(events=200, delay_ms=5.0)
+        burst_events = 200
         fault: Optional[FaultCase] = FaultCase(delay_ms=5.0, rate=400.0, seconds=0.5, end_limit=0.5)
         check = 0.0
     else:
         delays, rates = [0.0, 50.0, 200.0], [1000.0, 5000.0, 10000.0]
         secs = []
         exit_case, fault, check = ExitCase(), FaultCase(), 2.0
+        burst_events = 1000
     if args.delays is not None:
         delays = _floats(args.delays, "--delays", parser)
     if args.rates is not None:
@@ -817,8 +942,12 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
         for i, rate in enumerate(rates)
     }
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    if cases - {"paced", "exit", "fault"}:
-        parser.error(f"--cases: unknown {', '.join(sorted(cases - {'paced', 'exit', 'fault'}))}")
+    known = {"paced", "burst", "exit", "fault"}
+    if cases - known:
+        parser.error(f"--cases: unknown {', '.join(sorted(cases - known))}")
+    if args.burst_events is not None:
+        burst_events = args.burst_events
+    burst = BurstCase(burst_events, tuple(delays)) if "burst" in cases and delays else None
     if "paced" not in cases:
         delays = []
     if "exit" not in cases:
@@ -841,7 +970,9 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
             sdks.append("klime-base")
     elif "klime-base" in sdks:
         parser.error("klime-base needs --baseline-src")
-    return Plan(delays, rates, seconds, sdks, args.repeat, exit_case, fault, args.timeout, check, baseline)
+    return Plan(
+        delays, rates, seconds, sdks, args.repeat, exit_case, fault, args.timeout, check, baseline, burst
+    )
 
 
 def collector_check(
@@ -902,7 +1033,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--delays", help="round trips in ms, comma-separated (default 0,50,200)")
     parser.add_argument("--rates", help="offered events/s, comma-separated (default 1000,5000,10000)")
     parser.add_argument("--seconds", help="seconds per rate: one value, or one per rate (default 5,4,3)")
-    parser.add_argument("--sdks", default="klime,segment,posthog", help="subset of " + ",".join(SDKS))
+    parser.add_argument("--sdks", default=DEFAULT_SDKS, help="subset of " + ",".join(SDKS))
     parser.add_argument(
         "--baseline-src",
         metavar="PATH",
@@ -919,7 +1050,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--exit-events", type=int, help="events of the exit case (default 1000)")
     parser.add_argument(
-        "--cases", default="paced,exit,fault", help="which cases to run (default paced,exit,fault)"
+        "--cases",
+        default="paced,burst,exit,fault",
+        help="which cases to run (default paced,burst,exit,fault)",
+    )
+    parser.add_argument("--burst-events", type=int, help="events of the burst case (default 1000)")
+    parser.add_argument(
+        "--klime11-python",
+        metavar="PATH",
+        help="run klime 1.1.0 with this interpreter (it must import klime 1.1.0) instead of the cached venv",
+    )
+    parser.add_argument(
+        "--no-create-venvs",
+        action="store_true",
+        help="do not create klime 1.1.0's venv when it is missing (skip that peer instead)",
     )
     parser.add_argument(
         "--collector-check", action="store_true", help="only measure what the collector can take, then stop"
@@ -932,7 +1076,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--repeat must be at least 1")
     if args.exit_events is not None and args.exit_events < 1:
         parser.error("--exit-events must be at least 1")
+    if args.burst_events is not None and args.burst_events < 1:
+        parser.error("--burst-events must be at least 1")
     plan = make_plan(args, parser)
+    if "klime-1.1" in plan.sdks:
+        try:
+            found = _venvs.klime11(args.klime11_python, create=not args.no_create_venvs)
+        except _venvs.Unavailable as exc:
+            print(f"skipping klime-1.1: {exc}", file=sys.stderr)
+            plan.sdks = [s for s in plan.sdks if s != "klime-1.1"]
+        else:
+            plan.pythons["klime-1.1"] = found.python
     installed = versions(plan)
     missing = [s for s in plan.sdks if s in DISTRIBUTIONS and installed[s] == "not installed"]
     if missing:
@@ -966,11 +1120,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_id = f"{case}-r{rep}-{sdk}-{delay:g}-{rate:g}"
         collector.configure(run_id, delay=delay / 1000.0, status=status)
         spec = dict(spec, url=collector.url(run_id))
-        mode = "exit" if case == "exit" else "paced"
+        mode = case if case in ("exit", "burst") else "paced"
         env = envs.get(sdk) or envs_default
         cpu0 = time.process_time()
         try:
-            run = run_worker(mode, sdk, spec, workdir, plan.timeout, env)
+            run = run_worker(mode, sdk, spec, workdir, plan.timeout, env, plan.pythons.get(sdk))
             check_identity(sdk, run.result, plan.baseline_src)
         except BenchError as exc:
             broken.append(f"{case} {sdk} {_ms(delay)} {_rate(rate)}: {exc}")
@@ -991,6 +1145,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif case == "exit":
             metrics = exit_metrics(run, col)
             note = f"lost {metrics['lost']:,}  exit {metrics['to_exit_s']:.2f} s"
+        elif case == "burst":
+            metrics = burst_metrics(run, col)
+            note = (
+                f"lost {metrics['lost']:,}  p99 {metrics['p99_us']:,.0f} µs  "
+                f"max {metrics['max_us']:,.0f} µs  "
+                f"calls {metrics['calls_s']:.3f} s  end {metrics['end_s']:.3f} s"
+            )
         else:
             metrics = paced_metrics(run.result, col, spans, run.stderr)
             note = (
@@ -1028,6 +1189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     for sdk in order:
                         spec = {"events": plan.events(rate), "rate": rate}
                         attempt("paced", sdk, delay, rate, secs, rep, spec)
+            if plan.burst:
+                for delay in plan.burst.delays_ms:
+                    for sdk in order:
+                        spec = {"events": plan.burst.events}
+                        attempt("burst", sdk, delay, 0.0, 0.0, rep, spec)
             if plan.exit:
                 for sdk in order:
                     attempt("exit", sdk, plan.exit.delay_ms, 0.0, 0.0, rep, {"events": plan.exit.events})
@@ -1068,6 +1234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "sdks": plan.sdks,
                 "repeat": plan.repeat,
                 "exit": plan.exit.__dict__ if plan.exit else None,
+                "burst": plan.burst.__dict__ if plan.burst else None,
                 "fault": plan.fault.__dict__ if plan.fault else None,
                 "baseline_src": plan.baseline_src,
             },

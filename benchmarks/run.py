@@ -1,4 +1,4 @@
-"""klime vs segment-analytics-python vs posthog: the same workload, side by side.
+"""klime vs klime 1.1.0 vs segment-analytics-python vs posthog: the same workload, side by side.
 
     python benchmarks/run.py [--events N] [--repeat K] [--json out.json] [--markdown]
 
@@ -14,7 +14,12 @@ over K repeats, klime's ratios to each peer and the issue's targets as PASS/FAIL
 Configurations: klime with ``max_batch_size=100, max_queue_size=N`` (the one the targets
 are about) and at its defaults; Segment and PostHog with their queue raised to N (batch size
 100, their default) and at their defaults (queue 10,000, which drops events in this burst).
-Targets compare klime with Segment at queue N (same conditions: nothing dropped).
+Klime's previous SDK, ``klime`` 1.1.0 from PyPI (``klime-1.1``), runs as a peer with the
+same options (``KlimeClient(key, endpoint=url, max_queue_size=N, max_batch_size=100)``) and
+at its defaults, in a venv of its own (``_venvs.py``: same import name as this project),
+made on demand with pip; without the package index it is skipped, with the reason.
+Targets compare klime with Segment at queue N (same conditions: nothing dropped); "best
+peer" is the best of Segment and PostHog, the peers the targets were set against.
 
 Exit status: 0 when the harness worked (targets may FAIL: pass ``--check`` to turn a FAIL
 into exit status 1), 2 when a run failed (a worker crashed or timed out).
@@ -39,13 +44,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import _venvs  # noqa: E402
 from _collector import CountingCollector  # noqa: E402
 
 WORKER = os.path.join(HERE, "_worker.py")
 #: The ``spool`` option a worker replaces with a new temporary directory.
 FRESH_SPOOL = "<fresh>"
-SDKS = ("klime", "segment", "posthog")
+SDKS = ("klime", "klime-1.1", "segment", "posthog")
 DISTRIBUTIONS = {"klime": "klime", "segment": "segment-analytics-python", "posthog": "posthog"}
+#: The peers of the "best peer" targets (klime 1.1.0 is shown beside them, not a target's peer).
+TARGET_PEERS = ("segment", "posthog")
 
 
 class BenchError(RuntimeError):
@@ -90,6 +98,11 @@ def configs(
             if baseline_src:
                 key, label = "klime-base-default", "klime@base defaults"
                 out.append(Config(key, "klime", label, {}, src=baseline_src, informational=True))
+    if "klime-1.1" in sdks:
+        old = {"max_queue_size": n, "max_batch_size": 100}
+        out.append(Config("klime-1.1", "klime-1.1", f"klime 1.1.0 q={n}", old))
+        if with_defaults:
+            out.append(Config("klime-1.1-default", "klime-1.1", "klime 1.1.0 defaults", {}))
     if "segment" in sdks:
         out.append(
             Config("segment", "segment", f"segment q={n}", {"max_queue_size": n, "upload_size": 100})
@@ -123,16 +136,23 @@ def child_env() -> Dict[str, str]:
 
 
 def run_worker(
-    mode: str, sdk: str, spec: Dict[str, Any], workdir: str, timeout: float, env: Dict[str, str]
+    mode: str,
+    sdk: str,
+    spec: Dict[str, Any],
+    workdir: str,
+    timeout: float,
+    env: Dict[str, str],
+    python: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Run one worker process to completion (killed and reaped on timeout); its result."""
+    """Run one worker process to completion (killed and reaped on timeout); its result.
+    ``python``: the interpreter (default: this one)."""
     tag = f"{mode}-{sdk}-{time.monotonic_ns()}"
     out = os.path.join(workdir, tag + ".json")
     spec = dict(spec, out=out, bench_dir=HERE)
     stdout_path = os.path.join(workdir, tag + ".log")
     with open(stdout_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, WORKER, mode, sdk, json.dumps(spec)],
+            [python or sys.executable, WORKER, mode, sdk, json.dumps(spec)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=workdir,
@@ -158,6 +178,15 @@ def run_worker(
     with open(out, encoding="utf-8") as fh:
         result: Dict[str, Any] = json.load(fh)
     return result
+
+
+def check_identity(cfg: Config, raw: Dict[str, Any]) -> None:
+    """klime 1.1.0 and this klime share an import name: each run must have imported its own."""
+    version = raw.get("sdk_version")
+    if cfg.sdk == "klime-1.1" and version != _venvs.KLIME11_VERSION:
+        raise BenchError(f"{cfg.label}: imported klime {version}, not {_venvs.KLIME11_VERSION}")
+    if cfg.sdk == "klime" and version == _venvs.KLIME11_VERSION:
+        raise BenchError(f"{cfg.label}: imported klime 1.1.0, not this checkout's")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -307,7 +336,7 @@ def summarize(
     if "klime" in med:
         k = med["klime"]
         seg = med.get("segment")
-        peers = [med[c.key] for c in cfgs if c.sdk != "klime"]
+        peers = [med[c.key] for c in cfgs if c.sdk in TARGET_PEERS]
         for t in result:
             if t.ratio_to == "klime q=N" or t.ratio_to.startswith("klime@"):
                 continue  # a klime variant, done above
@@ -382,10 +411,12 @@ def render(
     return "\n".join(lines)
 
 
-def versions() -> Dict[str, str]:
+def versions(klime11: Optional[str] = None) -> Dict[str, str]:
     from importlib import metadata
 
     out: Dict[str, str] = {"python": platform.python_version()}
+    if klime11:
+        out["klime-1.1"] = klime11
     for name in (*DISTRIBUTIONS.values(), "requests", "urllib3"):
         try:
             out[name] = metadata.version(name)
@@ -416,6 +447,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="PATH",
         help="also run klime from another checkout's src directory (klime@base), e.g. a git worktree",
     )
+    parser.add_argument(
+        "--klime11-python",
+        metavar="PATH",
+        help="run klime 1.1.0 with this interpreter (it must import klime 1.1.0) instead of the cached venv",
+    )
+    parser.add_argument(
+        "--no-create-venvs",
+        action="store_true",
+        help="do not create klime 1.1.0's venv when it is missing (skip that peer instead)",
+    )
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeat < 1:
         parser.error("--events and --repeat must be at least 1")
@@ -423,8 +464,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = set(sdks) - set(SDKS)
     if unknown:
         parser.error(f"unknown SDKs: {', '.join(sorted(unknown))}")
-    installed = versions()
-    missing = [s for s in sdks if installed[DISTRIBUTIONS[s]] == "not installed" and s != "klime"]
+    pythons: Dict[str, str] = {}
+    klime11_version: Optional[str] = None
+    if "klime-1.1" in sdks:
+        try:
+            found = _venvs.klime11(args.klime11_python, create=not args.no_create_venvs)
+        except _venvs.Unavailable as exc:
+            print(f"skipping klime-1.1: {exc}", file=sys.stderr)
+            sdks = [s for s in sdks if s != "klime-1.1"]
+        else:
+            pythons["klime-1.1"] = found.python
+            klime11_version = f"{found.version} ({found.python})"
+    installed = versions(klime11_version)
+    missing = [
+        s for s in sdks if s in ("segment", "posthog") and installed[DISTRIBUTIONS[s]] == "not installed"
+    ]
     if missing:
         print(f"skipping {', '.join(missing)}: not installed", file=sys.stderr)
         sdks = [s for s in sdks if s not in missing]
@@ -434,10 +488,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         n, sdks, not args.no_defaults, spool=args.spool, baseline_src=args.baseline_src
     )
     env = child_env()
+    # klime 1.1.0 has this project's import name: nothing of this checkout on its path
+    env_11 = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    envs = {sdk: env_11 if sdk == "klime-1.1" else env for sdk in sdks}
 
     def env_of(cfg: Config) -> Dict[str, str]:
         if not cfg.src:
-            return env
+            return envs[cfg.sdk]
         other = dict(env)
         other["PYTHONPATH"] = os.path.abspath(cfg.src) + os.pathsep + env["PYTHONPATH"]
         return other
@@ -455,14 +512,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="klime-bench-") as workdir, CountingCollector() as collector:
             for sdk in sdks:  # warm-up: compile bytecode caches, fill the page cache
-                run_worker("import", sdk, {}, workdir, args.timeout, env)
+                run_worker("import", sdk, {}, workdir, args.timeout, envs[sdk], pythons.get(sdk))
             floor = run_worker("floor", "none", {"events": n}, workdir, args.timeout, env)
             for rep in range(args.repeat):
                 order = cfgs[rep % len(cfgs) :] + cfgs[: rep % len(cfgs)]  # rotate: spread drift
                 for cfg in order:
                     run_id = f"r{rep}-{cfg.key}"
                     spec = {"events": n, "url": collector.url(run_id), "options": cfg.options}
-                    raw = run_worker("run", cfg.sdk, spec, workdir, args.timeout, env_of(cfg))
+                    raw = run_worker(
+                        "run", cfg.sdk, spec, workdir, args.timeout, env_of(cfg), pythons.get(cfg.sdk)
+                    )
+                    check_identity(cfg, raw)
                     arrived = collector.stats(run_id)
                     collector.forget(run_id)
                     sample = Sample(raw, arrived, derive(n, raw, arrived))
@@ -477,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     )
             for _ in range(max(0, args.import_probes)):  # import-only processes, interleaved
                 for sdk in sdks:
-                    probe = run_worker("import", sdk, {}, workdir, args.timeout, env)
+                    probe = run_worker("import", sdk, {}, workdir, args.timeout, envs[sdk], pythons.get(sdk))
                     imports[sdk].append(probe["import_s"] * 1000.0)
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)

@@ -15,7 +15,23 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import _venvs  # noqa: E402
 from _collector import CountingCollector  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def klime11_venv() -> str | None:
+    """klime 1.1.0's venv (benchmarks/_venvs.py), made once here if the package index can
+    be reached; the harnesses then run with ``--no-create-venvs``. None when it could not be
+    made: the harness must then skip that peer and say why."""
+    try:
+        return _venvs.klime11().python
+    except _venvs.Unavailable:
+        return None
+
+
+def _skipped_11(stderr: str) -> bool:
+    return "skipping klime-1.1: " in stderr
 
 
 def _post(port: int, path: str, body: bytes, headers: dict) -> tuple:
@@ -47,19 +63,25 @@ def test_collector_counts_each_sdks_wire_format_by_event_id() -> None:
     assert (second["unique"], second["other_requests"]) == (1, 1)
 
 
-@pytest.mark.timeout(120)
-def test_run_py_measures_every_sdk_on_a_small_workload(tmp_path: Path) -> None:
+@pytest.mark.timeout(420)
+def test_run_py_measures_every_sdk_on_a_small_workload(tmp_path: Path, klime11_venv: str | None) -> None:
     """``benchmarks/run.py`` with 200 events runs each SDK in its own process and reports
-    figures, ratios and targets; klime (queue >= N) delivers every event exactly once."""
+    figures, ratios and targets; klime (queue >= N) delivers every event exactly once;
+    klime 1.1.0 runs in its own venv (or, without one, is skipped with the reason)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
             sys.executable,
             str(BENCH / "run.py"),
-            "--events", "200",
-            "--repeat", "1",
-            "--import-probes", "0",
-            "--json", str(out),
+            "--events",
+            "200",
+            "--repeat",
+            "1",
+            "--import-probes",
+            "0",
+            "--no-create-venvs",
+            "--json",
+            str(out),
         ],
         capture_output=True,
         text=True,
@@ -82,6 +104,14 @@ def test_run_py_measures_every_sdk_on_a_small_workload(tmp_path: Path) -> None:
     assert set(klime["collector"]["paths"]) == {"v1/batch"}
     assert klime["collector"]["unique"] == klime["collector"]["events"] == 200
     assert len(report["targets"]) == 7
+    if klime11_venv is None:
+        assert _skipped_11(proc.stderr), proc.stderr
+    else:
+        assert {"klime-1.1", "klime-1.1-default"} <= keys
+        old = report["runs"]["klime-1.1"][0]
+        assert old["worker"]["sdk_version"] == "1.1.0"
+        assert old["metrics"]["lost"] == 0 and old["worker"]["on_error_events"] == 0
+        assert "klime 1.1.0 q=200" in proc.stdout
     peers = {c["sdk"] for c in report["configs"]} >= {"segment", "posthog"}
     for target in report["targets"]:  # without a peer (not installable here), n/a
         assert isinstance(target["passed"], bool) or (not peers and target["passed"] is None)
@@ -126,31 +156,43 @@ def test_collector_delays_each_connection_independently_and_can_reject() -> None
     assert (down["requests"], down["rejected"], down["rejected_events"], down["unique"]) == (1, 1, 1, 0)
 
 
-@pytest.mark.timeout(120)
-def test_roundtrip_py_runs_each_case_on_a_tiny_workload(tmp_path: Path) -> None:
-    """``benchmarks/roundtrip.py --quick`` (200 events per run at 0 and 5 ms, the exit case
-    and the 503 case) runs every SDK, and a baseline klime, each in its own process and
-    reports each figure; nothing about the figures themselves is asserted."""
+@pytest.mark.timeout(420)
+def test_roundtrip_py_runs_each_case_on_a_tiny_workload(tmp_path: Path, klime11_venv: str | None) -> None:
+    """``benchmarks/roundtrip.py --quick`` (200 events per run at 0 and 5 ms, the burst, the
+    exit case and the 503 case) runs every SDK (klime 1.1.0 in its own venv, or skipped with
+    the reason), and a baseline klime, each in its own process and reports each figure;
+    nothing about the figures themselves is asserted."""
     out = tmp_path / "roundtrip.json"
     src = BENCH.parent / "src"
-    command = [sys.executable, str(BENCH / "roundtrip.py"), "--quick", "--baseline-src", str(src)]
+    command = [
+        sys.executable,
+        str(BENCH / "roundtrip.py"),
+        "--quick",
+        "--baseline-src",
+        str(src),
+        "--no-create-venvs",
+    ]
     proc = subprocess.run(
         [*command, "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for heading in ("Paced runs", "Exit:", "503 to everything", "Targets"):
+    for heading in ("Paced runs", "Burst:", "Exit:", "503 to everything", "Targets"):
         assert heading in proc.stdout, heading
     report = json.loads(out.read_text())
     assert report["broken"] == []
     sdks = set(report["plan"]["sdks"])
     assert {"klime", "klime-base"} <= sdks
+    assert ("klime-1.1" in sdks) == (klime11_venv is not None)
+    if klime11_venv is None:
+        assert _skipped_11(proc.stderr), proc.stderr
     runs = report["runs"]
     cells = {(r["case"], r["sdk"], r["delay_ms"]) for r in runs}
     for sdk in sdks:
         assert {("paced", sdk, 0.0), ("paced", sdk, 5.0), ("exit", sdk, 5.0)} <= cells, sdk
+        assert {("burst", sdk, 0.0), ("burst", sdk, 5.0)} <= cells, sdk
     assert {("fault", "klime", 5.0), ("fault", "klime-base", 5.0)} <= cells
     for run in runs:
         m = run["metrics"]
@@ -160,9 +202,53 @@ def test_roundtrip_py_runs_each_case_on_a_tiny_workload(tmp_path: Path) -> None:
         assert run["collector"]["bad_requests"] == 0
         if run["case"] == "pacer":
             assert run["sdk"] == "none" and m["requests"] == 0
+        elif run["case"] == "burst":
+            assert m["requests"] >= 1 and m["peak_in_flight"] >= 1
         elif run["case"] != "exit":
             assert m["requests"] >= 1 and m["peak_in_flight"] >= 1
             assert m["p50_us"] > 0 and m["cpu_s"] > 0
         if run["case"] == "fault":
             assert m["delivered"] == 0 and m["rejected"] == m["requests"]
+        if run["case"] == "burst":
+            assert m["lost"] == 0 and m["max_us"] >= m["p99_us"] >= m["p50_us"] > 0, run["sdk"]
+            assert m["calls_s"] > 0 and m["end_s"] >= 0
+        if run["sdk"] == "klime-1.1":
+            assert run["worker"]["klime_version"] == "1.1.0"
     assert len(report["targets"]) == 8
+
+
+@pytest.mark.timeout(420)
+def test_cold_start_py_measures_each_section_with_one_run(tmp_path: Path, klime11_venv: str | None) -> None:
+    """``benchmarks/cold_start.py`` with one run per case: whole processes (pass, import +
+    Client), one event delivered from a fresh process, and a Lambda cold start on the real
+    awslambdaric in each mode; every event arrives (the harness checks it, or exits 2), and
+    each target is decided when klime 1.1.0 ran (else it is skipped with the reason)."""
+    out = tmp_path / "cold.json"
+    command = [sys.executable, str(BENCH / "cold_start.py"), "--runs", "1", "--delays", "0"]
+    proc = subprocess.run(
+        [*command, "--no-create-venvs", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for heading in ("(a) A whole process", "(b) + one track", "(c) Lambda cold start", "Targets"):
+        assert heading in proc.stdout, heading
+    report = json.loads(out.read_text())
+    cases = {c["key"]: c for c in report["cases"]}
+    expected = {"pass", "klime", "klime@0", "lambda-none", "lambda-klime", "lambda-klime-after"}
+    if klime11_venv is not None:
+        expected |= {"pass-1.1", "klime-1.1", "klime-1.1@0", "lambda-klime-1.1"}
+    else:
+        assert _skipped_11(proc.stderr), proc.stderr
+    assert set(cases) == expected
+    for key, case in cases.items():
+        assert case["samples"], key
+        for metric, values in case["samples"].items():
+            assert len(values) == 1 and values[0] > 0, (key, metric)
+    assert cases["klime@0"]["samples"]["arrived_ms"][0] < cases["klime@0"]["samples"]["wall_ms"][0] + 1000
+    assert set(cases["lambda-klime"]["samples"]) == {"cold_ms", "init_ms", "invoke_ms", "post_ms"}
+    verdicts = [t["verdict"] for t in report["targets"]]
+    assert len(verdicts) == 3
+    assert all(v in ("PASS", "FAIL") for v in verdicts) if klime11_venv else all(v == "n/a" for v in verdicts)
+    assert report["versions"]["klime"].split()[0] != "1.1.0"
