@@ -525,3 +525,21 @@ def test_paths_in_messages_name_keys_with_dots():
         encode_track("x", {"a": {"b": float("nan")}}, "u", None)
     with pytest.raises(ValidationError, match=r'^traits\["odd key"\]\[2\] is Infinity'):
         encode_identify("u", {"odd key": [1, 2, float("inf")]})
+
+
+def test_keys_that_collide_inside_a_model_dump_are_refused_too() -> None:
+    """What a ``model_dump()`` or a dataclass returns is checked like the caller's own dicts."""
+
+    class Model:
+        def model_dump(self) -> dict:
+            return {1: "a", "1": "b"}
+
+    with pytest.raises(ValidationError, match=r'properties\.m has two keys that both become "1"'):
+        encode_track("E", {"m": Model()}, "u", None)
+
+
+def test_the_keys_of_properties_and_traits_go_out_sorted() -> None:
+    """Sorting lets the C encoder itself refuse a dict whose keys could collide; the order of
+    keys means nothing in JSON, and the server does not keep it."""
+    body = json.loads(encode_track("E", {"b": 1, "a": {"z": 1, "y": [{"d": 0, "c": 1}]}}, "u", None))
+    assert json.dumps(body["properties"]) == '{"a": {"y": [{"c": 1, "d": 0}], "z": 1}, "b": 1}'

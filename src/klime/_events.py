@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Mapping
 from json.encoder import encode_basestring as _c_quote
 from json.encoder import encode_basestring_ascii as _ascii_quote
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from ._config import MAX_DEPTH, MAX_EVENT_BYTES
 from ._version import __version__
@@ -251,22 +251,24 @@ def _default(value: Any) -> Any:
     raise _Unsupported(type(value).__name__)
 
 
-def _make_encoder() -> Callable[[Any], str]:
+def _make_encoder(*, sort_keys: bool = False) -> Callable[[Any], str]:
     """The fastest compact, strict JSON encoder this Python offers.
 
     Prefer the C encoder built once, without a shared ``markers`` dict: it keeps no state
     between calls (so threads cannot disturb each other) and a cycle ends in RecursionError,
-    which sends the value to the slow path that names the cycle.
+    which sends the value to the slow path that names the cycle. With ``sort_keys`` every
+    object's keys come out sorted, and a dict that mixes str keys with others (``{1: "a",
+    "1": "b"}``: the only kind whose keys can collide once stringified) raises TypeError.
     """
     fallback = json.JSONEncoder(
-        ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_default
+        ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_default, sort_keys=sort_keys
     ).encode
     maker = getattr(json.encoder, "c_make_encoder", None)
     quote = getattr(json.encoder, "c_encode_basestring", None)
     if maker is None or quote is None:
         return fallback
     try:
-        c_encode = maker(None, _default, quote, None, ":", ",", False, False, False)
+        c_encode = maker(None, _default, quote, None, ":", ",", sort_keys, False, False)
         c_encode({"probe": [1.5, None, True]}, 0)
     except Exception:
         return fallback
@@ -279,6 +281,10 @@ def _make_encoder() -> Callable[[Any], str]:
 
 
 _encode = _make_encoder()
+#: The fast path of properties and traits: sorted keys cost a few hundred nanoseconds and
+#: make the C encoder itself refuse the one kind of dict whose keys could collide once
+#: stringified (a str key beside a non-str one), instead of a walk over every nested dict.
+_encode_properties = _make_encoder(sort_keys=True)
 
 
 def _describe(value: Any) -> str:
@@ -403,70 +409,31 @@ def to_json_value(
         ) from None
 
 
-_join = "".join
-
-
-def _plain_tree(value: Any, check_depth: bool) -> int:
-    """Walk what the C encoder accepted: 0 when fine, _TOO_DEEP when it nests more than
-    MAX_DEPTH levels (looked at only when ``check_depth``), _ODD_KEYS when a dict has a key
-    that is not a str (the slow path then stringifies the keys and refuses duplicates).
-    Iterative (no recursion limit); stops at the first finding."""
+def _nested_too_deep(value: Any) -> bool:
+    """Does what the C encoder accepted nest more than MAX_DEPTH levels? Iterative (no
+    recursion limit); stops at the first level too deep. Runs user code (a Mapping's
+    ``values()``), which may raise."""
     stack = [(value, 1)]
     pop = stack.pop
     push = stack.append
     while stack:
         item, depth = pop()
-        kind = type(item)
-        if kind is dict or isinstance(item, dict):
-            try:
-                _join(item)  # TypeError when a key is not a str
-            except TypeError:
-                return _ODD_KEYS
+        if isinstance(item, Mapping):
             children: Any = item.values()
-        elif kind is list or kind is tuple or isinstance(item, (list, tuple)):
-            children = item
-        elif check_depth and isinstance(item, Mapping):
-            children = item.values()
-        elif check_depth and isinstance(item, (set, frozenset)):
+        elif isinstance(item, (list, tuple, set, frozenset)):
             children = item
         else:
             continue
-        if check_depth and depth > MAX_DEPTH:
-            return _TOO_DEEP
+        if depth > MAX_DEPTH:
+            return True
         for child in children:
             if type(child) in _LEAVES:
                 continue
             push((child, depth + 1))
-    return 0
+    return False
 
 
-_TOO_DEEP = 1
-_ODD_KEYS = 2
 _LEAVES = frozenset({str, int, float, bool, type(None)})
-
-
-def _keys_are_text(value: Dict[Any, Any]) -> bool:
-    """Is every key of every dict in ``value`` (what the C encoder accepted) a str? The
-    short-text case of :func:`_plain_tree`, with no depth to follow: as lean as it gets."""
-    stack: List[Any] = [value]
-    pop = stack.pop
-    extend = stack.extend
-    leaves = _LEAVES
-    while stack:
-        item = pop()
-        kind = type(item)
-        if kind in leaves:
-            continue
-        if kind is dict or isinstance(item, dict):
-            try:
-                _join(item)  # TypeError when a key is not a str
-            except TypeError:
-                return False
-            extend(item.values())
-        elif kind is list or kind is tuple or isinstance(item, (list, tuple)):
-            extend(item)
-    return True
-
 
 #: Each level of nesting takes at least two characters, so a shorter text is never too deep:
 #: the depth is looked at only for longer ones (the C encoder's own limit differs from one
@@ -474,20 +441,19 @@ def _keys_are_text(value: Dict[Any, Any]) -> bool:
 _LONG_TEXT = 2 * MAX_DEPTH
 
 
-def _fast_text(value: Dict[Any, Any], text: str, what: str) -> bool:
-    """May ``text`` (the C encoder's JSON of the dict ``value``, which has nested objects or
-    is long) be sent as it is? False when the slow path must look at ``value``: a key that
-    is not a str may collide with another once stringified (``{1: "a", "1": "b"}``).
-    Raises ValidationError when ``value`` is too deep."""
+def _long_text_fits(value: Dict[Any, Any], text: str, what: str) -> bool:
+    """May ``text``, the C encoder's JSON of ``value``, be sent as it is? A short one, yes;
+    a long one unless ``value`` is nested too deep (ValidationError). False when user code
+    misbehaved while looked at: the slow path then explains it."""
+    if len(text) < _LONG_TEXT:
+        return True
     try:
-        if len(text) < _LONG_TEXT:
-            return _keys_are_text(value)
-        finding = _plain_tree(value, True)
-    except Exception:  # user code (a dict subclass's values()) misbehaving: the slow path
+        too_deep = _nested_too_deep(value)
+    except Exception:
         return False
-    if finding == _TOO_DEEP:
+    if too_deep:
         raise _too_deep(what)
-    return finding != _ODD_KEYS
+    return True
 
 
 def _too_deep(what: str) -> ValidationError:
@@ -500,20 +466,13 @@ def _json_object(value: Any, what: str) -> str | None:
         if not value:
             return None
         try:
-            text = _encode(value)  # the fast path: one C-level pass that also validates
+            # the fast path: one C-level pass that validates, keys sorted (a dict mixing
+            # str and non-str keys raises TypeError: its keys may collide, see the slow path)
+            text = _encode_properties(value)
         except Exception:
             pass  # the slow path below explains the problem precisely (or fixes keys)
         else:
-            if len(text) < _LONG_TEXT and text.find("{", 1) < 0:
-                # No nested object (a "{" inside a string only means the longer check
-                # below): the top-level keys are the only ones that may not be str.
-                try:
-                    _join(value)  # TypeError when a key is not a str
-                except TypeError:
-                    pass  # {1: "a", "1": "b"} would become two "1" keys: the slow path
-                else:
-                    return text
-            elif _fast_text(value, text, what):
+            if _long_text_fits(value, text, what):
                 return text
     elif value is None:
         return None
