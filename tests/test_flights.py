@@ -8,6 +8,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from klime._retry import Retry
 from klime.senders.base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT
 from klime.transports._flights import SLOW_ROUND_TRIP_S, AdaptiveLimit, Batch, Flights
 from klime.transports._limit import CPU_BOUND_SHARE, PRESSED_ROUND_TRIP_S, CpuGauge
@@ -207,15 +208,15 @@ def test_a_batch_lands_once():
     f = flights()
     batch = f.board_locked(Batch(0, [b"a", b"b"]))
     assert f.held_locked() == 2
-    assert f.land_locked(batch, [], 1, None) is True
-    assert f.land_locked(batch, [b"a"], 1, None) is False  # settled already: nothing changes
+    assert f.land_locked(batch, [], Retry(1), None) is True
+    assert f.land_locked(batch, [b"a"], Retry(1), None) is False  # settled already: nothing changes
     assert f.held_locked() == 0 and not f.parked
 
 
 def test_deferred_events_wait_first_in_line_with_their_attempts():
     f = flights()
     batch = f.board_locked(Batch(7, [b"a", b"b", b"c"]))
-    f.land_locked(batch, [b"b", b"c"], 2, "HTTP 503")
+    f.land_locked(batch, [b"b", b"c"], Retry(2), "HTTP 503")
     assert f.held_locked() == 2
     again = f.take_parked_locked()
     assert again is not None and again.events == [b"b", b"c"] and again.attempts == 2
@@ -228,9 +229,9 @@ def test_deferred_batches_wait_for_room_under_the_limit():
     f.limit.limit = 1
     first = f.board_locked(Batch(0, [b"a"]))
     second = f.board_locked(Batch(1, [b"b"]))  # the transport boarded it while the limit was higher
-    f.land_locked(second, [b"b"], 1, None)
+    f.land_locked(second, [b"b"], Retry(1), None)
     assert f.take_parked_locked() is None  # one is in the air: the limit is full
-    f.land_locked(first, [], 1, None)
+    f.land_locked(first, [], Retry(1), None)
     again = f.take_parked_locked()
     assert again is not None and again.events == [b"b"]
 
@@ -243,9 +244,9 @@ def test_a_transient_failure_beyond_the_limit_asks_to_defer():
         f.board_locked(Batch(n, [b"x"]))
     answers = []
     for batch in list(f.flying):
-        answers.append(f.feedback_locked(ATTEMPT_TRANSIENT, SLOW, backlog=10))
+        answers.append(f.pace_locked(ATTEMPT_TRANSIENT, SLOW, backlog=10))
         if not answers[-1]:
-            f.land_locked(batch, batch.events, 1, None)  # what the transport does: defer it
+            f.land_locked(batch, batch.events, Retry(1), None)  # what the transport does: defer it
     # the limit halves at each failure; only what fits under it keeps retrying
     assert answers.count(True) == 1 and f.limit.limit == 1
     assert len(f.flying) == 1 and len(f.parked) == 7
@@ -264,10 +265,10 @@ def test_abandon_hands_back_everything_once():
     f = flights()
     a = f.board_locked(Batch(0, [b"a"]))
     b = f.board_locked(Batch(1, [b"b"]))
-    f.land_locked(b, [b"b"], 1, None)
+    f.land_locked(b, [b"b"], Retry(1), None)
     abandoned, parked = f.abandon_locked()
     assert abandoned == [a] and [p.events for p in parked] == [[b"b"]]
-    assert f.land_locked(a, [], 1, None) is False  # its flight's outcome is no longer counted
+    assert f.land_locked(a, [], Retry(1), None) is False  # its flight's outcome is no longer counted
     assert f.held_locked() == 0
 
 

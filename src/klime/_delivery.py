@@ -17,10 +17,11 @@ from ._events import decode_all
 from ._logging import log
 from ._logging import log as logger
 from ._models import BatchResponse, EventError
+from ._retry import FIRST_TRY, Retry
 from ._settings import defaults
 from ._wire_event import as_events
 from .errors import SendError
-from .senders.base import Feedback, Sender, SendResult
+from .senders.base import Pace, Sender, SendResult, send_with_retries, split_too_large
 
 __all__ = ["Delivery", "Outcome", "ErrorCallback", "SuccessCallback", "EPISODE_FAILED", "EPISODE_REJECTED",
            "EPISODE_UNSENT"]
@@ -53,8 +54,8 @@ class Outcome:
     unsent: Optional[List[bytes]] = None
     responses: Optional[List[BatchResponse]] = None
     errors: Optional[List[SendError]] = None
-    #: the most attempts any deferred event has had (earlier calls included)
-    attempts: int = 0
+    #: where the deferred events stand in their retries (the most attempts any has had)
+    retry: Retry = FIRST_TRY
     #: why the last batch handed back (deferred, cut off, exhausted) last failed
     last_error: Optional[SendError] = None
     #: events came back because their retries ran out (``keep_transient``)
@@ -122,8 +123,8 @@ class Delivery:
         claim: Optional[Callable[[Outcome], bool]] = None,
         report: bool = True,
         keep_unsent: bool = False,
-        feedback: Optional[Feedback] = None,
-        attempts_made: int = 0,
+        pace: Optional[Pace] = None,
+        retry: Retry = FIRST_TRY,
         keep_transient: bool = False,
     ) -> Outcome:
         """Deliver ``events`` (any number), in order, within ``deadline``.
@@ -137,11 +138,11 @@ class Delivery:
         are counted but not handed to ``on_error`` (the caller raises them instead).
 
         Events come back to the caller in ``Outcome.unsent``, neither counted nor reported,
-        when the sender deferred them (``feedback`` asked it to stop retrying for now) and,
+        when they were deferred (``pace`` asked not to retry now) and,
         with ``keep_unsent``, when the deadline kept them from being delivered (not started,
-        or cut off while retrying a transient failure). ``feedback`` and ``attempts_made``
-        go to :meth:`Sender.send_attempts`; ``Outcome.attempts`` is then the most attempts
-        any deferred event has had. With ``keep_transient`` (a durable spool keeps them),
+        or cut off while retrying a transient failure). ``pace`` and ``retry`` (the batch's
+        retry value) go to :func:`~klime.senders.base.send_with_retries`; ``Outcome.retry``
+        is then the retry value of the deferred events. With ``keep_transient`` (a durable spool keeps them),
         events whose retries ran out on a transient failure come back too, not counted as
         failed nor reported (``Outcome.exhausted`` is then True); permanent rejections are
         counted and reported as always.
@@ -158,7 +159,7 @@ class Delivery:
                 break
             batch = pending.pop(0)
             try:
-                result = sender.send_attempts(batch, deadline, feedback=feedback, attempts_made=attempts_made)
+                result = send_with_retries(sender, batch, deadline, retry=retry, pace=pace)
             except Exception as exc:  # a sender must not raise; if it does, the batch failed
                 logger.exception("klime: sender %r raised", sender)
                 result = SendResult(
@@ -166,9 +167,9 @@ class Delivery:
                 )
             requests += result.requests
             retries += result.retries
-            if result.too_large and len(batch) > 1 and not deadline.expired():
-                half = len(batch) // 2
-                pending[0:0] = [batch[:half], batch[half:]]
+            halves = None if deadline.expired() else split_too_large(result, batch)
+            if halves is not None:
+                pending[0:0] = list(halves)
                 logger.info("klime: batch of %d events too large for the server; splitting", len(batch))
                 continue
             if result.response is not None:
@@ -187,8 +188,8 @@ class Delivery:
                 kept = set(result.failed)
                 outcome.unsent.extend(batch[i] for i in sorted(kept))  # type: ignore[union-attr]
                 outcome.sent += len(batch) - len(kept)
-                if result.deferred:
-                    outcome.attempts = max(outcome.attempts, attempts_made + result.requests)
+                if result.deferred and result.retry.attempts > outcome.retry.attempts:
+                    outcome.retry = result.retry
                 if exhausted and not result.deadline_reached:
                     outcome.exhausted = True
                 outcome.last_error = result.error

@@ -8,7 +8,7 @@ failed message maps back to the indices of its events in :attr:`SendResult.faile
 conservation law holds per event. It never raises and never creates the boto3 client (it
 is handed a getter).
 
-Imports: the senders' base (:class:`SendResult`), :mod:`._retry`, :mod:`._sqs_packing`, and
+Imports: the senders' base (:class:`SendResult`), :mod:`klime._retry`, :mod:`._sqs_packing`, and
 below them :mod:`klime._models`, :mod:`klime._deadline`, :mod:`klime._logging`,
 :mod:`klime.errors` and :func:`klime.aws.client_error_info` (which imports no boto3).
 """
@@ -23,8 +23,8 @@ from .._boto import client_error_info
 from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse, EventError
+from .._retry import RetryPolicy
 from ..errors import SendError
-from ._retry import RetryPolicy
 from ._sqs_packing import SQS_MAX_BATCH_BYTES, SQS_MAX_BATCH_ENTRIES, Message, entry, plan_calls
 from .base import SendResult
 

@@ -5,8 +5,8 @@ One request at a time can deliver at most ``max_batch_size / round trip`` events
 second (400/s at the defaults and 50 ms), whatever the CPU. So when a backlog waits and
 round trips are slow, a transport keeps several requests in flight on the sender's
 keep-alive connections, as many as :class:`~klime.transports._limit.AdaptiveLimit` allows,
-from what the destination answers attempt by attempt (the sender's
-:data:`~klime.senders.base.Feedback`). A batch that failed transiently while more are in
+from what the destination answers attempt by attempt (the retry loop tells the
+transport's :data:`~klime.senders.base.Pace` each outcome). A batch that failed transiently while more are in
 flight than the limit allows stops retrying and is *deferred*: it waits, first in line,
 until the limit lets it go again, so that against a server failing everything one batch
 retries with backoff and the request rate is that of one request at a time.
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Deque, List, Optional
 
 from .._deadline import Deadline
 from .._logging import log
+from .._retry import FIRST_TRY, Retry
 from ..senders.base import ATTEMPT_TRANSIENT
 from ._limit import LATENCY_GUARD, SLOW_ROUND_TRIP_S, AdaptiveLimit
 
@@ -44,21 +45,29 @@ __all__ = ["AdaptiveLimit", "Batch", "Flights", "LATENCY_GUARD", "SLOW_ROUND_TRI
 
 class Batch:
     """Events that leave the queue together. ``start`` is the sequence number of the first
-    (the owner's book-keeping); ``attempts`` counts the attempts made in earlier, deferred
-    flights; ``taken`` is set once its outcome is settled (by its flight, or by a shutdown
-    that gave up on it); ``error`` says why its last attempt failed, when deferred;
-    ``ref`` is the owner's own (the spool transport keeps the batch's claimed rows there)."""
+    (the owner's book-keeping); ``retry`` is where it stands in its retries (attempts
+    made in earlier, deferred flights); ``taken`` is set once its outcome is settled (by
+    its flight, or by a shutdown that gave up on it); ``error`` says why its last attempt
+    failed, when deferred; ``ref`` is the owner's own (the spool transport keeps the
+    batch's claimed rows there)."""
 
-    __slots__ = ("start", "events", "attempts", "taken", "error", "ref")
+    __slots__ = ("start", "events", "retry", "taken", "error", "ref")
 
-    def __init__(self, start: int, events: List[bytes], attempts: int = 0, error: object = None) -> None:
+    def __init__(
+        self, start: int, events: List[bytes], retry: Retry = FIRST_TRY, error: object = None
+    ) -> None:
         self.start = start
         self.events = events
-        self.attempts = attempts
+        self.retry = retry
         self.taken = False
         self.error = error
         #: what the owner keeps with the batch (the spool transport: its claimed rows)
         self.ref: object = None
+
+    @property
+    def attempts(self) -> int:
+        """Attempts made for this batch's events so far."""
+        return self.retry.attempts
 
 
 class Flights:
@@ -97,7 +106,7 @@ class Flights:
             return self.board_locked(self.parked.popleft())
         return None
 
-    def land_locked(self, batch: Batch, unsent: List[bytes], attempts: int, error: object) -> bool:
+    def land_locked(self, batch: Batch, unsent: List[bytes], retry: Retry, error: object) -> bool:
         """Settle ``batch``: it leaves the air; its ``unsent`` events wait, first in line.
 
         Returns False (and changes nothing) when it was settled already."""
@@ -109,7 +118,7 @@ class Flights:
         except ValueError:
             pass
         if unsent:
-            self.parked.append(Batch(batch.start, unsent, attempts, error))
+            self.parked.append(Batch(batch.start, unsent, retry, error))
         if self.idle:
             self.work.notify()
         return True
@@ -142,9 +151,9 @@ class Flights:
                 count += min(len(batch.events), target - batch.start)
         return count
 
-    # ------------------------------------------------------------ feedback
+    # ------------------------------------------------------------ pacing
 
-    def feedback_locked(self, outcome: str, seconds: float, *, backlog: int, pressed: bool = False) -> bool:
+    def pace_locked(self, outcome: str, seconds: float, *, backlog: int, pressed: bool = False) -> bool:
         """One attempt's outcome (see :class:`AdaptiveLimit`). After a transient failure,
         True means "keep retrying": no more are in the air than the limit now allows."""
         limit = self.limit
@@ -251,11 +260,11 @@ class Flights:
 
         def land(batch: Batch, outcome: Outcome) -> bool:
             with lock:
-                return flights.land_locked(batch, outcome.unsent or [], outcome.attempts, outcome.last_error)
+                return flights.land_locked(batch, outcome.unsent or [], outcome.retry, outcome.last_error)
 
-        def feedback(outcome: str, seconds: float) -> bool:
+        def pace(outcome: str, seconds: float) -> bool:
             with lock:
-                return flights.feedback_locked(outcome, seconds, backlog=len(waiting) + len(flights.parked))
+                return flights.pace_locked(outcome, seconds, backlog=len(waiting) + len(flights.parked))
 
         def fly(batch: Batch) -> None:
             try:
@@ -264,13 +273,13 @@ class Flights:
                     deadline,
                     keep_unsent=True,
                     claim=functools.partial(land, batch),
-                    feedback=feedback,
-                    attempts_made=batch.attempts,
+                    pace=pace,
+                    retry=batch.retry,
                 )
             except Exception:  # Delivery never raises; if it does, keep the batch
                 log.exception("klime: sending a batch failed unexpectedly")
                 with lock:
-                    flights.land_locked(batch, batch.events, batch.attempts, None)
+                    flights.land_locked(batch, batch.events, batch.retry, None)
             finally:
                 with lock:
                     flights.work.notify_all()

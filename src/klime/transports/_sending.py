@@ -8,7 +8,8 @@ all the room the adaptive limit gives at once, ended after :data:`IDLE_RETIRE_S`
 work or when more are running than the limit needs. Each thread takes a batch (deferred
 ones first; a full one while the limit allows; a partial one only when released by the
 interval, a flush or the shutdown, and only when nothing else is in the air), sends it
-through the delivery with the sender's per-attempt feedback, and settles it. Where no
+through the delivery (whose retry loop tells :meth:`SenderThreads._pace` each attempt's
+outcome, which feeds the concurrency limit), and settles it. Where no
 thread may run, :meth:`SenderThreads._drain_here` does the same on the calling thread,
 one batch at a time.
 
@@ -236,13 +237,13 @@ class SenderThreads:
                 batch.events,
                 deadline,
                 claim=functools.partial(self._land, batch),
-                feedback=functools.partial(self._feedback, batch),
-                attempts_made=batch.attempts,
+                pace=functools.partial(self._pace, batch),
+                retry=batch.retry,
             )
         except Exception:  # Delivery never raises; if it does, the batch is not lost silently
             log.exception("klime: sending a batch failed unexpectedly")
             with self._lock:
-                orphan = self._flights.land_locked(batch, [], 0, None)
+                orphan = self._flights.land_locked(batch, [], batch.retry, None)
             if orphan:
                 self.delivery.fail(batch.events, "an unexpected error happened while sending")
         finally:
@@ -266,10 +267,12 @@ class SenderThreads:
         already gave up on it and accounted for it."""
         with self._lock:
             return self._flights.land_locked(
-                batch, outcome.unsent or [], outcome.attempts, outcome.last_error
+                batch, outcome.unsent or [], outcome.retry, outcome.last_error
             )
 
-    def _feedback(self, batch: Batch, outcome: str, seconds: float) -> bool:
+    def _pace(self, batch: Batch, outcome: str, seconds: float) -> bool:
+        """One attempt's outcome, told by the retry loop: feeds the concurrency limit.
+        After a transient failure, False defers the batch (more in flight than allowed)."""
         limit = self._flights.limit
         pressed = 2 * len(self._queue) >= self.max_queue_size  # drops are near
         if not pressed and limit.quiet(outcome, seconds):  # one at a time, fast: no lock
@@ -277,7 +280,7 @@ class SenderThreads:
         with self._lock:
             flights = self._flights
             backlog = len(flights.parked) + len(self._queue) // self.max_batch_size
-            return flights.feedback_locked(outcome, seconds, backlog=backlog, pressed=pressed)
+            return flights.pace_locked(outcome, seconds, backlog=backlog, pressed=pressed)
 
     def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
         """Send from the calling thread, one batch at a time, until nothing may go (or the

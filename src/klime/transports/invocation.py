@@ -44,6 +44,7 @@ from .._config import (
 from .._deadline import Deadline
 from .._logging import log
 from .._models import FlushResult
+from .._retry import backoff_delay
 from ._flights import Flights
 from .base import Transport
 
@@ -217,7 +218,7 @@ class InvocationTransport(Transport):
             self._paused_until = 0.0
             return
         self._inline_failures += 1
-        pause = min(MAX_INLINE_PAUSE_S, max(self.flush_interval, 0.5) * 2 ** (self._inline_failures - 1))
+        pause = backoff_delay(self._inline_failures, max(self.flush_interval, 0.5), MAX_INLINE_PAUSE_S)
         self._paused_until = _monotonic() + pause
         log.warning(
             "klime: %d events could not be sent in time; they stay buffered and inline "

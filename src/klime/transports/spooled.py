@@ -46,6 +46,7 @@ from .._deadline import Deadline
 from .._delivery import Outcome
 from .._logging import log
 from .._models import FlushResult
+from .._retry import backoff_delay
 from ..errors import ConfigurationError, SendError, SpoolUnavailable
 from ._flights import Batch
 from ._spooler import ADOPT_S, SPOOL_WRITE_S, DiskQueue
@@ -208,7 +209,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                 self._reserved -= self.max_batch_size
                 self._fresh = 0  # nothing (more) due on disk now
                 self._partial_ok = False
-                self._flights.land_locked(batch, [], 0, None)
+                self._flights.land_locked(batch, [], batch.retry, None)
                 self._settled_cond.notify_all()
             return
         with self._lock:  # all at once: a flush tells "claimed, in the air" from these
@@ -223,7 +224,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                 batch.events,
                 deadline,
                 claim=functools.partial(self._land_spooled, batch),
-                feedback=functools.partial(self._feedback, batch),
+                pace=functools.partial(self._pace, batch),
                 keep_transient=True,
             )
         except Exception:  # Delivery never raises; the rows stay claimed for an adopter
@@ -239,7 +240,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         """Settle a batch's rows on disk: delete what was delivered or refused for good,
         release what comes back (after a backoff when its retries ran out)."""
         with self._lock:
-            if not self._flights.land_locked(batch, [], 0, None):
+            if not self._flights.land_locked(batch, [], batch.retry, None):
                 return False
         claimed: Any = batch.ref
         unknown = any(not _known_outcome(error) for error in outcome.errors or ())
@@ -255,8 +256,8 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         back, done = claimed.split(positions)
         retry_at = _wall()
         if outcome.exhausted or unknown:
-            delay = self.retry_initial_delay * 2.0 ** min(back.max_attempts, 30)
-            retry_at += min(MAX_SPOOL_BACKOFF_S, delay)
+            # a batch whose retries ran out after n attempts waits as after n + 1 failures
+            retry_at += backoff_delay(back.max_attempts + 1, self.retry_initial_delay, MAX_SPOOL_BACKOFF_S)
         disk = self._disk
         try:
             if done:
