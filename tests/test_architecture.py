@@ -47,6 +47,7 @@ LAYERS: List[Tuple[str, int, str]] = [
     ("klime.senders", 1, "senders"),
     ("klime.spool", 1, "spool"),
     ("klime._delivery", 2, "delivery"),
+    ("klime._ledger", 2, "delivery"),
     ("klime.transports", 3, "transports"),
     ("klime._client", 4, "face"),
     ("klime._aio", 4, "face"),
@@ -243,3 +244,21 @@ def test_one_413_split():
     allowed = {"klime._delivery"}  # it keeps a spool's exhausted batch, never splits
     offenders = [f for f in found if f.split(":")[0] not in allowed]
     assert not offenders, "code reading too_large outside the one split rule: " + ", ".join(offenders)
+
+
+def test_one_place_builds_a_flush_result_with_counts():
+    """Only klime._ledger builds a FlushResult that says what was sent, failed or dropped;
+    elsewhere a FlushResult is empty or says only what is left unsent."""
+    found = []
+    for name, tree in _trees().items():
+        if name == "klime._ledger":
+            continue
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "FlushResult"
+                and (node.args or {k.arg for k in node.keywords} & {"sent", "failed", "dropped"})
+            ):
+                found.append(f"{name}:{node.lineno}")
+    assert not found, "FlushResult counts built outside the ledger: " + ", ".join(found)

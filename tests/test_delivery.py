@@ -79,9 +79,9 @@ def test_a_sender_that_raises_fails_the_batch():
     assert outcome.failed == 2 and len(on_error.events) == 2
 
 
-def test_claim_refused_means_nothing_is_counted():
+def test_settle_refused_means_nothing_is_counted():
     delivery = Delivery(ScriptedSender(ok))
-    outcome = delivery.send(evs(2), Deadline(), claim=lambda outcome: False)
+    outcome = delivery.send(evs(2), Deadline(), settle=lambda outcome: False)
     assert outcome.sent == 0 and delivery.counters()["sent"] == 0
 
 

@@ -1,8 +1,9 @@
-"""Delivery: hands batches to the sender and keeps the books.
+"""Delivery: hands batches to the sender's retry loop and settles them in the ledger.
 
 Every transport delivers through one :class:`Delivery`, so splitting to the sender's limits,
-the 413 split-and-retry, the counters of the conservation law and the ``on_success`` /
-``on_error`` callbacks live in exactly one place. Thread-safe.
+driving each batch through :func:`~klime.senders.base.send_with_retries` (the 413 split
+included), the counts of the conservation law (its :class:`~klime._ledger.Ledger`) and the
+``on_success`` / ``on_error`` callbacks live in exactly one place. Thread-safe.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ._batching import split_batches
 from ._deadline import Deadline
 from ._events import decode_all
+from ._ledger import Ledger
 from ._logging import log
 from ._logging import log as logger
 from ._models import BatchResponse, EventError
@@ -62,16 +64,6 @@ class Outcome:
     exhausted: bool = False
 
 
-class _Books:
-    """Counters guarded by one lock."""
-
-    __slots__ = ("lock", "sent", "failed", "dropped", "retries", "requests")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.sent = self.failed = self.dropped = self.retries = self.requests = 0
-
-
 class Delivery:
     """Sends through ``sender``, counts, and reports to the callbacks.
 
@@ -89,24 +81,18 @@ class Delivery:
         self.sender = sender
         self.on_error = on_error
         self.on_success = on_success
-        self._books = _Books()
+        #: the one place that counts (see :mod:`klime._ledger`)
+        self.ledger = Ledger()
 
     # ---------------------------------------------------------------- counters
 
     def counters(self) -> Dict[str, int]:
-        b = self._books
-        with b.lock:
-            return {
-                "sent": b.sent,
-                "failed": b.failed,
-                "dropped": b.dropped,
-                "retries": b.retries,
-                "requests": b.requests,
-            }
+        """The ledger's counts now. Non-blocking; thread-safe."""
+        return self.ledger.tally().as_dict()
 
     def after_fork(self) -> None:
-        """In a forked child: fresh counters and lock, fresh sender connections."""
-        self._books = _Books()
+        """In a forked child: a fresh ledger, fresh sender connections."""
+        self.ledger = Ledger()
         self.sender.after_fork()
 
     def has_error_callback(self) -> bool:
@@ -120,7 +106,7 @@ class Delivery:
         events: Sequence[bytes],
         deadline: Deadline,
         *,
-        claim: Optional[Callable[[Outcome], bool]] = None,
+        settle: Optional[Callable[[Outcome], bool]] = None,
         report: bool = True,
         keep_unsent: bool = False,
         pace: Optional[Pace] = None,
@@ -130,7 +116,7 @@ class Delivery:
         """Deliver ``events`` (any number), in order, within ``deadline``.
 
         The events are split to the sender's limits; a batch refused as too large (413) is
-        halved and retried down to single events. When ``claim`` is given it is called once,
+        halved and retried down to single events. When ``settle`` is given it is called once,
         with the outcome (its ``unsent`` are handed back to the caller, see below), before
         anything is counted:
         if it returns False the events were already accounted for elsewhere (a shutdown
@@ -200,15 +186,10 @@ class Delivery:
             lost = [batch[i] for i in sorted(failed_set)]
             failed_events.append((result.error, lost))
             outcome.errors.append(result.error)  # type: ignore[union-attr]
-        if claim is not None and not claim(outcome):
+        if settle is not None and not settle(outcome):
             logger.debug("klime: a batch finished after its owner gave up on it; not counted")
             return Outcome()
-        b = self._books
-        with b.lock:
-            b.sent += outcome.sent
-            b.failed += outcome.failed
-            b.requests += requests
-            b.retries += retries
+        self.ledger.count(sent=outcome.sent, failed=outcome.failed, requests=requests, retries=retries)
         if outcome.sent and not failed_events:
             self._recovered()
         for error, lost in failed_events:
@@ -265,10 +246,10 @@ class Delivery:
         events: Sequence[bytes],
         deadline: Deadline,
         *,
-        claim: Optional[Callable[[Outcome], bool]] = None,
+        settle: Optional[Callable[[Outcome], bool]] = None,
     ) -> BatchResponse:
         """Deliver now on this thread; return the combined response or raise SendError."""
-        outcome = self.send(events, deadline, report=False, claim=claim)
+        outcome = self.send(events, deadline, report=False, settle=settle)
         if outcome.errors:
             first = outcome.errors[0]
             if len(outcome.errors) > 1:
@@ -281,9 +262,7 @@ class Delivery:
 
     def acknowledge(self, count: int) -> None:
         """Count ``count`` events as delivered without a sender (the memory transport)."""
-        b = self._books
-        with b.lock:
-            b.sent += count
+        self.ledger.count(sent=count)
 
     def drop(
         self, events: Sequence[bytes], reason: str, *, counted: bool = False, notice: bool = True
@@ -297,18 +276,14 @@ class Delivery:
         if not events:
             return
         if not counted:
-            b = self._books
-            with b.lock:
-                b.dropped += len(events)
+            self.ledger.count(dropped=len(events))
         self._report_lost(events, reason, retryable=False, notice=notice)
 
     def fail(self, events: Sequence[bytes], reason: str) -> None:
         """Count ``events`` as failed (sent, outcome unknown or negative) and report them."""
         if not events:
             return
-        b = self._books
-        with b.lock:
-            b.failed += len(events)
+        self.ledger.count(failed=len(events))
         self._report_lost(events, reason, retryable=True, notice=True)
 
     def _report_lost(self, events: Sequence[bytes], reason: str, *, retryable: bool, notice: bool) -> None:

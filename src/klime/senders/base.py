@@ -197,6 +197,7 @@ def send_with_retries(
     *,
     retry: Retry = FIRST_TRY,
     pace: Optional[Pace] = None,
+    log_give_up: bool = True,
 ) -> SendResult:
     """Deliver one batch through ``sender``: the one retry loop of klime.
 
@@ -205,7 +206,9 @@ def send_with_retries(
     stale pooled connection once at once) until the attempts (``retry.attempts`` made
     earlier count) or ``deadline`` run out; after each attempt ``pace`` hears the outcome,
     and a False answer after a transient failure ends the call with the batch deferred.
-    A sender without a policy is called once (``send``), its result final. Blocks
+    A sender without a policy is called once (``send``), its result final. With
+    ``log_give_up`` False, running out of attempts is not logged here (the caller words
+    it: the SQS sender, per message). Blocks
     (sleeps between attempts, never past ``deadline``); thread-safe; never raises.
     """
     policy = sender.retry_policy
@@ -264,7 +267,7 @@ def send_with_retries(
             )
         if policy.exhausted(retry):
             return _gave_up(f"gave up after {retry.attempts} attempts: {reason}", status, all_failed,
-                            retry, first)
+                            retry, first, log=log_give_up)
         wait = 0.0 if at_once else policy.wait(retry)
         left = deadline.remaining()
         if left is not None and wait >= left:
@@ -294,8 +297,9 @@ def _gave_up(
     first: int,
     *,
     deadline_reached: bool = False,
+    log: bool = True,
 ) -> SendResult:
-    if not deadline_reached:
+    if log and not deadline_reached:
         logger.warning("klime: %s", message)
     return SendResult(
         None,
