@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test check check-durations test-lowest test-noaws lint bench soak clean venv dev test-matrix
+.PHONY: demo test check check-durations test-lowest test-urllib3-range test-noaws lint bench soak clean venv dev test-matrix
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,18 @@ test-lowest: $(LOWEST)/.installed
 	$(LOWEST_PY) tools/lowest.py check
 	$(LOWEST_PY) -m pytest -q
 
+## The HTTP sender and klime 1.x's programs on urllib3 2.0 and 2.6.2 (where klime 0.1 crashed:
+## urllib3's Retry gained retry_after_max only in 2.6.3), each in its own venv; a minute.
+URLLIB3_2 ?= 2.0.7 2.6.2
+test-urllib3-range:
+	set -e; for v in $(URLLIB3_2); do \
+	  d=.venv-urllib3-$$v; \
+	  [ -f $$d/.installed ] || { $(PYTHON) -m venv $$d && echo '*' > $$d/.gitignore && \
+	    $$d/bin/python -m pip --disable-pip-version-check -q install -e ".[dev]" "urllib3==$$v" && touch $$d/.installed; }; \
+	  $$d/bin/python -c "import urllib3, requests; print('urllib3', urllib3.__version__, 'requests', requests.__version__)"; \
+	  $$d/bin/python -m pytest -q tests/test_senders_http.py tests/test_senders_http_hostile.py tests/test_compat_klime1.py; \
+	done
+
 lint: $(VENV)/.dev
 	$(PY) -m ruff check src tests benchmarks examples tools
 	$(PY) -m mypy
@@ -97,4 +109,4 @@ test-matrix:
 	$(PYTHON) tools/test_matrix.py $(MATRIX_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-noaws $(LOWEST) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-noaws $(LOWEST) .venv-urllib3-* build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -21,6 +21,7 @@ Blocking (creation runs pip); not meant for threads.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -47,6 +48,20 @@ class Interpreter:
     python: str  # path of the interpreter
     version: str  # what the probe reported (the package's version)
     where: str  # the venv directory (or "given" for --klime11-python)
+
+
+def add_klime11_options(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of the klime 1.1.0 peer, the same in every benchmark."""
+    parser.add_argument(
+        "--klime11-python",
+        metavar="PATH",
+        help="run klime 1.1.0 with this interpreter (it must import klime 1.1.0) instead of the cached venv",
+    )
+    parser.add_argument(
+        "--no-create-venvs",
+        action="store_true",
+        help="do not create klime 1.1.0's venv when it is missing (skip that peer instead)",
+    )
 
 
 def cache_dir() -> Path:

@@ -1,7 +1,7 @@
 """History import: ``klime import`` of N events against a collector a round trip away.
 
     python benchmarks/backfill.py [--events 1000000] [--delay-ms 50] [--concurrency 32]
-        [--peers posthog] [--json out.json] [--keep FILE]
+        [--peers posthog] [--kills 10] [--seed S] [--json out.json] [--keep FILE]
 
 Writes N generated Klime events (NDJSON, no messageIds: the import derives them) to a
 temporary file, starts the counting collector (``_collector.py``) in this process, answering
@@ -11,6 +11,11 @@ end, and over first-to-last batch at the collector), the child's peak RSS and CP
 event (``resource.getrusage(RUSAGE_CHILDREN)``, read after each child), the theoretical limit
 (100 events a request x requests in flight / round trip), and whether every event arrived
 exactly once by id.
+
+With ``--kills K`` it then imports the same file again under another run id, with a
+checkpoint, SIGKILLs the child at K random moments (uniform over the time a whole import
+took) and restarts it each time, then lets the last one finish: every event must arrive, and
+the events sent twice must stay below one in-flight window (``--concurrency`` x 100) per kill.
 
 Peers, run the same way when they can reach a local collector: PostHog's Python SDK with
 ``historical_migration=True`` (capture with each event's timestamp and a uuid, then
@@ -25,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,6 +125,39 @@ def measure(
     }
 
 
+def killed_and_resumed(
+    collector: CountingCollector, argv: List[str], env: Dict[str, str], total: int, kills: int,
+    span_s: float, seed: int, checkpoint: str,
+) -> Dict[str, Any]:
+    """Import with ``checkpoint``, SIGKILL the child ``kills`` times at random moments, resume
+    each time, let the last run finish; what arrived, and how much was sent twice."""
+    rng = random.Random(seed)
+    argv = [*argv, "--checkpoint", checkpoint]
+    moments: List[float] = []
+    started = time.monotonic()
+    for _ in range(kills):
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        at = rng.uniform(0.3, max(0.6, span_s / kills))  # each run makes some progress, then dies
+        try:
+            child.wait(timeout=at)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            moments.append(round(at, 2))
+    final = subprocess.run(argv, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - started
+    stats = collector.stats("kills")
+    return {
+        "kills": len(moments),
+        "kill_moments_s": moments,
+        "final_status": final.returncode,
+        "wall_s": wall,
+        "delivered": stats["unique"],
+        "duplicates": stats["duplicates"],
+        "every_event": stats["unique"] == total,
+    }
+
+
 def table(results: Dict[str, Dict[str, Any]], limit: float, args: argparse.Namespace) -> str:
     rows = [
         f"N = {args.events:,} events, round trip {args.delay_ms:g} ms, "
@@ -146,6 +186,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--peers", default="posthog", help="comma-separated: posthog, or '' for none")
+    parser.add_argument("--kills", type=int, default=0, help="then kill and resume an import K times")
+    parser.add_argument("--seed", type=int, default=1, help="of the kill moments")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--keep", metavar="FILE", help="write the generated file here (kept)")
     args = parser.parse_args(argv)
@@ -154,6 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["PYTHONPATH"] = os.path.join(REPO, "src") + os.pathsep + env.get("PYTHONPATH", "")
     env["KLIME_WRITE_KEY"] = WRITE_KEY
     results: Dict[str, Dict[str, Any]] = {}
+    results_kills: Optional[Dict[str, Any]] = None
     limit = 100 * args.concurrency / (args.delay_ms / 1000.0)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or os.path.join(tmp, "history.ndjson")
@@ -176,6 +219,33 @@ def main(argv: Optional[List[str]] = None) -> int:
             if results["klime import"]["status"] != 0:
                 print(results["klime import"]["stderr"], file=sys.stderr)
             collector.forget("klime")
+            if args.kills:
+                kill_argv = list(klime_argv)
+                kill_argv[kill_argv.index(collector.url("klime"))] = collector.url("kills")
+                results_kills = killed_and_resumed(
+                    collector,
+                    kill_argv,
+                    env,
+                    args.events,
+                    args.kills,
+                    results["klime import"]["wall_s"],
+                    args.seed,
+                    os.path.join(tmp, "checkpoint.json"),
+                )
+                window = args.concurrency * 100
+                results_kills["window"] = window
+                kills = max(1, results_kills["kills"])
+                results_kills["duplicates_per_kill"] = results_kills["duplicates"] / kills
+                print(
+                    f"killed {results_kills['kills']} times at {results_kills['kill_moments_s']} s "
+                    "and resumed: "
+                    f"{results_kills['delivered']:,} of {args.events:,} events arrived "
+                    f"({'all' if results_kills['every_event'] else 'NOT ALL'}), "
+                    f"{results_kills['duplicates']:,} sent twice "
+                    f"({results_kills['duplicates_per_kill']:,.0f} a kill; one window is {window:,})",
+                    file=sys.stderr,
+                )
+                collector.forget("kills")
             for peer in filter(None, args.peers.split(",")):
                 if peer != "posthog":
                     results[peer] = {"skipped": "no local-collector harness for it"}
@@ -196,8 +266,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "limit": limit, "results": results}, f, indent=1)
-    return 0 if results["klime import"].get("exactly_once") else 1
+            everything = {"args": vars(args), "limit": limit, "results": results, "kills": results_kills}
+            json.dump(everything, f, indent=1)
+    ok = bool(results["klime import"].get("exactly_once"))
+    if results_kills is not None:
+        below_window = results_kills["duplicates_per_kill"] < results_kills["window"]
+        ok = ok and results_kills["every_event"] and below_window
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1055,16 +1055,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="which cases to run (default paced,burst,exit,fault)",
     )
     parser.add_argument("--burst-events", type=int, help="events of the burst case (default 1000)")
-    parser.add_argument(
-        "--klime11-python",
-        metavar="PATH",
-        help="run klime 1.1.0 with this interpreter (it must import klime 1.1.0) instead of the cached venv",
-    )
-    parser.add_argument(
-        "--no-create-venvs",
-        action="store_true",
-        help="do not create klime 1.1.0's venv when it is missing (skip that peer instead)",
-    )
+    _venvs.add_klime11_options(parser)
     parser.add_argument(
         "--collector-check", action="store_true", help="only measure what the collector can take, then stop"
     )

@@ -447,16 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="PATH",
         help="also run klime from another checkout's src directory (klime@base), e.g. a git worktree",
     )
-    parser.add_argument(
-        "--klime11-python",
-        metavar="PATH",
-        help="run klime 1.1.0 with this interpreter (it must import klime 1.1.0) instead of the cached venv",
-    )
-    parser.add_argument(
-        "--no-create-venvs",
-        action="store_true",
-        help="do not create klime 1.1.0's venv when it is missing (skip that peer instead)",
-    )
+    _venvs.add_klime11_options(parser)
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeat < 1:
         parser.error("--events and --repeat must be at least 1")

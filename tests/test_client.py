@@ -296,3 +296,33 @@ def test_a_failing_endpoint_gets_retry_max_attempts_requests_per_event(collector
         assert len(collector.requests()) == client.retry_max_attempts
     finally:
         client.shutdown(timeout=2)
+
+
+def test_caller_chosen_timestamps_and_ids_reach_the_wire_exactly(collector, make_client) -> None:
+    """Issue 22: timestamp= and message_id= on every call, the *_sync forms and the
+    module-level functions; a wrong type queues nothing."""
+    import datetime as dt
+
+    when = dt.datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    naive = dt.datetime(2025, 12, 31, 23, 59, 59)
+    client = make_client()
+    client.track("Order Placed", {"total": 42}, "u1", timestamp=when, message_id="order-1001")
+    client.identify("u1", {"plan": "pro"}, timestamp=naive, message_id="identify-u1 ü \"q\"")
+    client.group("org", {"name": "Acme"}, "u1", timestamp=when, message_id="group-org")
+    client.track_sync("Synced", None, "u1", timestamp=naive, message_id="sync-1")
+    klime.client = client
+    klime.track("Module", user_id="u1", timestamp=when, message_id="module-1")
+    bad_ones = ({"timestamp": "2026-03-01"}, {"timestamp": 1767225600}, {"message_id": ""}, {"message_id": 7})
+    for bad in bad_ones:
+        with pytest.raises(ValidationError):
+            client.track("Bad", user_id="u1", **bad)
+    assert client.flush(timeout=10).ok
+    got = {e["messageId"]: e["timestamp"] for e in collector.events()}
+    assert got == {
+        "order-1001": "2026-03-01T10:30:15.123Z",
+        'identify-u1 ü "q"': "2025-12-31T23:59:59.000Z",
+        "group-org": "2026-03-01T10:30:15.123Z",
+        "sync-1": "2025-12-31T23:59:59.000Z",
+        "module-1": "2026-03-01T10:30:15.123Z",
+    }
+    assert client.stats()["tracked"] == 5

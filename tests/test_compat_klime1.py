@@ -141,6 +141,8 @@ def test_every_constructor_option_by_position_in_klime1s_order(collector: Collec
         lambda response: seen.append(response),  # on_success
     )
     try:
+        assert client.write_key == WRITE_KEY and client.endpoint == collector.url
+        assert WRITE_KEY not in repr(client)
         assert (client.flush_interval, client.max_batch_size, client.max_queue_size) == (500, 10, 50)
         assert (client.retry_max_attempts, client.retry_initial_delay) == (3, 10)
         client.track("E", {}, "u")

@@ -699,7 +699,10 @@ def test_echo_prints_one_line_per_event_and_per_rejection() -> None:
         post(collector)
 
     lines = echo.getvalue().splitlines()
-    assert lines[0][12:] == '  track     "Button Clicked"  user=user_123  {"plan": "pro"}'
+    # an event of another time than now (history) shows its own
+    assert lines[0][12:] == (
+        '  track     "Button Clicked"  user=user_123  {"plan": "pro"}  at=2024-05-01T07:21:03.120Z'
+    )
     assert lines[1].endswith('  identify  user=user_123  {"email": "a@b.c"}')
     assert lines[2].endswith('  group     org_456  user=user_123  {"name": "Acme"}')
     assert lines[3].endswith("-> 500 (fault)")
@@ -1005,3 +1008,11 @@ def test_cli_serves_with_a_standing_failure_until_interrupted() -> None:
             process.wait()
     assert process.returncode == 0
     assert "-> 503 (fault)" in out
+
+
+def test_an_event_of_now_shows_no_time_of_its_own() -> None:
+    from klime._events import now_timestamp
+    from klime.devserver._printer import describe_event
+
+    assert "at=" not in describe_event(track(0, timestamp=now_timestamp()))
+    assert describe_event(track(0)).endswith("  at=2024-05-01T07:21:03.120Z")

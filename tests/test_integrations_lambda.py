@@ -10,6 +10,7 @@ before the emulator received that invocation's response.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -601,6 +602,26 @@ class FakeExtension:
 def after_response_wrapper(fn, client, extension):
     options = _serverless.Options("@klime_lambda", client, 2.0, 0.25, True)
     return _lambda._wrap_after_response(fn, options, _lambda._remaining_seconds, extension)
+
+
+def test_the_extension_recognises_after_response_wrappers_through_other_decorators(make_client):
+    extension_module = importlib.import_module("klime.integrations.lambda._extension")
+    client = make_client(transport="invocation")
+
+    def handler(event, context):
+        return "ok"
+
+    wrapper = after_response_wrapper(handler, client, None)
+
+    @functools.wraps(wrapper)
+    def outer(event, context):  # another decorator, applied on top of klime's
+        return wrapper(event, context)
+
+    assert extension_module._is_after_response_wrapper(wrapper)
+    assert extension_module._is_after_response_wrapper(outer)
+    assert not extension_module._is_after_response_wrapper(handler)
+    assert not extension_module._is_after_response_wrapper(klime_lambda(client=client)(handler))
+    assert wrapper({}, Context(3000)) == "ok"  # no extension: it flushes before returning
 
 
 def test_not_on_lambda_after_response_falls_back_with_one_warning(

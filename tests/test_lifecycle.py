@@ -51,6 +51,102 @@ def test_flush_pending_skips_closed_clients(make_client: Callable[..., klime.Cli
     assert _lifecycle.flush_pending(1) == 0
 
 
+def test_flush_quietly_flushes_one_client_or_several_and_counts(
+    collector: Collector, make_client: Callable[..., klime.Client]
+) -> None:
+    a, b = make_client(flush_interval=60_000), make_client(flush_interval=60_000)
+    a.track("A", user_id="user-1")
+    assert _lifecycle.flush_quietly(a, 10) == _lifecycle.FlushTotals(sent=1, unsent=0, failed_clients=0)
+    a.track("A", user_id="user-1")
+    b.track("B", user_id="user-1")
+    b.track("B", user_id="user-1")
+    assert _lifecycle.flush_quietly([a, b], 10) == _lifecycle.FlushTotals(sent=3, unsent=0, failed_clients=0)
+    assert collector.wait_for_events(4, 5)
+
+
+def test_flush_quietly_logs_a_failing_client_flushes_the_others_and_never_raises(
+    collector: Collector,
+    make_client: Callable[..., klime.Client],
+    caplog_klime: pytest.LogCaptureFixture,
+) -> None:
+    broken, good = make_client(flush_interval=60_000), make_client(flush_interval=60_000)
+
+    def fails(timeout: object = None) -> None:
+        raise RuntimeError("boom")
+
+    broken.flush = fails  # type: ignore[method-assign,assignment]
+    good.track("G", user_id="user-1")
+    totals = _lifecycle.flush_quietly([broken, good], 10, after="a test request", note="; all is well")
+    assert totals == _lifecycle.FlushTotals(sent=1, unsent=0, failed_clients=1)
+    errors = [r for r in caplog_klime.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert errors[0].getMessage() == "klime: the flush after a test request failed; all is well"
+
+
+def test_flush_quietly_keeps_its_deadline_and_warns_once_about_what_stays_queued(
+    collector: Collector,
+    make_client: Callable[..., klime.Client],
+    caplog_klime: pytest.LogCaptureFixture,
+) -> None:
+    from klime._logging import log
+    from klime.devserver import Fault
+
+    log.reset_once("test-flush-quietly-unsent")
+    client = make_client(flush_interval=60_000)
+    collector.set_mode(Fault.blackhole())  # Klime never answers: every flush times out
+    try:
+        for _ in range(2):
+            client.track("Held", user_id="user-1")
+            started = time.monotonic()
+            totals = _lifecycle.flush_quietly(client, 0.3, unsent_warning_key="test-flush-quietly-unsent")
+            assert time.monotonic() - started < 3
+            assert totals.unsent >= 1 and totals.failed_clients == 0
+    finally:
+        collector.set_mode(None)
+    warnings = [r.getMessage() for r in caplog_klime.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "klime: events still queued after a flush after the work (timeout 0.3s); they stay queued "
+        "and are sent later"
+    ]
+    assert WRITE_KEY not in caplog_klime.text
+    assert client.flush(timeout=10).unsent == 0  # nothing was lost: sent once Klime answers
+    assert len(set(collector.message_ids())) == 2
+
+
+def test_flush_quietly_of_every_client_skips_idle_and_closed_ones(
+    collector: Collector, make_client: Callable[..., klime.Client]
+) -> None:
+    busy, idle, closed = (make_client(flush_interval=60_000) for _ in range(3))
+    closed.shutdown(timeout=2)
+    calls = []
+    for client in (idle, closed):
+        client.flush = lambda timeout=None, c=client: calls.append(c)  # type: ignore[method-assign,misc]
+    busy.track("B", user_id="user-1")
+    assert _lifecycle.flush_quietly(None, 10).sent == 1
+    assert calls == []
+
+
+def test_one_default_flush_timeout_for_every_integration() -> None:
+    import importlib
+
+    from klime.integrations import _serverless, asgi, celery, flask, uwsgi, wsgi
+
+    default = _lifecycle.DEFAULT_FLUSH_TIMEOUT
+    assert default == 2.0
+    aliases = [
+        wsgi.FLUSH_TIMEOUT,
+        asgi.FLUSH_TIMEOUT,
+        flask.DEFAULT_FLUSH_TIMEOUT,
+        uwsgi.REQUEST_FLUSH_TIMEOUT,
+        celery.TASK_FLUSH_TIMEOUT,
+        _serverless.DEFAULT_FLUSH_TIMEOUT,
+    ]
+    assert all(alias is default for alias in aliases)
+    lambda_package = importlib.import_module("klime.integrations.lambda")
+    assert lambda_package.klime_lambda.__kwdefaults__["flush_timeout"] is default
+    assert klime.klime_cloud_function.__kwdefaults__["flush_timeout"] is default
+
+
 def test_exit_all_shuts_every_client_down_once(
     collector: Collector, make_client: Callable[..., klime.Client]
 ) -> None:

@@ -368,15 +368,16 @@ def test_a_serverless_client_imports_no_http_stack_before_its_first_send(src_env
     assert done.stdout.strip() == "[]"
 
 
-def test_a_long_running_client_loads_the_http_stack_when_made(src_env: dict) -> None:
-    """Not later from a sender thread: importing OpenSSL there crashed uWSGI workers
-    (tests/test_uwsgi.py, ``--lazy-apps --shared-import klime``)."""
+def test_a_long_running_client_initialises_openssl_when_made_and_requests_later(src_env: dict) -> None:
+    """OpenSSL on the thread that makes the client (first initialised from a sender thread
+    it crashed uWSGI workers: tests/test_uwsgi.py, ``--lazy-apps --shared-import klime``);
+    ``requests`` at the first send, off the caller's path."""
     code = textwrap.dedent(
         """
         import sys
         import klime
         client = klime.Client("k", endpoint="http://127.0.0.1:9", transport="background")
-        print("requests" in sys.modules)
+        print("_ssl" in sys.modules, "_hashlib" in sys.modules, "requests" in sys.modules)
         client.shutdown(0)
         """
     )
@@ -384,4 +385,4 @@ def test_a_long_running_client_loads_the_http_stack_when_made(src_env: dict) -> 
         [sys.executable, "-c", code], env=src_env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "True"
+    assert done.stdout.strip() == "True True False"

@@ -19,7 +19,7 @@ import types as _types
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from . import _default, _lifecycle, types
-from ._client import Client, KlimeClient
+from ._client import DEFAULT_SHUTDOWN_TIMEOUT, Client, KlimeClient
 from ._logging import NULL_HANDLER as _NULL_HANDLER
 from ._logging import set_logger as _set_logger
 from ._models import BatchResponse, EventError, FlushResult
@@ -45,6 +45,7 @@ __all__ = [
     "__version__",
     "Client",
     "KlimeClient",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
     "BatchResponse",
     "EventError",
     "FlushResult",

@@ -253,6 +253,7 @@ class Client(AsyncClientMixin):
                 pool_size=self.max_concurrent_requests,
             )
         self._sender = sender
+        self._write_key = write_key if isinstance(write_key, str) else None
         self._delivery = Delivery(sender, on_error=self.on_error, on_success=self.on_success)
         self._transport = make_transport(
             transport,
@@ -282,6 +283,12 @@ class Client(AsyncClientMixin):
     @property
     def sender(self) -> Sender:
         return self._sender
+
+    @property
+    def write_key(self) -> Optional[str]:
+        """The write key (klime 1.x's attribute; None with a custom ``sender=`` and no key).
+        Read-only. It is a secret: klime never puts it in a repr, a log line or an error."""
+        return self._write_key
 
     # ------------------------------------------------------------------ fork
 

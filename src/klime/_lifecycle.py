@@ -20,7 +20,9 @@ At exit every client that was not shut down explicitly is shut down with its
   integration in Celery's pool processes, which also leave through ``os._exit``.
 
 The helpers :func:`clients`, :func:`flush_pending`, :func:`exit_all` and :func:`rearm` act
-on every live client of this process; the integrations use them.
+on every live client of this process; :func:`flush_quietly` (with its one default,
+:data:`DEFAULT_FLUSH_TIMEOUT`) is the flush after a request, a task or an invocation that
+every integration uses.
 
 Layer: process life, below the transports and the face. It knows a client only through
 the :class:`ManagedClient` protocol and runs higher layers' code only through hooks they
@@ -35,7 +37,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Union
 
 from . import _events
 from ._deadline import Deadline
@@ -47,6 +49,9 @@ __all__ = [
     "register",
     "unregister",
     "clients",
+    "DEFAULT_FLUSH_TIMEOUT",
+    "FlushTotals",
+    "flush_quietly",
     "flush_pending",
     "exit_all",
     "rearm",
@@ -165,24 +170,86 @@ def clients() -> List[Client]:
 # ---------------------------------------------------------------------------------------
 # what the integrations call
 
+#: Seconds a flush after one unit of work (a web request, a Celery task, a serverless
+#: invocation) may take by default, in every integration. It bounds how long the worker
+#: waits before its next unit; events not sent by then stay queued and go with the next
+#: flush, the background thread or the exit flush, so a longer wait only helps during an
+#: outage, where it would slow every request or task down. A normal round trip is far
+#: below it.
+DEFAULT_FLUSH_TIMEOUT = 2.0
 
-def flush_pending(timeout: Optional[float] = None) -> int:
-    """Flush every live client that has queued events, within one ``timeout`` (seconds).
+#: Once-per-process key of :func:`flush_quietly`'s warning about events left unsent.
+UNSENT_WARNING_KEY = "flush-after-work-unsent"
 
-    Blocks up to ``timeout`` (None: until sent or retries run out); thread-safe; never
-    raises. Returns how many events were still unsent when it returned.
+
+class FlushTotals(NamedTuple):
+    """What :func:`flush_quietly` achieved: events ``sent``, events still ``unsent`` when
+    it returned, and ``failed_clients``, the clients whose flush raised (logged)."""
+
+    sent: int = 0
+    unsent: int = 0
+    failed_clients: int = 0
+
+
+def flush_quietly(
+    target: Union[Client, Iterable[Client], None] = None,
+    timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT,
+    *,
+    after: str = "the work",
+    note: str = "",
+    unsent_warning_key: Optional[str] = UNSENT_WARNING_KEY,
+) -> FlushTotals:
+    """Flush after a unit of work, within one deadline ``timeout`` seconds from now (None:
+    until sent or retries run out), and never raise: what every integration calls.
+
+    ``target``: one client, several (flushed one after the other, each whatever is left of
+    the deadline), or None for every live client of the process that has queued events.
+    A client whose flush raises is logged ("the flush after ``after`` failed" + ``note``)
+    and the others are flushed still. Events left unsent stay queued for a later flush;
+    that is logged once per process under ``unsent_warning_key`` (None: not at all) and at
+    debug level every time.
+
+    Blocks up to ``timeout``; thread-safe (each client's flush is); never raises.
     """
     deadline = Deadline.after(timeout)
-    unsent = 0
-    for client in clients():
-        try:
-            if client._closed or client.stats()["queued"] == 0:
+    sent = unsent = failed_clients = 0
+    try:
+        if target is None:
+            chosen: Iterable[Client] = [c for c in clients() if not c._closed and c.stats()["queued"]]
+        elif isinstance(target, Iterable):
+            chosen = target
+        else:
+            chosen = [target]
+        for client in chosen:
+            try:
+                result = client.flush(deadline.remaining())
+            except Exception:
+                failed_clients += 1
+                log.exception("klime: the flush after %s failed%s", after, note)
                 continue
-            result = client.flush(deadline.remaining())
+            sent += result.sent
             unsent += result.unsent
-        except Exception:
-            log.exception("klime: flushing a client failed")
-    return unsent
+    except Exception:  # listing the clients failed: nothing more to do
+        log.exception("klime: the flush after %s failed%s", after, note)
+    if unsent:
+        if unsent_warning_key is not None:
+            log.warning_once(
+                unsent_warning_key,
+                "klime: events still queued after a flush after %s (timeout %ss); they stay "
+                "queued and are sent later",
+                after,
+                timeout,
+            )
+        log.debug("klime: %d events still queued after the flush after %s", unsent, after)
+    return FlushTotals(sent, unsent, failed_clients)
+
+
+def flush_pending(timeout: Optional[float] = None) -> int:
+    """Flush every live client that has queued events, within one ``timeout`` (seconds):
+    :func:`flush_quietly` of every client, without its warning. Returns how many events
+    were still unsent when it returned. Blocks up to ``timeout``; thread-safe; never raises.
+    """
+    return flush_quietly(None, timeout, after="a flush of every client", unsent_warning_key=None).unsent
 
 
 def exit_all() -> None:

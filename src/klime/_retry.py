@@ -18,7 +18,6 @@ import random
 import re
 import time
 from dataclasses import dataclass, replace
-from email.utils import mktime_tz, parsedate_tz
 from typing import Optional
 
 from ._config import MAX_RETRY_AFTER_S, MAX_RETRY_DELAY_S
@@ -52,6 +51,8 @@ def parse_retry_after(header: Optional[str], cap: float, *, now: Optional[float]
     if match is not None:
         seconds = float(match.group(1))
     else:
+        from email.utils import mktime_tz, parsedate_tz  # an HTTP date: rare, loaded when seen
+
         try:
             parsed = parsedate_tz(header)
             if parsed is None:

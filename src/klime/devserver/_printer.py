@@ -15,6 +15,7 @@ Imports: the standard library and klime._terminal.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import threading
 import time
@@ -84,7 +85,25 @@ def describe_event(event: Mapping[str, Any]) -> str:
     extra = event.get("properties" if kind == "track" else "traits")
     if extra:
         parts.append(_short_json(extra))
+    when = _past_time(event.get("timestamp"))
+    if when:
+        parts.append(f"at={when}")
     return "  ".join(parts)
+
+
+def _past_time(timestamp: Any) -> str:
+    """The event's own time when it is not about now (history sent with ``timestamp=``,
+    or a clock that is off): more than a minute away from this machine's clock. Pure."""
+    if not isinstance(timestamp, str):
+        return ""
+    try:
+        moment = _dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=_dt.UTC)
+        away = abs((_dt.datetime.now(_dt.UTC) - moment).total_seconds())
+    except (ValueError, OverflowError):
+        return ""
+    return printable(timestamp[:40]) if away > 60 else ""
 
 
 def summary(events: Sequence[Mapping[str, Any]]) -> str:

@@ -1,14 +1,13 @@
 """``@klime_lambda``: the AWS Lambda decorator, in both of its modes.
 
 - Default: the handler's events are sent before it returns (or raises), within the time
-  the Lambda context says the invocation has left (the wrappers of :mod:`._wrappers`).
+  the Lambda context says the invocation has left (the wrappers of :mod:`._serverless`).
 - ``after_response=True``: the wrapper hands the invocation to klime's Lambda internal
   extension (``klime/integrations/lambda/_extension.py``), whose thread flushes it after
   the runtime has posted the response and before Lambda may freeze the sandbox; when that
   is impossible the wrapper flushes as in the default mode.
 
-Under SnapStart it also registers the before-snapshot flush
-(``klime/integrations/lambda/_snapstart.py``).
+Under SnapStart it also registers a before-snapshot flush (:func:`_prepare_snapstart`).
 
 The public home of these names is ``klime.integrations.lambda`` (re-exported from
 ``klime`` and ``klime.integrations``); they are defined here because ``lambda`` is a
@@ -16,8 +15,8 @@ keyword, so type checkers can only follow an import of this module. The modules 
 package are reached through ``importlib`` for the same reason, and only when needed (a
 plain handler's cold start imports neither the extension nor ``http.client``).
 
-May import: the standard library, :mod:`._serverless`, :mod:`._wrappers` and klime's layers
-below the integrations; the ``lambda`` package only through :func:`_lambda_module`.
+May import: the standard library, :mod:`._serverless` and klime's layers below the
+integrations; the ``lambda`` package only through :func:`_lambda_module`.
 """
 
 from __future__ import annotations
@@ -28,19 +27,25 @@ import importlib
 import inspect
 import os
 import sys
+import threading
 import types
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Dict, Optional, Protocol, Tuple, TypeVar, overload
 
+from .. import _lifecycle
 from .._logging import log
 from ._serverless import (
     DEFAULT_DEADLINE_MARGIN_S,
-    DEFAULT_FLUSH_TIMEOUT_S,
+    DEFAULT_FLUSH_TIMEOUT,
     Invocation,
     Options,
     Remaining,
-    flush_everything,
+    begin_invocation,
+    clients_to_flush,
+    refuse_running_loop,
+    require_function,
+    run_here,
+    wrap,
 )
-from ._wrappers import refuse_running_loop, remaining_or_none, require_function, run_here, wrap
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -81,7 +86,8 @@ def _lambda_context(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
 
 
 def _remaining_seconds(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[float]:
-    """From the Lambda context (the handler's second argument, or ``context=``)."""
+    """Seconds the invocation has left, from the Lambda context (the handler's second
+    argument, or ``context=``); None without one. Non-blocking; may raise (the caller logs)."""
     method = getattr(_lambda_context(args, kwargs), "get_remaining_time_in_millis", None)
     if not callable(method):
         return None
@@ -90,6 +96,7 @@ def _remaining_seconds(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optiona
 
 
 def _request_id(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
+    """The invocation's ``aws_request_id`` from the Lambda context, or None. Never raises."""
     try:
         request_id = getattr(_lambda_context(args, kwargs), "aws_request_id", None)
     except Exception:
@@ -102,9 +109,12 @@ def _request_id(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
 
 class AfterResponse(Protocol):
     """What the after-response wrapper needs of klime's Lambda extension
-    (``klime.integrations.lambda._extension.LambdaExtension``)."""
+    (``klime.integrations.lambda._extension.LambdaExtension``): ``begin`` and ``end``
+    never block nor raise; both are thread-safe."""
 
-    def begin(self, wrapper: Callable[..., Any], request_id: Optional[str]) -> bool: ...
+    def begin(self, wrapper: Callable[..., Any], request_id: Optional[str]) -> bool:
+        """True: the extension flushes this invocation after the response."""
+        ...
 
     def end(
         self,
@@ -112,8 +122,13 @@ class AfterResponse(Protocol):
         invocation: Invocation,
         wrapper_frame: Optional[types.FrameType],
         wrapper: Callable[..., Any],
-    ) -> bool: ...
+    ) -> bool:
+        """True: the invocation is handed over; the wrapper must not flush it."""
+        ...
 
+
+#: Set (True) on every after-response wrapper; the extension's ``AFTER_RESPONSE_MARK``.
+_AFTER_RESPONSE_MARK = "_klime_after_response"
 
 #: True while an after-response wrapper serves the current invocation in this context: a
 #: decorated function called inside it leaves its events to that wrapper's hand-over.
@@ -131,6 +146,7 @@ def _wrap_after_response(
     is_async = inspect.iscoroutinefunction(handler)
 
     def call(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """The handler itself (a coroutine run to completion here). Blocks."""
         if is_async:
             return run_here(handler, args, kwargs)
         return handler(*args, **kwargs)
@@ -140,14 +156,14 @@ def _wrap_after_response(
         if is_async:
             refuse_running_loop(options)
         if _serving.get():  # inside a decorated invocation: its hand-over covers these events
-            inner = Invocation(options).begin(remaining_or_none(remaining, args, kwargs))
+            inner = begin_invocation(options, remaining, args, kwargs)
             try:
                 return call(args, kwargs)
             finally:
                 inner.close()
         request_id = _request_id(args, kwargs)
         serving = extension is not None and extension.begin(klime_wrapper, request_id)
-        invocation = Invocation(options).begin(remaining_or_none(remaining, args, kwargs))
+        invocation = begin_invocation(options, remaining, args, kwargs)
         token = _serving.set(True) if serving else None
         try:
             return call(args, kwargs)
@@ -167,6 +183,7 @@ def _wrap_after_response(
                 invocation.flush()
             invocation.close()
 
+    setattr(klime_wrapper, _AFTER_RESPONSE_MARK, True)  # how the extension knows the one Lambda calls
     return klime_wrapper
 
 
@@ -184,13 +201,55 @@ def _after_response_extension(options: Options) -> Optional[AfterResponse]:
         return None
 
 
+#: Longest the before-snapshot flush of SnapStart may take, seconds.
+SNAPSHOT_FLUSH_TIMEOUT_S = 5.0
+
+_snapshot_lock = threading.Lock()
+_snapshot_hook_installed = False
+
+
+def _flush_before_snapshot() -> None:
+    """Send the events recorded during Init before Lambda takes the snapshot: else every
+    sandbox restored from it would send them again (with the same messageId). Blocks up to
+    :data:`SNAPSHOT_FLUSH_TIMEOUT_S`; never raises."""
+    totals = _lifecycle.flush_quietly(
+        clients_to_flush(None),
+        SNAPSHOT_FLUSH_TIMEOUT_S,
+        after="Init, before the SnapStart snapshot",
+        unsent_warning_key=None,  # the warning below says what it means here
+    )
+    if totals.unsent:
+        log.warning(
+            "klime: %d events recorded during Init could not be sent before the SnapStart "
+            "snapshot; every sandbox restored from it will send them (with the same messageId)",
+            totals.unsent,
+        )
+    log.debug("klime: %d events sent before the snapshot", totals.sent)
+
+
 def _prepare_snapstart() -> None:
+    """Under SnapStart, register (once per process) :func:`_flush_before_snapshot` with
+    Lambda's ``snapshot_restore_py``. Thread-safe; non-blocking; never raises."""
+    global _snapshot_hook_installed
     if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") != "snap-start":
         return
-    try:
-        _lambda_module("_snapstart").install_snapshot_flush(flush_everything)
-    except Exception:
-        log.exception("klime: could not register the SnapStart before-snapshot flush")
+    with _snapshot_lock:
+        if _snapshot_hook_installed:
+            return
+        try:
+            import snapshot_restore_py  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        except ImportError:
+            log.warning_once(
+                "snapstart-no-hooks",
+                "klime: SnapStart is on but snapshot_restore_py is missing: events recorded during "
+                "Init may be sent again by every sandbox restored from the snapshot",
+            )
+            return
+        try:
+            snapshot_restore_py.register_before_snapshot(_flush_before_snapshot)
+            _snapshot_hook_installed = True
+        except Exception:
+            log.exception("klime: could not register the SnapStart before-snapshot flush")
 
 
 # ---------------------------------------------------------------------- the decorator
@@ -209,7 +268,7 @@ def klime_lambda(
     handler: None = None,
     *,
     client: Optional[Client] = None,
-    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT_S,
+    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT,
     deadline_margin: float = DEFAULT_DEADLINE_MARGIN_S,
     after_response: bool = False,
 ) -> LambdaDecorator: ...
@@ -219,7 +278,7 @@ def klime_lambda(
     handler: Optional[Callable[..., Any]] = None,
     *,
     client: Optional[Client] = None,
-    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT_S,
+    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT,
     deadline_margin: float = DEFAULT_DEADLINE_MARGIN_S,
     after_response: bool = False,
 ) -> Any:
@@ -257,16 +316,12 @@ def klime_lambda(
     options = Options("@klime_lambda", client, flush_timeout, deadline_margin, after_response)
 
     def decorate(fn: Callable[..., Any]) -> Any:
+        """Wrap ``fn``; in after-response mode, register the extension (blocks briefly)."""
         _prepare_snapstart()
         if not options.after_response:
             return wrap(fn, options, _remaining_seconds, async_to_sync=True)
         extension = _after_response_extension(options)
-        wrapper = _wrap_after_response(fn, options, _remaining_seconds, extension)
-        try:
-            _lambda_module("_handler").remember_wrapper(wrapper)
-        except Exception:
-            log.exception("klime: could not note the after-response wrapper")
-        return wrapper
+        return _wrap_after_response(fn, options, _remaining_seconds, extension)
 
     if handler is None:
         return decorate

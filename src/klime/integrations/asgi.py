@@ -71,12 +71,15 @@ class KlimeASGIMiddleware(FlushingMiddleware[ASGIApp]):
             await self._flush()
 
     async def _flush(self) -> None:
+        """:meth:`flush_now` in the loop's default executor: the loop never blocks on it."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.flush_now)
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
+        """``receive``, flushing before the app hears of ``lifespan.shutdown``."""
+
         async def wrapped() -> Message:
             message = await receive()
             if message.get("type") == "lifespan.shutdown":
@@ -112,16 +115,18 @@ class _KlimeLifespan:
             return
         await _Lifespan(self).run(scope, receive, send)
 
-    def _target(self) -> Any:
+    def _client_to_flush(self) -> Any:
+        """The client given, else the default client if one exists (None: nothing to flush)."""
         if self.client is not None:
             return self.client
         return _default.current()  # the default client, if one was ever made; none: nothing to flush
 
     async def flush(self) -> None:
-        """Flush (or shut down) the client off the loop. Never raises."""
+        """Flush (or shut down) the client in a worker thread: the loop never blocks on it.
+        Never raises (but lets a cancellation through)."""
         import asyncio
 
-        client = self._target()
+        client = self._client_to_flush()
         if client is None:
             return
         timeout = self.timeout if self.timeout is not None else getattr(client, "exit_timeout", None)
@@ -156,11 +161,14 @@ class _Lifespan:
         self.flushed = False
 
     async def flush_once(self) -> None:
+        """Flush at most once per lifespan run."""
         if not self.flushed:
             self.flushed = True
             await self.owner.flush()
 
     async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the wrapped app's lifespan, flushing after its shutdown (or answer for it)."""
+
         async def app_receive() -> Message:
             message = await receive()
             kind = message.get("type")

@@ -28,8 +28,10 @@ from .. import _lifecycle
 
 __all__ = ["connect", "disconnect", "TASK_FLUSH_TIMEOUT"]
 
-#: Seconds a flush after a task may take, by default.
-TASK_FLUSH_TIMEOUT = 5.0
+#: Seconds a flush after a task may take, by default: the one default of every integration,
+#: :data:`klime._lifecycle.DEFAULT_FLUSH_TIMEOUT` (2 s; formerly 5 s here: events a shorter
+#: wait leaves queued are not lost, they go with the next flush or the exit flush).
+TASK_FLUSH_TIMEOUT = _lifecycle.DEFAULT_FLUSH_TIMEOUT
 
 _lock = threading.Lock()
 _task_flush_timeout: Optional[float] = TASK_FLUSH_TIMEOUT
@@ -45,7 +47,7 @@ def connect(
     - ``worker_process_shutdown`` (in each pool process) and ``worker_shutdown`` (in the
       main worker process): shut every client down, flushing within its ``exit_timeout``;
     - with ``flush_after_task``, ``task_postrun``: flush the events queued so far, within
-      ``task_flush_timeout`` seconds (None: no limit).
+      ``task_flush_timeout`` seconds (default 2; None: no limit).
 
     Raises ImportError when Celery is not installed.
     """
@@ -66,7 +68,7 @@ def connect(
 
 
 def disconnect() -> None:
-    """Undo :func:`connect`. Idempotent."""
+    """Undo :func:`connect`. Idempotent; thread-safe; non-blocking."""
     from celery import signals
 
     with _lock:
@@ -77,12 +79,16 @@ def disconnect() -> None:
 
 
 def _process_init(**_: Any) -> None:
+    """``worker_process_init``: re-arm the clients this pool process inherited."""
     _lifecycle.rearm()
 
 
 def _process_shutdown(**_: Any) -> None:
+    """``worker_process_shutdown``/``worker_shutdown``: flush and close every client
+    (blocks up to each client's ``exit_timeout``)."""
     _lifecycle.exit_all()
 
 
 def _task_postrun(**_: Any) -> None:
-    _lifecycle.flush_pending(_task_flush_timeout)
+    """``task_postrun``: flush what the task queued (blocks up to ``task_flush_timeout``)."""
+    _lifecycle.flush_quietly(None, _task_flush_timeout, after="a Celery task")

@@ -13,11 +13,11 @@ Works with functions-framework's HTTP functions (``fn(request)``) and CloudEvent
         klime.track("Hello Called", user_id=request.args.get("user", "anonymous"))
         return "hi"
 
-The shared plumbing is :mod:`._serverless` (options, one invocation's flush) and
-:mod:`._wrappers` (plain and ``async def`` handlers).
+The shared plumbing (options, one invocation's flush, the wrappers of plain and
+``async def`` handlers) is :mod:`._serverless`.
 
-May import: the standard library, those two and klime's layers below the integrations;
-never the ``klime`` package.
+May import: the standard library, :mod:`._serverless` and klime's layers below the
+integrations; never the ``klime`` package.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, TypeVar, overload
 
-from ._serverless import DEFAULT_DEADLINE_MARGIN_S, DEFAULT_FLUSH_TIMEOUT_S, Options
-from ._wrappers import wrap
+from ._serverless import DEFAULT_DEADLINE_MARGIN_S, DEFAULT_FLUSH_TIMEOUT, Options, wrap
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -41,7 +40,8 @@ TIMEOUT_ENV = ("FUNCTION_TIMEOUT_SEC", "CLOUD_RUN_TIMEOUT_SECONDS")
 
 
 def _remaining_seconds(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[float]:
-    """The function's timeout, counted from now (the call starts the invocation)."""
+    """The function's timeout, counted from now (the call starts the invocation), or None.
+    Non-blocking."""
     for name in TIMEOUT_ENV:
         raw = os.environ.get(name)
         if not raw:
@@ -56,7 +56,8 @@ def _remaining_seconds(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optiona
 
 
 class CloudFunctionDecorator:
-    """What ``klime_cloud_function(client=..., ...)`` returns (keeps the function's type)."""
+    """What ``klime_cloud_function(client=..., ...)`` returns (keeps the function's type).
+    Calling it decorates a function: non-blocking, thread-safe."""
 
     __slots__ = ("_options",)
 
@@ -77,7 +78,7 @@ def klime_cloud_function(
     fn: None = None,
     *,
     client: Optional[Client] = None,
-    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT_S,
+    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT,
     deadline_margin: float = DEFAULT_DEADLINE_MARGIN_S,
 ) -> CloudFunctionDecorator: ...
 
@@ -86,7 +87,7 @@ def klime_cloud_function(
     fn: Optional[Callable[..., Any]] = None,
     *,
     client: Optional[Client] = None,
-    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT_S,
+    flush_timeout: Optional[float] = DEFAULT_FLUSH_TIMEOUT,
     deadline_margin: float = DEFAULT_DEADLINE_MARGIN_S,
 ) -> Any:
     """Decorate a Cloud Function so that the events it records are sent before it returns

@@ -26,8 +26,9 @@ kill the process between requests.
 This module does not import Flask (``get_client()`` without an app imports
 ``flask.current_app``); ``import klime`` never imports this module.
 
-An integration (top layer). May import: the face (``Client``), the model and the standard
-library; Flask only for type checking and inside :func:`get_client`.
+An integration (top layer). May import: the face (``Client``), process life
+(``_lifecycle.flush_quietly``), the model and the standard library; Flask only for type
+checking and inside :func:`get_client`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import math
 import numbers
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
+from .. import _lifecycle
 from .._client import Client
 from .._logging import log
 from ..errors import ConfigurationError
@@ -49,8 +51,9 @@ __all__ = ["DEFAULT_FLUSH_TIMEOUT", "EXTENSION_KEY", "client_options", "get_clie
 
 #: Where the client is kept: ``app.extensions[EXTENSION_KEY]``.
 EXTENSION_KEY = "klime"
-#: Seconds each after-request flush may take, unless ``flush_timeout``/``KLIME_FLUSH_TIMEOUT``.
-DEFAULT_FLUSH_TIMEOUT = 2.0
+#: Seconds each after-request flush may take, unless ``flush_timeout``/``KLIME_FLUSH_TIMEOUT``:
+#: the one default of every integration, :data:`klime._lifecycle.DEFAULT_FLUSH_TIMEOUT`.
+DEFAULT_FLUSH_TIMEOUT = _lifecycle.DEFAULT_FLUSH_TIMEOUT
 
 _PREFIX = "KLIME_"
 #: Configuration keys read by :func:`init_app` itself (not passed to the Client).
@@ -84,7 +87,8 @@ def client_options(config: Mapping[str, Any]) -> Dict[str, Any]:
     return options
 
 
-def _timeout(value: Any) -> float:
+def _checked_flush_timeout(value: Any) -> float:
+    """``flush_timeout`` as positive seconds, else ConfigurationError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigurationError(f"flush_timeout must be a number of seconds, not {type(value).__name__}")
     seconds = float(value)
@@ -97,7 +101,9 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
-def _flag(value: Any) -> bool:
+def _checked_flag(value: Any) -> bool:
+    """``KLIME_FLUSH_AFTER_REQUEST`` as a bool (true/false, yes/no, on/off, 1/0), else
+    ConfigurationError."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
@@ -107,29 +113,17 @@ def _flag(value: Any) -> bool:
     raise ConfigurationError(f"KLIME_FLUSH_AFTER_REQUEST must be true or false, not {value!r}")
 
 
-def _flush_quietly(client: Client, timeout: float) -> None:
-    """Flush after a response; never raises (the response is already on its way)."""
-    try:
-        result = client.flush(timeout)
-    except Exception:
-        log.exception("klime: the flush after a Flask response failed")
-        return
-    if result.unsent:
-        # They stay queued for the next flush. Warn once, not on every request of an outage.
-        log.warning_once(
-            "flask-after-request-unsent",
-            "klime: events still queued after a flush after a Flask response (timeout %ss); "
-            "they stay queued and are sent later",
-            timeout,
-        )
-        log.debug("klime: %d events still queued after the after-request flush", result.unsent)
-
-
 def _after_request_hook(client: Client, timeout: float) -> Callable[[Response], Response]:
+    """The ``after_request`` function that flushes ``client`` once the response is closed."""
+
     def klime_flush_after_response(response: Response) -> Response:
         # Runs when the WSGI server closes the response, i.e. after the body was sent:
         # the visitor does not wait for Klime; the worker does, up to ``timeout``.
-        response.call_on_close(lambda: _flush_quietly(client, timeout))
+        response.call_on_close(
+            lambda: _lifecycle.flush_quietly(
+                client, timeout, after="a Flask response", unsent_warning_key="flask-after-request-unsent"
+            )
+        )
         return response
 
     return klime_flush_after_response
@@ -162,10 +156,10 @@ def init_app(
     if client is not None and not isinstance(client, Client):
         raise ConfigurationError(f"client must be a klime.Client, not {type(client).__name__}")
     if flush_after_request is None:
-        flush_after_request = _flag(app.config.get("KLIME_FLUSH_AFTER_REQUEST", False))
+        flush_after_request = _checked_flag(app.config.get("KLIME_FLUSH_AFTER_REQUEST", False))
     if flush_timeout is None:
         flush_timeout = app.config.get("KLIME_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT)
-    timeout = _timeout(flush_timeout)
+    timeout = _checked_flush_timeout(flush_timeout)
     if client is None:  # last: nothing is built when an option above is wrong
         client = Client(**client_options(app.config))
     app.extensions[EXTENSION_KEY] = client

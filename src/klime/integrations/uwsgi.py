@@ -35,8 +35,9 @@ from .._logging import log
 
 __all__ = ["install", "REQUEST_FLUSH_TIMEOUT"]
 
-#: Seconds a flush after a request may take (it keeps the worker from its next request).
-REQUEST_FLUSH_TIMEOUT = 2.0
+#: Seconds a flush after a request may take (it keeps the worker from its next request):
+#: the one default of every integration, :data:`klime._lifecycle.DEFAULT_FLUSH_TIMEOUT`.
+REQUEST_FLUSH_TIMEOUT = _lifecycle.DEFAULT_FLUSH_TIMEOUT
 
 _lock = threading.Lock()
 _flush_after_request: Optional[bool] = None
@@ -71,6 +72,7 @@ def install(
 
 
 def _wants_request_flush() -> bool:
+    """Whether to flush after each request (the ``flush_after_request`` rule). Non-blocking."""
     if _flush_after_request is None:
         return not _runtime.uwsgi_threads()
     return _flush_after_request
@@ -107,9 +109,10 @@ def _at_exit() -> None:
 
 
 def _after_request() -> None:
-    """After each request, where no thread sends: flush what the request queued."""
+    """After each request, where no thread sends: flush what the request queued (blocks
+    up to ``request_flush_timeout``; never raises)."""
     if _wants_request_flush():
-        _lifecycle.flush_pending(_request_flush_timeout)
+        _lifecycle.flush_quietly(None, _request_flush_timeout, after="a uWSGI request")
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +149,7 @@ def _chain(uwsgi: Any, attribute: str, hook: Callable[[], None], *, first: bool 
 
 
 def _chain_post_fork(uwsgi: Any) -> None:
+    """Install :func:`_post_fork`: in uwsgidecorators' chain if it owns the hook, else chained."""
     decorators = sys.modules.get("uwsgidecorators")
     chain = getattr(decorators, "postfork_chain", None) if decorators is not None else None
     if isinstance(chain, list):

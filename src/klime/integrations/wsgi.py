@@ -18,15 +18,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
 
 from .. import _lifecycle, _runtime
-from .._logging import log
 
 if TYPE_CHECKING:
     from .._client import Client
 
 __all__ = ["KlimeMiddleware", "FLUSH_TIMEOUT"]
 
-#: Seconds a flush after a response may take, by default.
-FLUSH_TIMEOUT = 2.0
+#: Seconds a flush after a response may take, by default: the one default of every
+#: integration, :data:`klime._lifecycle.DEFAULT_FLUSH_TIMEOUT` (kept under this name).
+FLUSH_TIMEOUT = _lifecycle.DEFAULT_FLUSH_TIMEOUT
 
 WSGIApp = Callable[[Any, Any], Iterable[bytes]]
 App = TypeVar("App")
@@ -34,26 +34,17 @@ App = TypeVar("App")
 
 def should_flush(flush: Optional[bool]) -> bool:
     """The per-request flush decision: ``flush`` when given; by default, only where
-    klime's background thread cannot run (uWSGI without threads)."""
+    klime's background thread cannot run (uWSGI without threads). Non-blocking,
+    thread-safe."""
     if flush is not None:
         return flush
     return not _runtime.background_threads_allowed()
 
 
-def flush_now(client: Optional[Client], timeout: Optional[float]) -> None:
-    """Flush ``client`` (or every live client) if it has queued events. Never raises."""
-    try:
-        if client is None:
-            _lifecycle.flush_pending(timeout)
-        elif client.stats()["queued"]:
-            client.flush(timeout)
-    except Exception:
-        log.exception("klime: flushing after the response failed")
-
-
 class FlushingMiddleware(Generic[App]):
     """What the WSGI and the ASGI middleware share: the wrapped app, the client to flush
-    (None: every live client), whether to flush (:func:`should_flush`) and for how long."""
+    (None: every live client), whether to flush (:func:`should_flush`) and for how long.
+    Its methods are thread-safe."""
 
     def __init__(
         self,
@@ -69,12 +60,14 @@ class FlushingMiddleware(Generic[App]):
         self.timeout = timeout
 
     def flushing(self) -> bool:
-        """Whether this middleware flushes after each request (decided per request)."""
+        """Whether this middleware flushes after each request (decided per request).
+        Non-blocking; thread-safe."""
         return should_flush(self.flush)
 
     def flush_now(self) -> None:
-        """Flush what is queued, up to ``timeout`` seconds; blocks; never raises."""
-        flush_now(self.client, self.timeout)
+        """Flush what is queued, up to ``timeout`` seconds. Blocks; never raises;
+        thread-safe."""
+        _lifecycle.flush_quietly(self.client, self.timeout, after="the response")
 
 
 class KlimeMiddleware(FlushingMiddleware[WSGIApp]):
@@ -114,6 +107,7 @@ class _FlushOnClose:
         return iter(self._result)
 
     def close(self) -> None:
+        """Close the application's response, then flush (blocks up to the timeout)."""
         try:
             close = getattr(self._result, "close", None)
             if close is not None:

@@ -140,12 +140,14 @@ class HttpSender(Sender):
         return state
 
     def prepare(self) -> None:
-        """Import ``requests``/``urllib3`` and make the session now (no connection is
-        opened). Transports of long-running processes call it when the client is made, on
-        its thread: importing OpenSSL later from a sender thread of a forked uWSGI worker
-        was seen to crash the worker; on serverless the import waits for the first send
-        (start-up time is latency there). Blocks briefly; idempotent; thread-safe."""
-        self._prepared()
+        """Initialise OpenSSL (``import ssl, hashlib``: a few milliseconds) on the calling
+        thread; ``requests`` itself is imported at the first send, by whichever thread
+        sends (a sender thread, off the caller's path). Transports of long-running
+        processes call it when the client is made: OpenSSL initialised for the first time
+        from a sender thread of a forked uWSGI worker was seen to crash the worker
+        (``--lazy-apps --shared-import klime``). Blocks briefly; idempotent; thread-safe."""
+        import hashlib  # noqa: F401  (OpenSSL's digests)
+        import ssl  # noqa: F401  (OpenSSL itself)
 
     def after_fork(self) -> None:
         # The inherited sockets belong to the parent: forget them without closing them.

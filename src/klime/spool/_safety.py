@@ -78,19 +78,28 @@ def _unsafe(directory: str, why: str) -> SpoolUnavailable:
     )
 
 
-def check_dir(directory: str, path: str) -> None:
-    """Raise SpoolUnavailable unless ``path`` (the spool ``directory`` or a directory in it)
-    is missing or a real directory owned by this user that group and others cannot write."""
+def _lstat_not_a_link(directory: str, path: str) -> Optional[os.stat_result]:
+    """``os.lstat(path)``, None when it does not exist; SpoolUnavailable when it cannot be
+    looked at, or is a symbolic link."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         raise SpoolUnavailable(
             f"klime spool {directory}: cannot look at {path} ({exc.strerror})", "unwritable", directory
         ) from exc
     if stat.S_ISLNK(st.st_mode):
         raise _unsafe(directory, f"{path} is a symbolic link")
+    return st
+
+
+def check_dir(directory: str, path: str) -> None:
+    """Raise SpoolUnavailable unless ``path`` (the spool ``directory`` or a directory in it)
+    is missing or a real directory owned by this user that group and others cannot write."""
+    st = _lstat_not_a_link(directory, path)
+    if st is None:
+        return
     if not stat.S_ISDIR(st.st_mode):
         raise SpoolUnavailable(f"klime spool {directory}: {path} is not a directory", "unwritable", directory)
     euid = os.geteuid()
@@ -101,16 +110,9 @@ def check_dir(directory: str, path: str) -> None:
 
 
 def _check_file(directory: str, path: str, *, fix: bool) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = _lstat_not_a_link(directory, path)
+    if st is None:
         return  # gone meanwhile (a sibling's lock file): nothing to check
-    except OSError as exc:
-        raise SpoolUnavailable(
-            f"klime spool {directory}: cannot look at {path} ({exc.strerror})", "unwritable", directory
-        ) from exc
-    if stat.S_ISLNK(st.st_mode):
-        raise _unsafe(directory, f"{path} is a symbolic link")
     if not stat.S_ISREG(st.st_mode):
         raise _unsafe(directory, f"{path} is not a regular file")
     if st.st_uid != os.geteuid():

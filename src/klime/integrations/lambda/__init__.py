@@ -16,8 +16,8 @@ The SQS forwarder (``make_sqs_forwarder``, ``sqs_forwarder_handler``) lives in
 ``.forwarder`` and is imported on first access only, so importing this package never
 imports boto3. The decorator is defined in ``klime.integrations._lambda`` (type checkers
 cannot follow an import of a package named ``lambda``); the private modules here are
-klime's internal extension (``_extension``, ``_extension_thread``, ``_extensions_api``,
-``_handler``) and the SnapStart hook (``_snapstart``).
+klime's internal extension (``_extension``) and its client of Lambda's Extensions API
+(``_extensions_api``), imported only by ``after_response=True``.
 
 May import: the standard library, the decorator's module ``klime.integrations._lambda`` and
 (lazily, through importlib) its own ``forwarder``; never the ``klime`` package.

@@ -1,6 +1,6 @@
 """A minimal blocking client of AWS Lambda's Extensions API (2020-01-01), the local HTTP
 API at ``AWS_LAMBDA_RUNTIME_API`` through which klime's internal extension registers, waits
-for the next event and reports errors (:mod:`._extension_thread` drives it). A tiny
+for the next event and reports errors (:mod:`._extension` drives it). A tiny
 ``http.client`` client is enough for that local API.
 
 May import: the standard library only.
@@ -54,6 +54,8 @@ class ExtensionsAPI:
         body: Optional[Dict[str, Any]],
         headers: Dict[str, str],
     ) -> Tuple[Any, Dict[str, str]]:
+        """One request on ``conn``: (the parsed JSON answer or None, its headers, lower-cased).
+        Raises ExtensionAPIError on an error status, OSError when unreachable. Blocks."""
         payload = None if body is None else json.dumps(body).encode("utf-8")
         if payload is not None:
             headers = dict(headers, **{"Content-Type": "application/json"})
@@ -72,6 +74,7 @@ class ExtensionsAPI:
     def _once(
         self, method: str, endpoint: str, body: Optional[Dict[str, Any]], headers: Dict[str, str]
     ) -> Tuple[Any, Dict[str, str]]:
+        """:meth:`_request` on a connection of its own, closed after. Blocks up to ``timeout``."""
         conn = http.client.HTTPConnection(self.address, timeout=self.timeout)
         try:
             return self._request(conn, method, endpoint, body, headers)
@@ -114,6 +117,7 @@ class ExtensionsAPI:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _report(self, endpoint: str, error_type: str, message: str) -> None:
+        """POST an error report to ``endpoint``. Blocks up to ``timeout``; raises like :meth:`register`."""
         body = {"errorType": error_type, "errorMessage": message}
         headers = {_ID_HEADER: self.identifier or "", _ERROR_TYPE_HEADER: error_type}
         self._once("POST", endpoint, body, headers)
@@ -129,6 +133,7 @@ class ExtensionsAPI:
         self._report("/exit/error", error_type, message)
 
     def close(self) -> None:
+        """Close the kept ``event/next`` connection. Never raises."""
         conn, self._next_conn = self._next_conn, None
         if conn is not None:
             try:
@@ -138,6 +143,7 @@ class ExtensionsAPI:
 
 
 def _error_detail(raw: bytes) -> str:
+    """A short, readable detail of an error answer's body (its errorType and errorMessage)."""
     try:
         payload = json.loads(raw)
     except ValueError:
