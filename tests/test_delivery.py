@@ -7,7 +7,7 @@ from typing import List, Sequence
 from conftest import Recorder
 from klime import SendError
 from klime._deadline import Deadline
-from klime._delivery import Delivery
+from klime._delivery import KEEP_UNSENT, Delivery
 from klime._events import encode_track
 from klime.senders.base import Sender, SendResult
 
@@ -98,7 +98,7 @@ def test_keep_unsent_returns_what_the_deadline_stopped():
 
     on_error = Recorder()
     delivery = Delivery(ScriptedSender(answer), on_error=on_error)
-    outcome = delivery.send(evs(2), Deadline(), keep_unsent=True)
+    outcome = delivery.send(evs(2), Deadline(), keep=KEEP_UNSENT)
     assert len(outcome.unsent) == 2 and outcome.failed == 0 and on_error.calls == []
     assert delivery.counters()["failed"] == 0
 

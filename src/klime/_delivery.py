@@ -25,8 +25,25 @@ from ._wire_event import as_events
 from .errors import SendError
 from .senders.base import Pace, Sender, SendResult, send_with_retries, split_too_large
 
-__all__ = ["Delivery", "Outcome", "ErrorCallback", "SuccessCallback", "EPISODE_FAILED", "EPISODE_REJECTED",
-           "EPISODE_UNSENT"]
+__all__ = [
+    "Delivery",
+    "Outcome",
+    "KEEP_DEFERRED",
+    "KEEP_UNSENT",
+    "KEEP_TRANSIENT",
+    "ErrorCallback",
+    "SuccessCallback",
+    "EPISODE_FAILED",
+    "EPISODE_REJECTED",
+    "EPISODE_UNSENT",
+]
+
+#: What :meth:`Delivery.send` hands back to its caller, uncounted: deferred events only;
+#: those too that the deadline kept from delivery; those too whose retries ran out on a
+#: transient failure (a durable spool keeps them).
+KEEP_DEFERRED = "deferred"
+KEEP_UNSENT = "unsent"
+KEEP_TRANSIENT = "transient"
 
 #: Loss episodes (see :meth:`klime._logging._Log.notice`): a server that keeps failing,
 #: a server that refuses events; both end at the next fully successful request.
@@ -60,7 +77,7 @@ class Outcome:
     retry: Retry = FIRST_TRY
     #: why the last batch handed back (deferred, cut off, exhausted) last failed
     last_error: Optional[SendError] = None
-    #: events came back because their retries ran out (``keep_transient``)
+    #: events came back because their retries ran out (:data:`KEEP_TRANSIENT`)
     exhausted: bool = False
 
 
@@ -108,10 +125,9 @@ class Delivery:
         *,
         settle: Optional[Callable[[Outcome], bool]] = None,
         report: bool = True,
-        keep_unsent: bool = False,
+        keep: str = KEEP_DEFERRED,
         pace: Optional[Pace] = None,
         retry: Retry = FIRST_TRY,
-        keep_transient: bool = False,
     ) -> Outcome:
         """Deliver ``events`` (any number), in order, within ``deadline``.
 
@@ -124,15 +140,18 @@ class Delivery:
         are counted but not handed to ``on_error`` (the caller raises them instead).
 
         Events come back to the caller in ``Outcome.unsent``, neither counted nor reported,
-        when they were deferred (``pace`` asked not to retry now) and,
-        with ``keep_unsent``, when the deadline kept them from being delivered (not started,
-        or cut off while retrying a transient failure). ``pace`` and ``retry`` (the batch's
-        retry value) go to :func:`~klime.senders.base.send_with_retries`; ``Outcome.retry``
-        is then the retry value of the deferred events. With ``keep_transient`` (a durable spool keeps them),
-        events whose retries ran out on a transient failure come back too, not counted as
+        when they were deferred (``pace`` asked not to retry now); ``keep`` says what else
+        comes back: :data:`KEEP_UNSENT` (a caller that sends them again later) adds what the
+        deadline kept from being delivered (not started, or cut off while retrying a
+        transient failure); :data:`KEEP_TRANSIENT` (a durable spool keeps them) adds those
+        too and the events whose retries ran out on a transient failure, not counted as
         failed nor reported (``Outcome.exhausted`` is then True); permanent rejections are
-        counted and reported as always.
+        counted and reported as always. ``pace`` and ``retry`` (the batch's retry value) go
+        to :func:`~klime.senders.base.send_with_retries`; ``Outcome.retry`` is then the
+        retry value of the deferred events.
         """
+        keep_unsent = keep == KEEP_UNSENT
+        keep_transient = keep == KEEP_TRANSIENT
         outcome = Outcome(responses=[], errors=[], unsent=[])
         failed_events: List[tuple[SendError, List[bytes]]] = []
         requests = retries = 0

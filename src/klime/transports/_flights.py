@@ -33,6 +33,7 @@ from threading import Thread
 from typing import TYPE_CHECKING, Callable, Deque, List, Optional
 
 from .._deadline import Deadline
+from .._delivery import KEEP_UNSENT
 from .._logging import log
 from .._retry import FIRST_TRY, Retry
 from ..senders.base import ATTEMPT_TRANSIENT
@@ -272,7 +273,7 @@ class Flights:
                 delivery.send(
                     batch.events,
                     deadline,
-                    keep_unsent=True,
+                    keep=KEEP_UNSENT,
                     settle=functools.partial(settle, batch),
                     pace=pace,
                     retry=batch.retry,

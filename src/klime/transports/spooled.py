@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 
 from .._config import MAX_REQUEST_BYTES, MAX_RETRY_AFTER_S
 from .._deadline import Deadline
-from .._delivery import Outcome
+from .._delivery import KEEP_TRANSIENT, Outcome
 from .._ledger import Tally
 from .._logging import log
 from .._models import FlushResult
@@ -226,7 +226,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                 deadline,
                 settle=functools.partial(self._settle_spooled, batch),
                 pace=functools.partial(self._pace, batch),
-                keep_transient=True,
+                keep=KEEP_TRANSIENT,
             )
         except Exception:  # Delivery never raises; the rows stay claimed for an adopter
             log.exception("klime: sending a spooled batch failed unexpectedly")
