@@ -4,7 +4,7 @@ Run it against the local collector with `make demo`, or point KLIME_ENDPOINT and
 KLIME_WRITE_KEY at your own Klime workspace.
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import klime
 
@@ -20,7 +20,7 @@ client.track(
     "Order Placed",
     {"total": 42},
     user_id="user_123",
-    timestamp=datetime(2026, 3, 1, 12, 30, tzinfo=timezone.utc),
+    timestamp=datetime(2026, 3, 1, 12, 30, tzinfo=UTC),
     message_id="order-1001",
 )
 

@@ -36,6 +36,7 @@ LAYERS: List[Tuple[str, int, str]] = [
     ("klime._events", 0, "model"),
     ("klime._batching", 0, "model"),
     ("klime._logging", 0, "model"),
+    ("klime._retry", 0, "model"),
     ("klime._settings", 0, "model"),
     ("klime._wire_event", 0, "model"),
     ("klime._terminal", 0, "model"),
@@ -46,6 +47,7 @@ LAYERS: List[Tuple[str, int, str]] = [
     ("klime.senders", 1, "senders"),
     ("klime.spool", 1, "spool"),
     ("klime._delivery", 2, "delivery"),
+    ("klime._ledger", 2, "delivery"),
     ("klime.transports", 3, "transports"),
     ("klime._client", 4, "face"),
     ("klime._aio", 4, "face"),
@@ -166,3 +168,97 @@ def test_each_module_says_what_it_is_for(name):
     tree = ast.parse(path.read_text())
     if lines > 30:
         assert ast.get_docstring(tree), f"{name}: no module docstring"
+
+
+# ---------------------------------------------------------------------------------------
+# The delivery core's shape (issue 21): one backoff formula, one retry loop, one 413 rule,
+# senders that make one attempt and call nobody back.
+
+
+def _trees() -> Dict[str, ast.Module]:
+    return {name: ast.parse(path.read_text(), str(path)) for name, path in modules().items()}
+
+
+def test_one_backoff_formula():
+    """Only klime._retry raises 2 to a power: every wait between attempts is its formula.
+    (The local collector, a test server, is not the SDK's delivery: it is left out.)"""
+    found = []
+    for name, tree in _trees().items():
+        if name == "klime._retry" or name.startswith("klime.devserver"):
+            continue
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Pow)
+                and isinstance(node.left, ast.Constant)
+                and node.left.value in (2, 2.0)
+            ):
+                found.append(f"{name}:{node.lineno}")
+    assert not found, "exponential backoff written outside klime._retry: " + ", ".join(found)
+
+
+def _functions(tree: ast.Module) -> List[ast.FunctionDef]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+
+
+def test_one_retry_loop_and_one_attempt_senders():
+    """A sender's ``attempt`` makes one request: no loop, no sleep. No sender takes a hook
+    from its caller (data flows down); the one retry loop is senders.base.send_with_retries."""
+    trees = _trees()
+    offenders = []
+    for name, tree in trees.items():
+        if not name.startswith("klime.senders"):
+            continue
+        for fn in _functions(tree):
+            args = [a.arg for a in (*fn.args.args, *fn.args.kwonlyargs)]
+            if "feedback" in args:
+                offenders.append(f"{name}.{fn.name} takes a feedback hook")
+            if fn.name == "attempt":
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.While, ast.For)):
+                        offenders.append(f"{name}.attempt loops (line {node.lineno})")
+                    if isinstance(node, ast.Attribute) and node.attr == "sleep":
+                        offenders.append(f"{name}.attempt sleeps (line {node.lineno})")
+            if fn.name == "send_attempts":
+                offenders.append(f"{name}.send_attempts: a sender-side retry loop with hooks")
+    assert not offenders, "\n".join(offenders)
+    loops = [
+        f"{name}.{fn.name}"
+        for name, tree in trees.items()
+        for fn in _functions(tree)
+        if any(isinstance(n, ast.Attribute) and n.attr == "is_transient_status" for n in ast.walk(fn))
+        and any(isinstance(n, ast.While) for n in ast.walk(fn))
+    ]
+    assert not loops, f"a retry loop besides senders.base.send_with_retries: {loops}"
+
+
+def test_one_413_split():
+    """A batch refused for its size is halved by senders.base.split_too_large only."""
+    found = []
+    for name, tree in _trees().items():
+        if name == "klime.senders.base":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "too_large":
+                found.append(f"{name}:{node.lineno}")
+    allowed = {"klime._delivery"}  # it keeps a spool's exhausted batch, never splits
+    offenders = [f for f in found if f.split(":")[0] not in allowed]
+    assert not offenders, "code reading too_large outside the one split rule: " + ", ".join(offenders)
+
+
+def test_one_place_builds_a_flush_result_with_counts():
+    """Only klime._ledger builds a FlushResult that says what was sent, failed or dropped;
+    elsewhere a FlushResult is empty or says only what is left unsent."""
+    found = []
+    for name, tree in _trees().items():
+        if name == "klime._ledger":
+            continue
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "FlushResult"
+                and (node.args or {k.arg for k in node.keywords} & {"sent", "failed", "dropped"})
+            ):
+                found.append(f"{name}:{node.lineno}")
+    assert not found, "FlushResult counts built outside the ledger: " + ", ".join(found)

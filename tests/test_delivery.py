@@ -7,7 +7,7 @@ from typing import List, Sequence
 from conftest import Recorder
 from klime import SendError
 from klime._deadline import Deadline
-from klime._delivery import Delivery
+from klime._delivery import KEEP_UNSENT, Delivery
 from klime._events import encode_track
 from klime.senders.base import Sender, SendResult
 
@@ -79,9 +79,9 @@ def test_a_sender_that_raises_fails_the_batch():
     assert outcome.failed == 2 and len(on_error.events) == 2
 
 
-def test_claim_refused_means_nothing_is_counted():
+def test_settle_refused_means_nothing_is_counted():
     delivery = Delivery(ScriptedSender(ok))
-    outcome = delivery.send(evs(2), Deadline(), claim=lambda outcome: False)
+    outcome = delivery.send(evs(2), Deadline(), settle=lambda outcome: False)
     assert outcome.sent == 0 and delivery.counters()["sent"] == 0
 
 
@@ -98,7 +98,7 @@ def test_keep_unsent_returns_what_the_deadline_stopped():
 
     on_error = Recorder()
     delivery = Delivery(ScriptedSender(answer), on_error=on_error)
-    outcome = delivery.send(evs(2), Deadline(), keep_unsent=True)
+    outcome = delivery.send(evs(2), Deadline(), keep=KEEP_UNSENT)
     assert len(outcome.unsent) == 2 and outcome.failed == 0 and on_error.calls == []
     assert delivery.counters()["failed"] == 0
 

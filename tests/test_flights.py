@@ -8,6 +8,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from klime._retry import Retry
 from klime.senders.base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT
 from klime.transports._flights import SLOW_ROUND_TRIP_S, AdaptiveLimit, Batch, Flights
 from klime.transports._limit import CPU_BOUND_SHARE, PRESSED_ROUND_TRIP_S, CpuGauge
@@ -63,19 +64,19 @@ def test_a_nearby_endpoint_gets_more_in_flight_only_when_the_queue_is_half_full(
         limit.observe(ATTEMPT_OK, near, backlog=100, in_flight=limit.limit)
     assert limit.limit == 1
     for _ in range(3):
-        limit.observe(ATTEMPT_OK, near, backlog=100, in_flight=limit.limit, pressed=True)
+        limit.observe(ATTEMPT_OK, near, backlog=100, in_flight=limit.limit, drops_near=True)
     assert limit.limit == 8
     loopback = AdaptiveLimit(32, cpu=gauge(0.3))
     for _ in range(5):
-        loopback.observe(ATTEMPT_OK, FAST, backlog=100, in_flight=loopback.limit, pressed=True)
-    assert loopback.limit == 1  # pressed, but a round trip this short is the CPU's, not the wire's
+        loopback.observe(ATTEMPT_OK, FAST, backlog=100, in_flight=loopback.limit, drops_near=True)
+    assert loopback.limit == 1  # drops_near, but a round trip this short is the CPU's, not the wire's
 
 
 def test_a_cpu_bound_process_gets_no_more_in_flight_from_a_few_milliseconds():
     # a tight loop of track calls keeps a core busy: a 4 ms round trip is the GIL's wait
     limit = AdaptiveLimit(32, cpu=gauge(CPU_BOUND_SHARE + 0.1))
     for _ in range(10):
-        limit.observe(ATTEMPT_OK, 0.004, backlog=100, in_flight=limit.limit, pressed=True)
+        limit.observe(ATTEMPT_OK, 0.004, backlog=100, in_flight=limit.limit, drops_near=True)
     assert limit.limit == 1
     far = AdaptiveLimit(32, cpu=gauge(CPU_BOUND_SHARE + 0.1))
     grown(far, 1)  # round trips of 50 ms are the wire's, whatever the CPU
@@ -167,9 +168,9 @@ def test_an_unused_limit_falls_back_to_what_is_used():
 
 def test_relax_follows_the_pool_down_but_never_below_one():
     limit = grown(AdaptiveLimit(32), 4)
-    limit.relax(3)
+    limit.lower_to(3)
     assert limit.limit == 3
-    limit.relax(0)
+    limit.lower_to(0)
     assert limit.limit == 1
 
 
@@ -205,19 +206,19 @@ def flights(ceiling: int = 4) -> Flights:
 
 def test_a_batch_lands_once():
     f = flights()
-    batch = f.board_locked(Batch(0, [b"a", b"b"]))
+    batch = f.mark_sending_locked(Batch(0, [b"a", b"b"]))
     assert f.held_locked() == 2
-    assert f.land_locked(batch, [], 1, None) is True
-    assert f.land_locked(batch, [b"a"], 1, None) is False  # settled already: nothing changes
-    assert f.held_locked() == 0 and not f.parked
+    assert f.settle_locked(batch, [], Retry(1), None) is True
+    assert f.settle_locked(batch, [b"a"], Retry(1), None) is False  # settled already: nothing changes
+    assert f.held_locked() == 0 and not f.deferred
 
 
 def test_deferred_events_wait_first_in_line_with_their_attempts():
     f = flights()
-    batch = f.board_locked(Batch(7, [b"a", b"b", b"c"]))
-    f.land_locked(batch, [b"b", b"c"], 2, "HTTP 503")
+    batch = f.mark_sending_locked(Batch(7, [b"a", b"b", b"c"]))
+    f.settle_locked(batch, [b"b", b"c"], Retry(2), "HTTP 503")
     assert f.held_locked() == 2
-    again = f.take_parked_locked()
+    again = f.take_deferred_locked()
     assert again is not None and again.events == [b"b", b"c"] and again.attempts == 2
     assert again.start == 7  # still counts as holding events from sequence number 7 on
     assert not f.settled_locked(8) and f.settled_locked(7)
@@ -226,12 +227,12 @@ def test_deferred_events_wait_first_in_line_with_their_attempts():
 def test_deferred_batches_wait_for_room_under_the_limit():
     f = flights()
     f.limit.limit = 1
-    first = f.board_locked(Batch(0, [b"a"]))
-    second = f.board_locked(Batch(1, [b"b"]))  # the transport boarded it while the limit was higher
-    f.land_locked(second, [b"b"], 1, None)
-    assert f.take_parked_locked() is None  # one is in the air: the limit is full
-    f.land_locked(first, [], 1, None)
-    again = f.take_parked_locked()
+    first = f.mark_sending_locked(Batch(0, [b"a"]))
+    second = f.mark_sending_locked(Batch(1, [b"b"]))  # the transport boarded it while the limit was higher
+    f.settle_locked(second, [b"b"], Retry(1), None)
+    assert f.take_deferred_locked() is None  # one is in the air: the limit is full
+    f.settle_locked(first, [], Retry(1), None)
+    again = f.take_deferred_locked()
     assert again is not None and again.events == [b"b"]
 
 
@@ -240,21 +241,21 @@ def test_a_transient_failure_beyond_the_limit_asks_to_defer():
     grown(f.limit, 3)
     assert f.limit.limit == 8
     for n in range(8):
-        f.board_locked(Batch(n, [b"x"]))
+        f.mark_sending_locked(Batch(n, [b"x"]))
     answers = []
     for batch in list(f.flying):
-        answers.append(f.feedback_locked(ATTEMPT_TRANSIENT, SLOW, backlog=10))
+        answers.append(f.pace_locked(ATTEMPT_TRANSIENT, SLOW, backlog=10))
         if not answers[-1]:
-            f.land_locked(batch, batch.events, 1, None)  # what the transport does: defer it
+            f.settle_locked(batch, batch.events, Retry(1), None)  # what the transport does: defer it
     # the limit halves at each failure; only what fits under it keeps retrying
     assert answers.count(True) == 1 and f.limit.limit == 1
-    assert len(f.flying) == 1 and len(f.parked) == 7
+    assert len(f.flying) == 1 and len(f.deferred) == 7
 
 
 def test_unsettled_counts_events_below_a_sequence_number():
     f = flights()
-    f.board_locked(Batch(0, [b"a", b"b", b"c"]))
-    f.board_locked(Batch(3, [b"d", b"e"]))
+    f.mark_sending_locked(Batch(0, [b"a", b"b", b"c"]))
+    f.mark_sending_locked(Batch(3, [b"d", b"e"]))
     assert f.unsettled_locked(2) == 2
     assert f.unsettled_locked(4) == 4
     assert f.unsettled_locked(100) == 5
@@ -262,48 +263,48 @@ def test_unsettled_counts_events_below_a_sequence_number():
 
 def test_abandon_hands_back_everything_once():
     f = flights()
-    a = f.board_locked(Batch(0, [b"a"]))
-    b = f.board_locked(Batch(1, [b"b"]))
-    f.land_locked(b, [b"b"], 1, None)
+    a = f.mark_sending_locked(Batch(0, [b"a"]))
+    b = f.mark_sending_locked(Batch(1, [b"b"]))
+    f.settle_locked(b, [b"b"], Retry(1), None)
     abandoned, parked = f.abandon_locked()
     assert abandoned == [a] and [p.events for p in parked] == [[b"b"]]
-    assert f.land_locked(a, [], 1, None) is False  # its flight's outcome is no longer counted
+    assert f.settle_locked(a, [], Retry(1), None) is False  # its flight's outcome is no longer counted
     assert f.held_locked() == 0
 
 
 def test_a_known_set_of_batches_jumps_to_what_it_needs():
-    limit = AdaptiveLimit(32, jump=True)
+    limit = AdaptiveLimit(32, grow_at_once=True)
     limit.observe(ATTEMPT_OK, SLOW, backlog=12, in_flight=1)
     assert limit.limit == 13  # the first accepted request opens it to the whole set
 
 
 def test_a_warm_flush_opens_to_its_batches_at_once_when_round_trips_were_slow():
-    limit = AdaptiveLimit(32, jump=True)
-    limit.open_to(13)
+    limit = AdaptiveLimit(32, grow_at_once=True)
+    limit.allow_all_at_once(13)
     assert limit.limit == 1  # nothing known yet: one batch goes first and decides
     limit.observe(ATTEMPT_OK, SLOW, backlog=0, in_flight=1)
-    limit.open_to(13)
+    limit.allow_all_at_once(13)
     assert limit.limit == 13
-    limit.open_to(100)
+    limit.allow_all_at_once(100)
     assert limit.limit == 32  # never beyond the ceiling
 
 
 def test_no_opening_after_a_failure_or_on_a_fast_link():
-    fast = AdaptiveLimit(32, jump=True)
+    fast = AdaptiveLimit(32, grow_at_once=True)
     fast.observe(ATTEMPT_OK, FAST, backlog=0, in_flight=1)
-    fast.open_to(13)
+    fast.allow_all_at_once(13)
     assert fast.limit == 1
-    failing = AdaptiveLimit(32, jump=True)
+    failing = AdaptiveLimit(32, grow_at_once=True)
     failing.observe(ATTEMPT_OK, SLOW, backlog=0, in_flight=1)
     failing.observe(ATTEMPT_TRANSIENT, SLOW, backlog=0, in_flight=1)
-    failing.open_to(13)
+    failing.allow_all_at_once(13)
     assert failing.limit == 1
 
 
 def test_threads_wanted_fills_the_room_once_and_not_while_one_is_idle():
     f = flights(ceiling=8)
     f.limit.limit = 6
-    f.board_locked(Batch(0, [b"x"]))
+    f.mark_sending_locked(Batch(0, [b"x"]))
     f.threads.append(threading.current_thread())
     assert f.threads_wanted_locked(2) == 2  # only 2 batches waiting
     f.unwanted_locked(2)
@@ -328,7 +329,7 @@ def test_concurrent_spawns_never_start_more_threads_than_the_limit():
         started.set()
         release.wait(5)
         with f.lock:
-            f.retire_locked(threading.current_thread(), relax=False)
+            f.retire_locked(threading.current_thread(), lower_limit=False)
 
     with f.lock:  # two sender threads decide, one after the other, before either starts any
         first = f.threads_wanted_locked(8)

@@ -15,8 +15,8 @@ from klime import ConfigurationError
 from klime._batching import batch_body
 from klime._deadline import Deadline
 from klime._events import encode_group, encode_identify, encode_track
+from klime._retry import RetryPolicy
 from klime.devserver import Fault
-from klime.senders._retry import RetryPolicy
 from klime.senders.http import HttpSender, validate_endpoint
 
 

@@ -33,7 +33,7 @@ from conftest import WRITE_KEY, Recorder, wait_until
 from klime import ConfigurationError, SendError
 from klime._deadline import Deadline
 from klime._events import encode_track
-from klime.senders._retry import RetryPolicy, parse_retry_after
+from klime._retry import RetryPolicy, parse_retry_after
 from klime.senders.http import HttpSender
 from support.hostile_server import HostileServer, answer, endless, response
 

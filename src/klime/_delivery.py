@@ -1,8 +1,9 @@
-"""Delivery: hands batches to the sender and keeps the books.
+"""Delivery: hands batches to the sender's retry loop and settles them in the ledger.
 
 Every transport delivers through one :class:`Delivery`, so splitting to the sender's limits,
-the 413 split-and-retry, the counters of the conservation law and the ``on_success`` /
-``on_error`` callbacks live in exactly one place. Thread-safe.
+driving each batch through :func:`~klime.senders.base.send_with_retries` (the 413 split
+included), the counts of the conservation law (its :class:`~klime._ledger.Ledger`) and the
+``on_success`` / ``on_error`` callbacks live in exactly one place. Thread-safe.
 """
 
 from __future__ import annotations
@@ -14,16 +15,35 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ._batching import split_batches
 from ._deadline import Deadline
 from ._events import decode_all
+from ._ledger import Ledger
 from ._logging import log
 from ._logging import log as logger
 from ._models import BatchResponse, EventError
+from ._retry import FIRST_TRY, Retry
 from ._settings import defaults
 from ._wire_event import as_events
 from .errors import SendError
-from .senders.base import Feedback, Sender, SendResult
+from .senders.base import Pace, Sender, SendResult, send_with_retries, split_too_large
 
-__all__ = ["Delivery", "Outcome", "ErrorCallback", "SuccessCallback", "EPISODE_FAILED", "EPISODE_REJECTED",
-           "EPISODE_UNSENT"]
+__all__ = [
+    "Delivery",
+    "Outcome",
+    "KEEP_DEFERRED",
+    "KEEP_UNSENT",
+    "KEEP_TRANSIENT",
+    "ErrorCallback",
+    "SuccessCallback",
+    "EPISODE_FAILED",
+    "EPISODE_REJECTED",
+    "EPISODE_UNSENT",
+]
+
+#: What :meth:`Delivery.send` hands back to its caller, uncounted: deferred events only;
+#: those too that the deadline kept from delivery; those too whose retries ran out on a
+#: transient failure (a durable spool keeps them).
+KEEP_DEFERRED = "deferred"
+KEEP_UNSENT = "unsent"
+KEEP_TRANSIENT = "transient"
 
 #: Loss episodes (see :meth:`klime._logging._Log.notice`): a server that keeps failing,
 #: a server that refuses events; both end at the next fully successful request.
@@ -53,22 +73,12 @@ class Outcome:
     unsent: Optional[List[bytes]] = None
     responses: Optional[List[BatchResponse]] = None
     errors: Optional[List[SendError]] = None
-    #: the most attempts any deferred event has had (earlier calls included)
-    attempts: int = 0
+    #: where the deferred events stand in their retries (the most attempts any has had)
+    retry: Retry = FIRST_TRY
     #: why the last batch handed back (deferred, cut off, exhausted) last failed
     last_error: Optional[SendError] = None
-    #: events came back because their retries ran out (``keep_transient``)
+    #: events came back because their retries ran out (:data:`KEEP_TRANSIENT`)
     exhausted: bool = False
-
-
-class _Books:
-    """Counters guarded by one lock."""
-
-    __slots__ = ("lock", "sent", "failed", "dropped", "retries", "requests")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.sent = self.failed = self.dropped = self.retries = self.requests = 0
 
 
 class Delivery:
@@ -88,24 +98,18 @@ class Delivery:
         self.sender = sender
         self.on_error = on_error
         self.on_success = on_success
-        self._books = _Books()
+        #: the one place that counts (see :mod:`klime._ledger`)
+        self.ledger = Ledger()
 
     # ---------------------------------------------------------------- counters
 
     def counters(self) -> Dict[str, int]:
-        b = self._books
-        with b.lock:
-            return {
-                "sent": b.sent,
-                "failed": b.failed,
-                "dropped": b.dropped,
-                "retries": b.retries,
-                "requests": b.requests,
-            }
+        """The ledger's counts now. Non-blocking; thread-safe."""
+        return self.ledger.tally().as_dict()
 
     def after_fork(self) -> None:
-        """In a forked child: fresh counters and lock, fresh sender connections."""
-        self._books = _Books()
+        """In a forked child: a fresh ledger, fresh sender connections."""
+        self.ledger = Ledger()
         self.sender.after_fork()
 
     def has_error_callback(self) -> bool:
@@ -119,17 +123,16 @@ class Delivery:
         events: Sequence[bytes],
         deadline: Deadline,
         *,
-        claim: Optional[Callable[[Outcome], bool]] = None,
+        settle: Optional[Callable[[Outcome], bool]] = None,
         report: bool = True,
-        keep_unsent: bool = False,
-        feedback: Optional[Feedback] = None,
-        attempts_made: int = 0,
-        keep_transient: bool = False,
+        keep: str = KEEP_DEFERRED,
+        pace: Optional[Pace] = None,
+        retry: Retry = FIRST_TRY,
     ) -> Outcome:
         """Deliver ``events`` (any number), in order, within ``deadline``.
 
         The events are split to the sender's limits; a batch refused as too large (413) is
-        halved and retried down to single events. When ``claim`` is given it is called once,
+        halved and retried down to single events. When ``settle`` is given it is called once,
         with the outcome (its ``unsent`` are handed back to the caller, see below), before
         anything is counted:
         if it returns False the events were already accounted for elsewhere (a shutdown
@@ -137,15 +140,18 @@ class Delivery:
         are counted but not handed to ``on_error`` (the caller raises them instead).
 
         Events come back to the caller in ``Outcome.unsent``, neither counted nor reported,
-        when the sender deferred them (``feedback`` asked it to stop retrying for now) and,
-        with ``keep_unsent``, when the deadline kept them from being delivered (not started,
-        or cut off while retrying a transient failure). ``feedback`` and ``attempts_made``
-        go to :meth:`Sender.send_attempts`; ``Outcome.attempts`` is then the most attempts
-        any deferred event has had. With ``keep_transient`` (a durable spool keeps them),
-        events whose retries ran out on a transient failure come back too, not counted as
+        when they were deferred (``pace`` asked not to retry now); ``keep`` says what else
+        comes back: :data:`KEEP_UNSENT` (a caller that sends them again later) adds what the
+        deadline kept from being delivered (not started, or cut off while retrying a
+        transient failure); :data:`KEEP_TRANSIENT` (a durable spool keeps them) adds those
+        too and the events whose retries ran out on a transient failure, not counted as
         failed nor reported (``Outcome.exhausted`` is then True); permanent rejections are
-        counted and reported as always.
+        counted and reported as always. ``pace`` and ``retry`` (the batch's retry value) go
+        to :func:`~klime.senders.base.send_with_retries`; ``Outcome.retry`` is then the
+        retry value of the deferred events.
         """
+        keep_unsent = keep == KEEP_UNSENT
+        keep_transient = keep == KEEP_TRANSIENT
         outcome = Outcome(responses=[], errors=[], unsent=[])
         failed_events: List[tuple[SendError, List[bytes]]] = []
         requests = retries = 0
@@ -158,7 +164,7 @@ class Delivery:
                 break
             batch = pending.pop(0)
             try:
-                result = sender.send_attempts(batch, deadline, feedback=feedback, attempts_made=attempts_made)
+                result = send_with_retries(sender, batch, deadline, retry=retry, pace=pace)
             except Exception as exc:  # a sender must not raise; if it does, the batch failed
                 logger.exception("klime: sender %r raised", sender)
                 result = SendResult(
@@ -166,9 +172,9 @@ class Delivery:
                 )
             requests += result.requests
             retries += result.retries
-            if result.too_large and len(batch) > 1 and not deadline.expired():
-                half = len(batch) // 2
-                pending[0:0] = [batch[:half], batch[half:]]
+            halves = None if deadline.expired() else split_too_large(result, batch)
+            if halves is not None:
+                pending[0:0] = list(halves)
                 logger.info("klime: batch of %d events too large for the server; splitting", len(batch))
                 continue
             if result.response is not None:
@@ -187,8 +193,8 @@ class Delivery:
                 kept = set(result.failed)
                 outcome.unsent.extend(batch[i] for i in sorted(kept))  # type: ignore[union-attr]
                 outcome.sent += len(batch) - len(kept)
-                if result.deferred:
-                    outcome.attempts = max(outcome.attempts, attempts_made + result.requests)
+                if result.deferred and result.retry.attempts > outcome.retry.attempts:
+                    outcome.retry = result.retry
                 if exhausted and not result.deadline_reached:
                     outcome.exhausted = True
                 outcome.last_error = result.error
@@ -199,15 +205,10 @@ class Delivery:
             lost = [batch[i] for i in sorted(failed_set)]
             failed_events.append((result.error, lost))
             outcome.errors.append(result.error)  # type: ignore[union-attr]
-        if claim is not None and not claim(outcome):
+        if settle is not None and not settle(outcome):
             logger.debug("klime: a batch finished after its owner gave up on it; not counted")
             return Outcome()
-        b = self._books
-        with b.lock:
-            b.sent += outcome.sent
-            b.failed += outcome.failed
-            b.requests += requests
-            b.retries += retries
+        self.ledger.count(sent=outcome.sent, failed=outcome.failed, requests=requests, retries=retries)
         if outcome.sent and not failed_events:
             self._recovered()
         for error, lost in failed_events:
@@ -264,10 +265,10 @@ class Delivery:
         events: Sequence[bytes],
         deadline: Deadline,
         *,
-        claim: Optional[Callable[[Outcome], bool]] = None,
+        settle: Optional[Callable[[Outcome], bool]] = None,
     ) -> BatchResponse:
         """Deliver now on this thread; return the combined response or raise SendError."""
-        outcome = self.send(events, deadline, report=False, claim=claim)
+        outcome = self.send(events, deadline, report=False, settle=settle)
         if outcome.errors:
             first = outcome.errors[0]
             if len(outcome.errors) > 1:
@@ -280,9 +281,7 @@ class Delivery:
 
     def acknowledge(self, count: int) -> None:
         """Count ``count`` events as delivered without a sender (the memory transport)."""
-        b = self._books
-        with b.lock:
-            b.sent += count
+        self.ledger.count(sent=count)
 
     def drop(
         self, events: Sequence[bytes], reason: str, *, counted: bool = False, notice: bool = True
@@ -296,18 +295,14 @@ class Delivery:
         if not events:
             return
         if not counted:
-            b = self._books
-            with b.lock:
-                b.dropped += len(events)
+            self.ledger.count(dropped=len(events))
         self._report_lost(events, reason, retryable=False, notice=notice)
 
     def fail(self, events: Sequence[bytes], reason: str) -> None:
         """Count ``events`` as failed (sent, outcome unknown or negative) and report them."""
         if not events:
             return
-        b = self._books
-        with b.lock:
-            b.failed += len(events)
+        self.ledger.count(failed=len(events))
         self._report_lost(events, reason, retryable=True, notice=True)
 
     def _report_lost(self, events: Sequence[bytes], reason: str, *, retryable: bool, notice: bool) -> None:

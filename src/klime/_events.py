@@ -709,6 +709,3 @@ def message_id(raw: bytes) -> str:
     if type(value) is not str:
         raise ValueError("the event's messageId is not a string")
     return value
-
-
-Encoder = Callable[..., bytes]

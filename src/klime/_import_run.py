@@ -30,7 +30,7 @@ from queue import SimpleQueue
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._deadline import Deadline
-from ._delivery import Delivery, Outcome
+from ._delivery import KEEP_UNSENT, Delivery, Outcome
 from ._import_formats import FORMATS, Malformed, Record, Unmappable, csv_row, encode_record
 from ._import_sources import Position, RejectsFile, rejection_reasons, write_checkpoint
 from .senders.base import Sender
@@ -278,7 +278,7 @@ class Run:
             with self.lock:
                 self.deadlines.add(deadline)
             try:
-                outcome = self.delivery.send(batch, deadline, report=False, keep_unsent=True)
+                outcome = self.delivery.send(batch, deadline, report=False, keep=KEEP_UNSENT)
             finally:
                 with self.lock:
                     self.deadlines.discard(deadline)

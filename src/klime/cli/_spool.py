@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, TextIO
 
 from ..errors import ConfigurationError, SpoolUnavailable
+from ..senders.base import split_too_large
 from ._status import OK, SEND_FAILED, USAGE, fail
 
 if TYPE_CHECKING:
@@ -132,8 +133,9 @@ class _Drain:
             self.sent += self.spool.ack(batch)
             return True
         status = error.status_code
-        if result.too_large and len(batch) > 1:
-            first, second = batch.split(range(len(batch) // 2))
+        halves = split_too_large(result, range(len(batch)))
+        if halves is not None:
+            first, second = batch.split(halves[0])
             if not self.send(first):
                 self.spool.release(second, retry_at=time.time())
                 return False

@@ -1,14 +1,16 @@
 """The SendMessageBatch driver: packed messages onto one SQS queue, failed entries retried alone.
 
 Given the messages :mod:`._sqs_packing` made of one batch, :meth:`BatchDriver.send` packs
-them into as few ``SendMessageBatch`` calls as the limits allow (usually one), and retries
-the entries SQS reports as failed, with klime's backoff, until they are accepted, found
-permanent (``SenderFault``, a refused size), or attempts or the deadline run out. Each
+them into as few ``SendMessageBatch`` calls as the limits allow (usually one): one pass is
+one attempt (:meth:`BatchDriver.one_pass`). Klime's one retry loop
+(:func:`~klime.senders.base.send_with_retries`) repeats the pass for the entries SQS
+reported as failed, with klime's backoff, until they are accepted, found permanent
+(``SenderFault``, a refused size), or attempts or the deadline run out. Each
 failed message maps back to the indices of its events in :attr:`SendResult.failed`, so the
 conservation law holds per event. It never raises and never creates the boto3 client (it
 is handed a getter).
 
-Imports: the senders' base (:class:`SendResult`), :mod:`._retry`, :mod:`._sqs_packing`, and
+Imports: the senders' base (:class:`SendResult`), :mod:`klime._retry`, :mod:`._sqs_packing`, and
 below them :mod:`klime._models`, :mod:`klime._deadline`, :mod:`klime._logging`,
 :mod:`klime.errors` and :func:`klime.aws.client_error_info` (which imports no boto3).
 """
@@ -23,10 +25,10 @@ from .._boto import client_error_info
 from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse, EventError
+from .._retry import RetryPolicy
 from ..errors import SendError
-from ._retry import RetryPolicy
 from ._sqs_packing import SQS_MAX_BATCH_BYTES, SQS_MAX_BATCH_ENTRIES, Message, entry, plan_calls
-from .base import SendResult
+from .base import OK, RETRY, Attempt, Sender, SendResult, send_with_retries
 
 __all__ = ["BatchDriver"]
 
@@ -85,6 +87,23 @@ class _Run:
         self.retry_calls = 0
         self.deadline_hit = False
         self.too_large_hit = False
+        self.pending: List[int] = []  # messages still to send (a transient failure, or not tried)
+        self.passes = 0
+
+
+class _Passes(Sender):
+    """One batch's passes as a one-attempt sender for :func:`send_with_retries` (an
+    :meth:`attempt` is a pass over the entries still pending)."""
+
+    def __init__(self, driver: BatchDriver, sqs: Any, run: _Run) -> None:
+        self._driver, self._sqs, self._run = driver, sqs, run
+        self.retry_policy = driver.retry
+
+    def send(self, events: Sequence[bytes], deadline: Deadline) -> SendResult:
+        return send_with_retries(self, events, deadline, log_give_up=False)
+
+    def attempt(self, events: Sequence[bytes], deadline: Deadline) -> Attempt:
+        return self._driver.one_pass(self._sqs, self._run, deadline)
 
 
 class BatchDriver:
@@ -182,32 +201,38 @@ class BatchDriver:
                 for i in pending:
                     run.failures[i] = failure
                 pending = []
-        attempt = 0
-        while pending:
-            attempt += 1
-            retry: List[int] = []
-            sizes = [len(messages[i].body) for i in pending]
-            for call in plan_calls(sizes, SQS_MAX_BATCH_ENTRIES, SQS_MAX_BATCH_BYTES):
-                ids = [pending[k] for k in call]
-                left = deadline.remaining()
-                if left is not None and left < _MIN_CALL_TIME_S:
-                    run.deadline_hit = True
-                    retry.extend(ids)
-                    continue
-                retry.extend(self._call(sqs, run, ids, left, attempt > 1))
-            pending = sorted(retry)
-            if not pending or run.deadline_hit or attempt >= self.retry.max_attempts:
-                break
-            wait = self.retry.backoff(attempt)
+        run.pending = pending
+        if pending:
+            # klime's one retry loop drives the passes; each pass is one attempt of the
+            # entries still pending (never those already accepted or refused for good)
+            passes = _Passes(self, sqs, run)
+            outcome = send_with_retries(passes, (), deadline, log_give_up=False)
+            if outcome.deadline_reached:
+                run.deadline_hit = True
+        return self._result(run, count, run.pending)
+
+    def one_pass(self, sqs: Any, run: _Run, deadline: Deadline) -> Attempt:
+        """ONE attempt of the entries still pending in ``run``: as few SendMessageBatch calls
+        as the limits allow. ``retry`` while some failed transiently; never sleeps."""
+        messages, pending = run.messages, run.pending
+        again = run.passes > 0
+        run.passes += 1
+        retry: List[int] = []
+        sizes = [len(messages[i].body) for i in pending]
+        for call in plan_calls(sizes, SQS_MAX_BATCH_ENTRIES, SQS_MAX_BATCH_BYTES):
+            ids = [pending[k] for k in call]
             left = deadline.remaining()
-            if left is not None and wait >= left:
+            if left is not None and left < _MIN_CALL_TIME_S:
                 run.deadline_hit = True
-                break
-            logger.debug("klime: retrying %d SQS messages in %.2fs", len(pending), wait)
-            if wait and not deadline.sleep(wait):
-                run.deadline_hit = True
-                break
-        return self._result(run, count, pending)
+                retry.extend(ids)
+                continue
+            retry.extend(self._call(sqs, run, ids, left, again))
+        run.pending = sorted(retry)
+        if run.deadline_hit:
+            return Attempt(RETRY, reason="deadline reached", cut_short=True)
+        if run.pending:
+            return Attempt(RETRY, reason=f"{len(run.pending)} SQS messages to retry")
+        return Attempt(OK)
 
     def _call(self, sqs: Any, run: _Run, ids: List[int], left: Optional[float], again: bool) -> List[int]:
         """One SendMessageBatch call for messages ``ids``; return those worth another try."""

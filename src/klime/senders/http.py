@@ -1,9 +1,10 @@
 """The HTTP sender: Klime's wire protocol over a keep-alive ``requests.Session``.
 
-One batch per call: ``POST {endpoint}/v1/batch`` with the batch's encoded events, retried
-attempt by attempt (the policy of :mod:`._retry`) until the attempts or the caller's
-deadline run out, each attempt reported to the caller's feedback hook (which may defer the
-batch). The environment ``requests`` reads (proxies, CA bundle) is read once per session;
+One request per :meth:`HttpSender.attempt`: ``POST {endpoint}/v1/batch`` with the batch's
+encoded events, its outcome described in an :class:`~klime.senders.base.Attempt` value; the
+retries are klime's one loop (:func:`~klime.senders.base.send_with_retries`, the policy of
+:mod:`klime._retry`), which :meth:`HttpSender.send` runs. The environment ``requests``
+reads (proxies, CA bundle) is read once per session;
 a plain-http loopback endpoint never goes through a proxy.
 
 Each attempt is bounded in wall-clock time, headers and body included, by the least of its
@@ -33,12 +34,12 @@ from .._config import (
 from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse
+from .._retry import RetryPolicy
 from .._version import __version__
 from ..errors import ConfigurationError, SendError, mask_secret
 from ._http_wire import (
     ANSWER_BYTES_PER_EVENT,
     MAX_ANSWER_BYTES,
-    Attempt,
     describe_exception,
     header_safe,
     is_stale_connection,
@@ -50,8 +51,10 @@ from ._http_wire import (
     short,
     validate_endpoint,
 )
-from ._retry import RetryPolicy
-from .base import ATTEMPT_OK, ATTEMPT_REJECTED, ATTEMPT_TRANSIENT, Feedback, Sender, SendResult
+from ._http_wire import (
+    Attempt as AttemptTimer,
+)
+from .base import OK, PARTIAL, REFUSED, RETRY, TOO_LARGE, Attempt, Sender, SendResult, send_with_retries
 
 if TYPE_CHECKING:
     import requests
@@ -69,8 +72,8 @@ class HttpSender(Sender):
 
     Thread-safe: one ``requests.Session`` (a keep-alive connection pool of ``pool_size``)
     serves every thread; in a forked child :meth:`after_fork` replaces it, so a child never
-    writes to its parent's sockets. Retries are driven here attempt by attempt (see
-    :class:`~klime.senders._retry.RetryPolicy`) and stop at the caller's deadline.
+    writes to its parent's sockets. :meth:`attempt` makes one request; :meth:`send` retries
+    (see :class:`~klime._retry.RetryPolicy`) and stops at the caller's deadline.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class HttpSender(Sender):
         self._endpoint = validate_endpoint(endpoint, allow_insecure=allow_insecure_endpoint)
         self.url = self._endpoint + BATCH_PATH
         self.retry = retry_policy or RetryPolicy(retry_max_attempts, retry_initial_delay / 1000.0)
+        self.retry_policy = self.retry
         self.connect_timeout = float(connect_timeout)
         self.read_timeout = float(read_timeout)
         self._pool_size = max(1, int(pool_size))
@@ -159,196 +163,81 @@ class HttpSender(Sender):
     # ---------------------------------------------------------------------------------
 
     def send(self, events: Sequence[bytes], deadline: Deadline) -> SendResult:
-        """POST one batch, retrying transient failures until attempts or deadline run out.
-
-        Blocks; thread-safe; never raises. Every retry sends the same bytes.
+        """POST one batch, retrying transient failures until attempts or deadline run out
+        (klime's one retry loop, :func:`~klime.senders.base.send_with_retries`, over
+        :meth:`attempt`). Blocks; thread-safe; never raises. Every retry sends the same bytes.
         """
-        return self.send_attempts(events, deadline)
+        return send_with_retries(self, events, deadline)
 
-    def send_attempts(
-        self,
-        events: Sequence[bytes],
-        deadline: Deadline,
-        *,
-        feedback: Optional[Feedback] = None,
-        attempts_made: int = 0,
-    ) -> SendResult:
-        """:meth:`send`, telling ``feedback`` the outcome and duration of every attempt.
+    def attempt(self, events: Sequence[bytes], deadline: Deadline) -> Attempt:
+        """POST one batch once and describe the outcome. Never retries; never raises.
 
-        After a transient failure a False answer from ``feedback`` ends the call with the
-        batch deferred (not retried now, not counted as failed). ``attempts_made`` earlier
-        attempts of this batch count against ``retry_max_attempts``. Blocks; thread-safe;
-        never raises. Each attempt ends by the least of ``connect_timeout + read_timeout``
-        and ``deadline``, in wall-clock time, whatever the server does; one the deadline
-        cut short ends the call with ``deadline_reached``.
+        Blocks for one request: it ends by the least of ``connect_timeout + read_timeout``
+        and ``deadline``, in wall-clock time, whatever the server does (``cut_short`` when
+        the deadline ended it). Thread-safe.
         """
         from requests.exceptions import RequestException  # imported by now: see _prepared
 
-        body = batch_body(events)
         count = len(events)
-        policy = self.retry
-        made = max(0, int(attempts_made))  # attempts of this batch, earlier calls included
-        first = made
-        stale_retry_used = False
         all_failed = tuple(range(count))
         session, template, settings = self._prepared()
-        permanent = permanent_request_errors()
-        budget = self.connect_timeout + self.read_timeout
-        while True:
-            connect_t = deadline.cap(self.connect_timeout)
-            read_t = deadline.cap(self.read_timeout)
-            if connect_t <= 0 or read_t <= 0:
-                return self._gave_up(
-                    "deadline reached before the batch could be sent",
-                    None,
-                    all_failed,
-                    made - first,
-                    first,
-                    deadline_reached=True,
+        connect_t = deadline.cap(self.connect_timeout)
+        read_t = deadline.cap(self.read_timeout)
+        started = _monotonic()
+        if connect_t <= 0 or read_t <= 0:
+            return Attempt(RETRY, reason="deadline reached", cut_short=True, made=False)
+        try:
+            request = template.copy()
+            request.prepare_body(batch_body(events), None)
+            with AttemptTimer(self.connect_timeout + self.read_timeout, deadline):
+                response = session.send(
+                    request, timeout=(connect_t, read_t), allow_redirects=False, **settings
                 )
-            started = _monotonic()
-            try:
-                request = template.copy()
-                request.prepare_body(body, None)
-                with Attempt(budget, deadline):
-                    response = session.send(
-                        request, timeout=(connect_t, read_t), allow_redirects=False, **settings
-                    )
-                    code = response.status_code
-                    wanted = MAX_ANSWER_BYTES + (ANSWER_BYTES_PER_EVENT * count if 200 <= code < 300 else 0)
-                    answer = read_answer(response, wanted)
-                encoding = response.headers.get("Content-Encoding") or ""
-            except permanent as exc:
-                reason = f"request could not be made: {type(exc).__name__}"
-                logger.error("klime: batch of %d events not sent: %s", count, reason)
-                _tell(feedback, ATTEMPT_REJECTED, _monotonic() - started)
-                return SendResult(None, SendError(reason), all_failed, made - first, _retries(made, first))
-            except RequestException as exc:
-                made += 1
-                took = _monotonic() - started
-                status: Optional[int] = None
-                reason = describe_exception(exc)
-                wait: Optional[float] = None
-                if _out_of_time(deadline):  # the deadline, not the server, ended the attempt
-                    _tell(feedback, ATTEMPT_TRANSIENT, took)
-                    return self._gave_up(
-                        f"deadline reached during attempt {made}: {reason}",
-                        None,
-                        all_failed,
-                        made - first,
-                        first,
-                        deadline_reached=True,
-                    )
-                if is_stale_connection(exc) and not stale_retry_used:
-                    # the peer closed a pooled connection (a Lambda freeze, an idle timeout):
-                    # not a sign of load; retried at once
-                    stale_retry_used = True
-                    wait = 0.0
-                elif not _tell(feedback, ATTEMPT_TRANSIENT, took) and made < policy.max_attempts:
-                    return self._deferred(reason, None, all_failed, made, first)
-            else:
-                made += 1
-                took = _monotonic() - started
-                status = code
-                if 200 <= code < 300:
-                    _tell(feedback, ATTEMPT_OK, took)
-                    payload = parse_json(answer, encoding, wanted)
-                    return self._accepted(payload, code, count, made - first, _retries(made, first))
-                text = quote_answer(answer, encoding, self._secret)
-                reason = f"HTTP {status}" + (f": {text}" if text else "")
-                if status == 413:
-                    _tell(feedback, ATTEMPT_REJECTED, took)
-                    return SendResult(
-                        None,
-                        SendError(f"batch rejected as too large ({reason})", status),
-                        all_failed,
-                        made - first,
-                        _retries(made, first),
-                        too_large=True,
-                    )
-                if not policy.is_transient_status(code):
-                    _tell(feedback, ATTEMPT_REJECTED, took)
-                    logger.error("klime: batch of %d events rejected: %s", count, reason)
-                    return SendResult(
-                        None,
-                        SendError(f"batch rejected: {reason}", status),
-                        all_failed,
-                        made - first,
-                        _retries(made, first),
-                    )
-                wait = policy.retry_after(response.headers.get("Retry-After"))
-                if not _tell(feedback, ATTEMPT_TRANSIENT, took) and made < policy.max_attempts:
-                    return self._deferred(reason, status, all_failed, made, first)
-            if made >= policy.max_attempts:
-                return self._gave_up(
-                    f"gave up after {made} attempts: {reason}", status, all_failed, made - first, first
-                )
-            if wait is None:
-                wait = policy.backoff(made - (1 if stale_retry_used else 0))
-            left = deadline.remaining()
-            if left is not None and wait >= left:
-                return self._gave_up(
-                    f"deadline reached while retrying ({made} attempts): {reason}",
-                    status,
-                    all_failed,
-                    made - first,
-                    first,
-                    deadline_reached=True,
-                )
-            logger.debug("klime: retrying a batch in %.2fs after %s", wait, reason)
-            if wait and not deadline.sleep(wait):
-                return self._gave_up(
-                    f"deadline reached while retrying ({made} attempts): {reason}",
-                    status,
-                    all_failed,
-                    made - first,
-                    first,
-                    deadline_reached=True,
-                )
+                code = response.status_code
+                wanted = MAX_ANSWER_BYTES + (ANSWER_BYTES_PER_EVENT * count if 200 <= code < 300 else 0)
+                answer = read_answer(response, wanted)
+            encoding = response.headers.get("Content-Encoding") or ""
+        except permanent_request_errors() as exc:
+            reason = f"request could not be made: {type(exc).__name__}"
+            logger.error("klime: batch of %d events not sent: %s", count, reason)
+            return Attempt(REFUSED, error=SendError(reason), failed=all_failed, made=False,
+                           duration=_monotonic() - started)
+        except RequestException as exc:
+            took = _monotonic() - started
+            cut_short = _out_of_time(deadline)
+            return Attempt(
+                RETRY,
+                reason=describe_exception(exc),
+                stale=not cut_short and is_stale_connection(exc),
+                cut_short=cut_short,
+                duration=took,
+            )
+        took = _monotonic() - started
+        if 200 <= code < 300:
+            payload = parse_json(answer, encoding, wanted)
+            return self._accepted(payload, code, count, took)
+        text = quote_answer(answer, encoding, self._secret)
+        reason = f"HTTP {code}" + (f": {text}" if text else "")
+        if code == 413:
+            error = SendError(f"batch rejected as too large ({reason})", code)
+            return Attempt(
+                TOO_LARGE, status=code, error=error, failed=all_failed, reason=reason, duration=took
+            )
+        if not self.retry.is_transient_status(code):
+            logger.error("klime: batch of %d events rejected: %s", count, reason)
+            error = SendError(f"batch rejected: {reason}", code)
+            return Attempt(REFUSED, status=code, error=error, failed=all_failed, reason=reason, duration=took)
+        retry_after = self.retry.retry_after(response.headers.get("Retry-After"))
+        return Attempt(RETRY, status=code, reason=reason, retry_after=retry_after, duration=took)
 
-    @staticmethod
-    def _deferred(
-        reason: str, status: Optional[int], failed: Tuple[int, ...], made: int, first: int
-    ) -> SendResult:
-        logger.debug("klime: batch deferred after %d attempts: %s", made, reason)
-        return SendResult(
-            None,
-            SendError(f"not sent yet ({made} attempts so far): {reason}", status, retryable=True),
-            failed,
-            made - first,
-            _retries(made, first),
-            deferred=True,
-        )
-
-    @staticmethod
-    def _gave_up(
-        message: str,
-        status: Optional[int],
-        failed: Tuple[int, ...],
-        made_now: int,
-        first: int,
-        *,
-        deadline_reached: bool = False,
-    ) -> SendResult:
-        if not deadline_reached:
-            logger.warning("klime: %s", message)
-        return SendResult(
-            None,
-            SendError(message, status, retryable=True),
-            failed,
-            made_now,
-            _retries(first + made_now, first),
-            deadline_reached=deadline_reached,
-        )
-
-    def _accepted(self, payload: Any, status: int, count: int, made: int, retries: int) -> SendResult:
+    def _accepted(self, payload: Any, status: int, count: int, took: float) -> Attempt:
         """A 2xx: all accepted, unless the body (parsed JSON, or None) names rejected events."""
         try:
             parsed = BatchResponse.from_body(payload, count, status)
         except (ValueError, TypeError, RecursionError):  # no usable body: the status decides
             parsed = BatchResponse.from_body(None, count, status)
         if not parsed.failed:
-            return SendResult(parsed, None, (), made, retries)
+            return Attempt(OK, status=status, response=parsed, duration=took)
         failed = tuple(sorted({e.index for e in parsed.errors}))
         secret = self._secret
         summary = "; ".join(
@@ -360,26 +249,10 @@ class HttpSender(Sender):
             summary += f"; and {len(parsed.errors) - 5} more"
         logger.warning("klime: %d of %d events of a batch were rejected: %s", parsed.failed, count, summary)
         error = SendError(f"{parsed.failed} of {count} events rejected: {summary}", status, response=parsed)
-        return SendResult(parsed, error, failed, made, retries)
-
-
-def _retries(made: int, first: int) -> int:
-    """Attempts made in this call that repeated an earlier attempt of the batch."""
-    return max(0, made - max(first, 1))
+        return Attempt(PARTIAL, status=status, response=parsed, error=error, failed=failed, duration=took)
 
 
 def _out_of_time(deadline: Deadline) -> bool:
     """The caller's deadline has passed (a time-out ending then was the deadline's doing)."""
     left = deadline.remaining()
     return left is not None and left < 0.001
-
-
-def _tell(feedback: Optional[Feedback], outcome: str, seconds: float) -> bool:
-    """Report one attempt; True means "go on retrying". A hook that raises is ignored."""
-    if feedback is None:
-        return True
-    try:
-        return bool(feedback(outcome, seconds))
-    except Exception:
-        logger.exception("klime: a send feedback hook raised; ignored")
-        return True

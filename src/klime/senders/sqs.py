@@ -13,7 +13,7 @@ the messages are sent by :class:`._sqs_driver.BatchDriver`, which packs them int
 This module holds the options and the boto3 client's life cycle (created on first use,
 afresh after a fork).
 
-Imports: the senders' base, :mod:`._retry`, :mod:`._sqs_packing`, :mod:`._sqs_driver`, and
+Imports: the senders' base, :mod:`klime._retry`, :mod:`._sqs_packing`, :mod:`._sqs_driver`, and
 below them :mod:`klime._config`, :mod:`klime._batching`, :mod:`klime._logging`,
 :mod:`klime.errors` and :mod:`klime.aws` (boto3 itself only when a sender is created).
 """
@@ -35,8 +35,8 @@ from .._config import (
 from .._deadline import Deadline
 from .._logging import log as logger
 from .._models import BatchResponse
+from .._retry import RetryPolicy
 from ..errors import ConfigurationError, SendError
-from ._retry import RetryPolicy
 from ._sqs_driver import BatchDriver
 from ._sqs_packing import (
     DEFAULT_MAX_MESSAGE_BYTES,

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from .._config import MAX_BATCH_EVENTS, MAX_REQUEST_BYTES
 from .._logging import log
+from .._retry import backoff_delay
 from ..errors import ConfigurationError, SpoolUnavailable
 from . import _fork, _owners, _queue, _safety, _store
 from ._admin import read_stats
@@ -37,9 +38,9 @@ _COUNTERS = (
 
 def retry_time(attempts: int, initial: float, maximum: float, *, now: Optional[float] = None) -> float:
     """The unix time to pass as :meth:`Spool.release`'s ``retry_at`` after ``attempts``
-    failed attempts: ``now + min(maximum, initial * 2 ** (attempts - 1))``, in seconds. Pure."""
-    delay = min(maximum, initial * (2.0 ** max(0, min(attempts - 1, 60))))
-    return (time.time() if now is None else now) + max(0.0, delay)
+    failed attempts: ``now`` plus klime's one backoff (:func:`klime._retry.backoff_delay`),
+    in seconds. Pure."""
+    return (time.time() if now is None else now) + backoff_delay(attempts, initial, maximum)
 
 
 class Spool:

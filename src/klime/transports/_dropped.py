@@ -63,7 +63,6 @@ class DroppedEvents:
         self._stopping = stopping
         self.held: List[bytes] = []  # dropped (and counted), not yet reported
         self.unheld = 0  # dropped with nobody to hand them to: counted, not kept
-        self.count = 0  # every event dropped so far
         self.first = 0  # the sequence number of the oldest held event
         self.reporting: List[int] = []  # first sequence numbers of reports in progress
         self.episode = 0  # events dropped in the current episode
@@ -71,15 +70,15 @@ class DroppedEvents:
         self.wake = threading.Event()
 
     def add_locked(self, event: bytes, seq: int, *, keep: bool) -> None:
-        """``event`` (sequence number ``seq``) was dropped for room: count it; keep it for
-        ``on_error`` when ``keep``. Microseconds; the caller's thread."""
+        """``event`` (sequence number ``seq``) was dropped for room (and counted in the
+        ledger by the transport): keep it for ``on_error`` when ``keep``. Microseconds; the
+        caller's thread."""
         if keep:
             if not self.held:
                 self.first = seq
             self.held.append(event)
         else:
             self.unheld += 1
-        self.count += 1
 
     def report_soon(self) -> None:
         """Have the dropped events reported now, by the ``klime-reporter`` thread (started

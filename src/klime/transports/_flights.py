@@ -5,8 +5,8 @@ One request at a time can deliver at most ``max_batch_size / round trip`` events
 second (400/s at the defaults and 50 ms), whatever the CPU. So when a backlog waits and
 round trips are slow, a transport keeps several requests in flight on the sender's
 keep-alive connections, as many as :class:`~klime.transports._limit.AdaptiveLimit` allows,
-from what the destination answers attempt by attempt (the sender's
-:data:`~klime.senders.base.Feedback`). A batch that failed transiently while more are in
+from what the destination answers attempt by attempt (the retry loop tells the
+transport's :data:`~klime.senders.base.Pace` each outcome). A batch that failed transiently while more are in
 flight than the limit allows stops retrying and is *deferred*: it waits, first in line,
 until the limit lets it go again, so that against a server failing everything one batch
 retries with backoff and the request rate is that of one request at a time.
@@ -16,9 +16,9 @@ the threads that fly them (a bounded pool: started on demand, never more than th
 helpers retired when idle). The background transport keeps its pool for the life of the
 process. :meth:`Flights.fly_all` sends a known set of batches (an invocation's flush) on
 the caller's thread and helpers that end before it returns: its limit grows straight to
-what the set needs (``jump``), and a warm invocation whose round trips were slow sends them
-all at once (:meth:`AdaptiveLimit.open_to`) — about one round trip instead of learning
-again. Every method named ``*_locked`` needs the owner's lock, which :class:`Flights`
+what the set needs (``grow_at_once``), and a warm invocation whose round trips were slow
+sends them all at once (:meth:`AdaptiveLimit.allow_all_at_once`) — about one round trip
+instead of learning again. Every method named ``*_locked`` needs the owner's lock, which :class:`Flights`
 shares.
 
 May import: the standard library, the sender interface and the adaptive limit.
@@ -33,7 +33,9 @@ from threading import Thread
 from typing import TYPE_CHECKING, Callable, Deque, List, Optional
 
 from .._deadline import Deadline
+from .._delivery import KEEP_UNSENT
 from .._logging import log
+from .._retry import FIRST_TRY, Retry
 from ..senders.base import ATTEMPT_TRANSIENT
 from ._limit import LATENCY_GUARD, SLOW_ROUND_TRIP_S, AdaptiveLimit
 
@@ -44,21 +46,29 @@ __all__ = ["AdaptiveLimit", "Batch", "Flights", "LATENCY_GUARD", "SLOW_ROUND_TRI
 
 class Batch:
     """Events that leave the queue together. ``start`` is the sequence number of the first
-    (the owner's book-keeping); ``attempts`` counts the attempts made in earlier, deferred
-    flights; ``taken`` is set once its outcome is settled (by its flight, or by a shutdown
-    that gave up on it); ``error`` says why its last attempt failed, when deferred;
-    ``ref`` is the owner's own (the spool transport keeps the batch's claimed rows there)."""
+    (the owner's book-keeping); ``retry`` is where it stands in its retries (attempts
+    made in earlier, deferred flights); ``taken`` is set once its outcome is settled (by
+    its flight, or by a shutdown that gave up on it); ``error`` says why its last attempt
+    failed, when deferred; ``ref`` is the owner's own (the spool transport keeps the
+    batch's claimed rows there)."""
 
-    __slots__ = ("start", "events", "attempts", "taken", "error", "ref")
+    __slots__ = ("start", "events", "retry", "taken", "error", "spool_rows")
 
-    def __init__(self, start: int, events: List[bytes], attempts: int = 0, error: object = None) -> None:
+    def __init__(
+        self, start: int, events: List[bytes], retry: Retry = FIRST_TRY, error: object = None
+    ) -> None:
         self.start = start
         self.events = events
-        self.attempts = attempts
+        self.retry = retry
         self.taken = False
         self.error = error
         #: what the owner keeps with the batch (the spool transport: its claimed rows)
-        self.ref: object = None
+        self.spool_rows: object = None
+
+    @property
+    def attempts(self) -> int:
+        """Attempts made for this batch's events so far."""
+        return self.retry.attempts
 
 
 class Flights:
@@ -67,13 +77,13 @@ class Flights:
     ``lock`` is the owner's lock; ``work`` is a condition on it where idle threads wait.
     """
 
-    def __init__(self, lock: threading.Lock, *, ceiling: int, name: str, jump: bool = False) -> None:
+    def __init__(self, lock: threading.Lock, *, ceiling: int, name: str, grow_at_once: bool = False) -> None:
         self.lock = lock
         self.work = threading.Condition(lock)
-        self.limit = AdaptiveLimit(ceiling, jump=jump)
+        self.limit = AdaptiveLimit(ceiling, grow_at_once=grow_at_once)
         self.name = name
         self.flying: List[Batch] = []
-        self.parked: Deque[Batch] = deque()
+        self.deferred: Deque[Batch] = deque()
         self.threads: List[threading.Thread] = []
         self.idle = 0
         self.starting = 0  # threads decided on, not yet in :attr:`threads`
@@ -87,17 +97,17 @@ class Flights:
         """May one more request take off now?"""
         return len(self.flying) < self.limit.limit
 
-    def board_locked(self, batch: Batch) -> Batch:
+    def mark_sending_locked(self, batch: Batch) -> Batch:
         self.flying.append(batch)
         return batch
 
-    def take_parked_locked(self) -> Optional[Batch]:
+    def take_deferred_locked(self) -> Optional[Batch]:
         """The oldest deferred batch, if the limit lets it fly; it is then in the air."""
-        if self.parked and self.room_locked():
-            return self.board_locked(self.parked.popleft())
+        if self.deferred and self.room_locked():
+            return self.mark_sending_locked(self.deferred.popleft())
         return None
 
-    def land_locked(self, batch: Batch, unsent: List[bytes], attempts: int, error: object) -> bool:
+    def settle_locked(self, batch: Batch, unsent: List[bytes], retry: Retry, error: object) -> bool:
         """Settle ``batch``: it leaves the air; its ``unsent`` events wait, first in line.
 
         Returns False (and changes nothing) when it was settled already."""
@@ -109,7 +119,7 @@ class Flights:
         except ValueError:
             pass
         if unsent:
-            self.parked.append(Batch(batch.start, unsent, attempts, error))
+            self.deferred.append(Batch(batch.start, unsent, retry, error))
         if self.idle:
             self.work.notify()
         return True
@@ -121,35 +131,35 @@ class Flights:
         for batch in abandoned:
             batch.taken = True
         self.flying = []
-        parked = list(self.parked)
-        self.parked.clear()
+        parked = list(self.deferred)
+        self.deferred.clear()
         return abandoned, parked
 
     def held_locked(self) -> int:
         """Events in the air or deferred (those of batches with a ``ref`` are held elsewhere
         too, on disk, and not counted here)."""
-        return sum(len(b.events) for b in (*self.flying, *self.parked) if b.ref is None)
+        return sum(len(b.events) for b in (*self.flying, *self.deferred) if b.spool_rows is None)
 
     def settled_locked(self, target: int) -> bool:
         """Are all batches holding events with sequence number < ``target`` settled?"""
-        return all(b.start >= target for b in self.flying) and all(b.start >= target for b in self.parked)
+        return all(b.start >= target for b in self.flying) and all(b.start >= target for b in self.deferred)
 
     def unsettled_locked(self, target: int) -> int:
         """Events with sequence number < ``target`` in the air or deferred (an upper bound)."""
         count = 0
-        for batch in (*self.flying, *self.parked):
+        for batch in (*self.flying, *self.deferred):
             if batch.start < target:
                 count += min(len(batch.events), target - batch.start)
         return count
 
-    # ------------------------------------------------------------ feedback
+    # ------------------------------------------------------------ pacing
 
-    def feedback_locked(self, outcome: str, seconds: float, *, backlog: int, pressed: bool = False) -> bool:
+    def pace_locked(self, outcome: str, seconds: float, *, backlog: int, drops_near: bool = False) -> bool:
         """One attempt's outcome (see :class:`AdaptiveLimit`). After a transient failure,
         True means "keep retrying": no more are in the air than the limit now allows."""
         limit = self.limit
         before = limit.limit
-        limit.observe(outcome, seconds, backlog=backlog, in_flight=len(self.flying), pressed=pressed)
+        limit.observe(outcome, seconds, backlog=backlog, in_flight=len(self.flying), drops_near=drops_near)
         if limit.limit > before and self.idle:
             self.work.notify()
         if outcome != ATTEMPT_TRANSIENT:
@@ -211,12 +221,12 @@ class Flights:
             return False
         return True
 
-    def retire_locked(self, thread: threading.Thread, *, relax: bool = True) -> None:
+    def retire_locked(self, thread: threading.Thread, *, lower_limit: bool = True) -> None:
         """``thread`` is leaving; with ``relax``, the limit follows the pool down (the
         invocation transport keeps its limit from one flush to the next)."""
         self._forget_locked(thread)
-        if relax:
-            self.limit.relax(max(1, len(self.threads)))
+        if lower_limit:
+            self.limit.lower_to(max(1, len(self.threads)))
 
     def _forget_locked(self, thread: threading.Thread) -> None:
         try:
@@ -241,36 +251,37 @@ class Flights:
         def take_locked() -> Optional[Batch]:
             if deadline.expired():
                 return None
-            batch = flights.take_parked_locked()
+            batch = flights.take_deferred_locked()
             if batch is None and waiting and flights.room_locked():
-                batch = flights.board_locked(waiting.popleft())
+                batch = flights.mark_sending_locked(waiting.popleft())
             return batch
 
         def takeable_locked() -> int:
-            return max(0, min(flights.limit.limit - len(flights.flying), len(waiting) + len(flights.parked)))
+            room = flights.limit.limit - len(flights.flying)
+            return max(0, min(room, len(waiting) + len(flights.deferred)))
 
-        def land(batch: Batch, outcome: Outcome) -> bool:
+        def settle(batch: Batch, outcome: Outcome) -> bool:
             with lock:
-                return flights.land_locked(batch, outcome.unsent or [], outcome.attempts, outcome.last_error)
+                return flights.settle_locked(batch, outcome.unsent or [], outcome.retry, outcome.last_error)
 
-        def feedback(outcome: str, seconds: float) -> bool:
+        def pace(outcome: str, seconds: float) -> bool:
             with lock:
-                return flights.feedback_locked(outcome, seconds, backlog=len(waiting) + len(flights.parked))
+                return flights.pace_locked(outcome, seconds, backlog=len(waiting) + len(flights.deferred))
 
         def fly(batch: Batch) -> None:
             try:
                 delivery.send(
                     batch.events,
                     deadline,
-                    keep_unsent=True,
-                    claim=functools.partial(land, batch),
-                    feedback=feedback,
-                    attempts_made=batch.attempts,
+                    keep=KEEP_UNSENT,
+                    settle=functools.partial(settle, batch),
+                    pace=pace,
+                    retry=batch.retry,
                 )
             except Exception:  # Delivery never raises; if it does, keep the batch
                 log.exception("klime: sending a batch failed unexpectedly")
                 with lock:
-                    flights.land_locked(batch, batch.events, batch.attempts, None)
+                    flights.settle_locked(batch, batch.events, batch.retry, None)
             finally:
                 with lock:
                     flights.work.notify_all()
@@ -286,13 +297,13 @@ class Flights:
                     fly(batch)
             finally:
                 with lock:
-                    flights.retire_locked(me, relax=False)
+                    flights.retire_locked(me, lower_limit=False)
 
         helpers: List[threading.Thread] = []
         me = threading.current_thread()
         with lock:
             flights.threads.append(me)  # the caller's thread is one of the senders
-            flights.limit.open_to(len(waiting))
+            flights.limit.allow_all_at_once(len(waiting))
         try:
             while True:
                 with lock:
@@ -320,7 +331,7 @@ class Flights:
             for thread in helpers:
                 thread.join()
             with lock:
-                flights.retire_locked(me, relax=False)
+                flights.retire_locked(me, lower_limit=False)
                 kept = [event for batch in waiting for event in batch.events]
                 _, parked = flights.abandon_locked()
                 kept[0:0] = [event for batch in parked for event in batch.events]

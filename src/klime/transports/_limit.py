@@ -10,7 +10,7 @@
   :class:`CpuGauge`) and the round trip is not more than :data:`LATENCY_GUARD` times the base (a
   server, or a CPU, that answers slower as more requests come is saturated): toward what
   the backlog needs (the batches in the air plus those waiting), at most doubling per
-  accepted request (``jump``: at once), never above ``ceiling``;
+  accepted request (``grow_at_once``: at once), never above ``ceiling``;
 - it gives one back per accepted request while the smoothed round trip is more than
   :data:`LATENCY_SHRINK` times the base, and a limit the traffic stops using falls back
   (:meth:`AdaptiveLimit._validate`);
@@ -114,7 +114,7 @@ class AdaptiveLimit:
 
     __slots__ = (
         "ceiling",
-        "jump",
+        "grow_at_once",
         "limit",
         "_troubled",
         "round_trip",
@@ -126,11 +126,11 @@ class AdaptiveLimit:
         "_cpu",
     )
 
-    def __init__(self, ceiling: int, *, jump: bool = False, cpu: Optional[CpuGauge] = None) -> None:
+    def __init__(self, ceiling: int, *, grow_at_once: bool = False, cpu: Optional[CpuGauge] = None) -> None:
         self.ceiling = max(1, int(ceiling))
         #: grow straight to what the backlog needs (a flush of a known set of batches
         #: under a deadline) instead of at most doubling per accepted request
-        self.jump = jump
+        self.grow_at_once = grow_at_once
         self.limit = 1
         self._troubled = False  # the last attempt was a transient failure
         #: a moving average of accepted round trips, seconds (None until the first)
@@ -143,11 +143,11 @@ class AdaptiveLimit:
         self._cpu = cpu if cpu is not None else CpuGauge()
 
     def observe(
-        self, outcome: str, seconds: float, *, backlog: int, in_flight: int, pressed: bool = False
+        self, outcome: str, seconds: float, *, backlog: int, in_flight: int, drops_near: bool = False
     ) -> None:
         """Take one attempt's outcome. ``backlog``: batches waiting to take off (full ones,
         or deferred); ``in_flight``: requests in the air now, this one included;
-        ``pressed``: the queue is at least half full (see :data:`PRESSED_ROUND_TRIP_S`)."""
+        ``drops_near``: the queue is at least half full (see :data:`PRESSED_ROUND_TRIP_S`)."""
         if outcome == ATTEMPT_TRANSIENT:
             self.limit = max(1, self.limit // 2)
             self._troubled = True
@@ -159,7 +159,7 @@ class AdaptiveLimit:
         # intervals follow one another
         spare = base < PRESSED_ROUND_TRIP_S or self._cpu.spare()
         wire = base >= (SLOW_ROUND_TRIP_S if spare else CPU_BOUND_ROUND_TRIP_S) or (
-            pressed and spare and base >= PRESSED_ROUND_TRIP_S
+            drops_near and spare and base >= PRESSED_ROUND_TRIP_S
         )
         if rtt > LATENCY_SHRINK * base and self.limit > 1:
             self.limit -= 1  # more in flight only queues: give some back
@@ -172,7 +172,7 @@ class AdaptiveLimit:
         ):
             # toward what the backlog needs, at most doubling per accepted request
             needed = in_flight + backlog
-            step = needed if self.jump else min(needed, 2 * self.limit)
+            step = needed if self.grow_at_once else min(needed, 2 * self.limit)
             self.limit = min(self.ceiling, max(self.limit + 1, step))
         self._validate(in_flight)
 
@@ -204,7 +204,7 @@ class AdaptiveLimit:
         """The base round trip: the best one seen lately, seconds (None until the first)."""
         return self._base
 
-    def quiet(self, outcome: str, seconds: float) -> bool:
+    def note_fast_success(self, outcome: str, seconds: float) -> bool:
         """For an accepted request while one at a time is sent and round trips are fast:
         nothing can change but the round-trip figures, noted here without the owner's lock
         (only one request is in the air). True when that was all; False: call
@@ -224,7 +224,7 @@ class AdaptiveLimit:
         rtt = self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         return rtt, self._note(seconds)
 
-    def open_to(self, batches: int) -> None:
+    def allow_all_at_once(self, batches: int) -> None:
         """A known set of ``batches`` is about to go (an invocation's flush): when round
         trips have been slow and the last attempt did not fail, let them all go at once (up
         to the ceiling) instead of learning again; else leave the limit as it is."""
@@ -235,7 +235,7 @@ class AdaptiveLimit:
         """Have round trips been slow enough for concurrency to pay (even the best one)?"""
         return self._base is not None and self._base >= SLOW_ROUND_TRIP_S
 
-    def relax(self, at_most: int) -> None:
+    def lower_to(self, at_most: int) -> None:
         """Lower the limit to ``at_most`` (never below one): threads were retired."""
         self.limit = max(1, min(self.limit, at_most))
 

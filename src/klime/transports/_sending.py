@@ -8,7 +8,8 @@ all the room the adaptive limit gives at once, ended after :data:`IDLE_RETIRE_S`
 work or when more are running than the limit needs. Each thread takes a batch (deferred
 ones first; a full one while the limit allows; a partial one only when released by the
 interval, a flush or the shutdown, and only when nothing else is in the air), sends it
-through the delivery with the sender's per-attempt feedback, and settles it. Where no
+through the delivery (whose retry loop tells :meth:`SenderThreads._pace` each attempt's
+outcome, which feeds the concurrency limit), and settles it. Where no
 thread may run, :meth:`SenderThreads._drain_here` does the same on the calling thread,
 one batch at a time.
 
@@ -159,7 +160,7 @@ class SenderThreads:
                 if now >= self._next_due:
                     self._tick_locked(now)
                 if self._stopping and (
-                    self._worker_deadline.expired() or not (self._queue or flights.parked)
+                    self._worker_deadline.expired() or not (self._queue or flights.deferred)
                 ):
                     return None, 0
                 batch = self._take_locked()
@@ -201,8 +202,8 @@ class SenderThreads:
         batches first. A full batch goes while the limit allows; a partial one only when
         released (interval, flush, shutdown) and nothing else is in the air."""
         flights = self._flights
-        if flights.parked:
-            return flights.take_parked_locked()
+        if flights.deferred:
+            return flights.take_deferred_locked()
         queue = self._queue
         waiting = len(queue)
         if not waiting:
@@ -219,14 +220,14 @@ class SenderThreads:
         popleft = queue.popleft
         batch = Batch(self._left, [popleft() for _ in range(n)])
         self._left += n
-        return flights.board_locked(batch)
+        return flights.mark_sending_locked(batch)
 
     def _takeable_locked(self) -> int:
         """How many more batches could take off now (deferred ones, full ones waiting),
         within the limit."""
         flights = self._flights
         room = flights.limit.limit - len(flights.flying)
-        waiting = len(flights.parked) + len(self._queue) // self.max_batch_size
+        waiting = len(flights.deferred) + len(self._queue) // self.max_batch_size
         return max(0, min(room, waiting))
 
     def _fly(self, batch: Batch, deadline: Deadline) -> None:
@@ -235,14 +236,14 @@ class SenderThreads:
             self.delivery.send(
                 batch.events,
                 deadline,
-                claim=functools.partial(self._land, batch),
-                feedback=functools.partial(self._feedback, batch),
-                attempts_made=batch.attempts,
+                settle=functools.partial(self._settle, batch),
+                pace=functools.partial(self._pace, batch),
+                retry=batch.retry,
             )
         except Exception:  # Delivery never raises; if it does, the batch is not lost silently
             log.exception("klime: sending a batch failed unexpectedly")
             with self._lock:
-                orphan = self._flights.land_locked(batch, [], 0, None)
+                orphan = self._flights.settle_locked(batch, [], batch.retry, None)
             if orphan:
                 self.delivery.fail(batch.events, "an unexpected error happened while sending")
         finally:
@@ -260,24 +261,26 @@ class SenderThreads:
         finally:
             self._waiting -= 1
 
-    def _land(self, batch: Batch, outcome: Outcome) -> bool:
+    def _settle(self, batch: Batch, outcome: Outcome) -> bool:
         """Called by Delivery just before it counts a batch's outcome: the batch leaves the
         air at that instant (so ``stats()`` never counts it twice), unless a shutdown
         already gave up on it and accounted for it."""
         with self._lock:
-            return self._flights.land_locked(
-                batch, outcome.unsent or [], outcome.attempts, outcome.last_error
+            return self._flights.settle_locked(
+                batch, outcome.unsent or [], outcome.retry, outcome.last_error
             )
 
-    def _feedback(self, batch: Batch, outcome: str, seconds: float) -> bool:
+    def _pace(self, batch: Batch, outcome: str, seconds: float) -> bool:
+        """One attempt's outcome, told by the retry loop: feeds the concurrency limit.
+        After a transient failure, False defers the batch (more in flight than allowed)."""
         limit = self._flights.limit
-        pressed = 2 * len(self._queue) >= self.max_queue_size  # drops are near
-        if not pressed and limit.quiet(outcome, seconds):  # one at a time, fast: no lock
+        drops_near = 2 * len(self._queue) >= self.max_queue_size  # drops are near
+        if not drops_near and limit.note_fast_success(outcome, seconds):  # one at a time, fast: no lock
             return True
         with self._lock:
             flights = self._flights
-            backlog = len(flights.parked) + len(self._queue) // self.max_batch_size
-            return flights.feedback_locked(outcome, seconds, backlog=backlog, pressed=pressed)
+            backlog = len(flights.deferred) + len(self._queue) // self.max_batch_size
+            return flights.pace_locked(outcome, seconds, backlog=backlog, drops_near=drops_near)
 
     def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
         """Send from the calling thread, one batch at a time, until nothing may go (or the

@@ -12,7 +12,7 @@ per episode). Any :class:`~klime.errors.SpoolUnavailable` that the spool could n
 from makes this process fall back to the memory queue, with one warning.
 
 The methods use the transport's state under its lock (``_lock``, ``_queue``, ``_left``,
-``_flights``, and the spool counters ``_transit``/``_spooled``/``_fresh``/``_adopted``).
+``_flights``, and the spool counters ``_moving_to_disk``/``_spooled``/``_due_on_disk``/``_adopted``).
 May import: the model, the errors, :mod:`klime.spool` (lazily: ``import klime`` never
 imports sqlite3).
 """
@@ -62,10 +62,10 @@ class DiskQueue:
     _write_lock: threading.Lock
     _writer: Optional[Thread]
     _write_wake: threading.Event
-    _transit: int
+    _moving_to_disk: int
     _spooled: int
     _adopted: int
-    _fresh: int
+    _due_on_disk: int
     _next_adopt: float
 
     if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class DiskQueue:
                 events = self._queue  # O(1) under the lock: track() never waits on a copy
                 self._queue = deque()
                 self._left += len(events)
-                self._transit += len(events)
+                self._moving_to_disk += len(events)
             disk = self._spool()
             result = None
             try:
@@ -162,7 +162,7 @@ class DiskQueue:
             except SpoolUnavailable as exc:
                 self._degrade(exc)
             with self._lock:
-                self._transit -= len(events)
+                self._moving_to_disk -= len(events)
                 if result is None:  # nothing stored: back to the front of the memory queue
                     self._queue.extendleft(reversed(events))
                     self._left -= len(events)
@@ -170,7 +170,7 @@ class DiskQueue:
                     return
                 kept = result.appended - result.dropped_count
                 self._spooled += kept
-                self._fresh = max(0, self._fresh + kept)
+                self._due_on_disk = max(0, self._due_on_disk + kept)
                 self._wake_senders_locked(kept)
         if result.dropped:
             log.notice(
@@ -211,7 +211,7 @@ class DiskQueue:
             with self._lock:
                 self._adopted += moved + len(invalid)
                 self._spooled += moved
-                self._fresh += moved
+                self._due_on_disk += moved
                 self._wake_senders_locked(moved)
         if invalid:  # never sent: counted as adopted and dropped, and reported
             log.warning_once(

@@ -24,7 +24,6 @@ while it is in the air or deferred.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from .._config import (
     DEFAULT_MAX_QUEUE_SIZE,
 )
 from .._deadline import Deadline
+from .._ledger import Tally
 from .._models import FlushResult
 from ._dropped import DroppedEvents
 from ._flights import Batch, Flights
@@ -109,7 +109,6 @@ class BackgroundTransport(SenderThreads, Transport):
         self._thread: Optional[object] = None  # the first sender thread, or NO_THREAD
         self._inline_each = False  # no thread, and no later moment to send: send every event
         self._worker_deadline = Deadline()
-        self._pid = os.getpid()
 
     def after_fork(self) -> None:
         self._reset()
@@ -124,8 +123,7 @@ class BackgroundTransport(SenderThreads, Transport):
             queue = self._queue
             overflow = len(queue) >= self.max_queue_size
             if overflow:
-                self._drops.add_locked(queue.popleft(), self._left, keep=self._keep_dropped())
-                self._left += 1
+                self._drop_oldest_locked()
             queue.append(event)
             self._accepted += 1
             size = len(queue)
@@ -151,10 +149,15 @@ class BackgroundTransport(SenderThreads, Transport):
             # the sender threads wake each other)
             flights.work.notify()
 
-    def _keep_dropped(self) -> bool:
-        """Keep a dropped event for ``on_error``? Not when nobody would receive it."""
+    def _drop_oldest_locked(self) -> None:
+        """The queue is full: drop its oldest event, count it in the ledger, and keep it
+        for ``on_error`` unless nobody would receive it. Microseconds; the caller's thread."""
         delivery = self._delivery
-        return delivery is not None and delivery.has_error_callback()
+        keep = delivery is not None and delivery.has_error_callback()
+        self._drops.add_locked(self._queue.popleft(), self._left, keep=keep)
+        self._left += 1
+        if delivery is not None:
+            delivery.ledger.dropped_for_room_locked()
 
     def _report_overflow(self) -> None:
         """Hand events dropped for room to ``on_error`` (see :mod:`._dropped`). Thread-safe."""
@@ -178,10 +181,8 @@ class BackgroundTransport(SenderThreads, Transport):
             + self._drops.unsettled_locked(target)
         )
 
-    def _snapshot(self) -> Dict[str, int]:
-        counters = self.delivery.counters()
-        counters["dropped"] += self._drops.count
-        return counters
+    def _snapshot(self) -> Tally:
+        return self.delivery.ledger.tally()
 
     def _worker_alive(self) -> bool:
         thread = self._thread
@@ -223,14 +224,7 @@ class BackgroundTransport(SenderThreads, Transport):
             self._drain_here(deadline, release=True)
         with self._lock:
             unsent = self._unsettled(target)
-        after = self._snapshot()
-        return FlushResult(
-            sent=after["sent"] - before["sent"],
-            failed=after["failed"] - before["failed"],
-            dropped=after["dropped"] - before["dropped"],
-            unsent=unsent,
-            timed_out=unsent > 0 and deadline.expired(),
-        )
+        return self.delivery.ledger.result_since(before, unsent=unsent, expired=deadline.expired())
 
     def flush(self, timeout: Optional[float] = None) -> FlushResult:
         """Block until every event queued before the call is sent or reported, or until
@@ -251,8 +245,8 @@ class BackgroundTransport(SenderThreads, Transport):
                 leftovers = list(self._queue)
                 self._queue.clear()
                 self._left += len(leftovers)
-                parked = list(self._flights.parked)
-                self._flights.parked.clear()
+                parked = list(self._flights.deferred)
+                self._flights.deferred.clear()
             else:
                 leftovers, parked = [], []
         before = self._snapshot()
@@ -277,13 +271,12 @@ class BackgroundTransport(SenderThreads, Transport):
     def _finish_shutdown(
         self,
         deadline: Deadline,
-        before: Dict[str, int],
+        before: Tally,
         flush: bool,
         leftovers: List[bytes],
         parked: List[Batch],
     ) -> FlushResult:
         """Report what is left (queued, in the air, deferred) and sum up the shutdown."""
-        lost_before = before["failed"] + before["dropped"]
         with self._lock:
             leftovers += list(self._queue)
             self._left += len(self._queue)
@@ -306,19 +299,14 @@ class BackgroundTransport(SenderThreads, Transport):
         after = self._snapshot()
         with self._lock:
             unsent = len(self._queue) + self._flights.held_locked()
-        return FlushResult(
-            sent=after["sent"] - before["sent"],
-            failed=after["failed"] - before["failed"],
-            dropped=after["dropped"] - before["dropped"],
-            unsent=unsent,
-            timed_out=deadline.expired()
-            and bool(leftovers or abandoned or parked or after["failed"] + after["dropped"] > lost_before),
-        )
+        lost = after.failed + after.dropped > before.failed + before.dropped
+        timed_out = deadline.expired() and bool(leftovers or abandoned or parked or lost)
+        return self.delivery.ledger.result_since(before, unsent=unsent, timed_out=timed_out)
 
     def counts(self) -> Dict[str, int]:
         with self._lock:
             pending = len(self._queue) + self._flights.held_locked()
-            return {"accepted": self._accepted, "pending": pending, "dropped": self._drops.count}
+            return {"accepted": self._accepted, "pending": pending}
 
     def in_flight(self) -> Dict[str, int]:
         """What is being sent now: requests in the air, deferred batches, sender threads and
@@ -327,7 +315,7 @@ class BackgroundTransport(SenderThreads, Transport):
             flights = self._flights
             return {
                 "requests": len(flights.flying),
-                "deferred": len(flights.parked),
+                "deferred": len(flights.deferred),
                 "threads": len(flights.threads),
                 "limit": flights.limit.limit,
             }

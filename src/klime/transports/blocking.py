@@ -58,7 +58,7 @@ class BlockingTransport(Transport):
             return False
         settle = self._settler(1)
         try:
-            self.delivery.send([event], Deadline(), claim=settle)
+            self.delivery.send([event], Deadline(), settle=settle)
         finally:
             settle()
         return True
@@ -73,7 +73,7 @@ class BlockingTransport(Transport):
             return None
         settle = self._settler(len(events))
         try:
-            return self.delivery.send_sync(events, deadline, claim=settle)
+            return self.delivery.send_sync(events, deadline, settle=settle)
         finally:
             settle()
 

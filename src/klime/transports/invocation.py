@@ -44,6 +44,7 @@ from .._config import (
 from .._deadline import Deadline
 from .._logging import log
 from .._models import FlushResult
+from .._retry import backoff_delay
 from ._flights import Flights
 from .base import Transport
 
@@ -144,7 +145,7 @@ class InvocationTransport(Transport):
         self._inline_failures = 0
         self._paused_until = 0.0
         self._flights = Flights(
-            self._lock, ceiling=self.max_concurrent_requests, name="klime-flush", jump=True
+            self._lock, ceiling=self.max_concurrent_requests, name="klime-flush", grow_at_once=True
         )
         self._closed = closed
 
@@ -217,7 +218,7 @@ class InvocationTransport(Transport):
             self._paused_until = 0.0
             return
         self._inline_failures += 1
-        pause = min(MAX_INLINE_PAUSE_S, max(self.flush_interval, 0.5) * 2 ** (self._inline_failures - 1))
+        pause = backoff_delay(self._inline_failures, max(self.flush_interval, 0.5), MAX_INLINE_PAUSE_S)
         self._paused_until = _monotonic() + pause
         log.warning(
             "klime: %d events could not be sent in time; they stay buffered and inline "
@@ -284,18 +285,11 @@ class InvocationTransport(Transport):
         for the next flush and are reported as ``unsent``.
         """
         deadline = Deadline.after(timeout)
-        before = self.delivery.counters()
+        ledger = self.delivery.ledger
+        before = ledger.tally()
         self._report_overflow()
         self._send(deadline)
-        after = self.delivery.counters()
-        unsent = self.pending()
-        return FlushResult(
-            sent=after["sent"] - before["sent"],
-            failed=after["failed"] - before["failed"],
-            dropped=after["dropped"] - before["dropped"],
-            unsent=unsent,
-            timed_out=unsent > 0 and deadline.expired(),
-        )
+        return ledger.result_since(before, unsent=self.pending(), expired=deadline.expired())
 
     def shutdown(self, timeout: Optional[float] = None, *, flush: bool = True) -> FlushResult:
         """Flush (when ``flush``) within ``timeout`` seconds, then refuse new events;
@@ -304,7 +298,8 @@ class InvocationTransport(Transport):
             if self._closed:
                 return FlushResult()
             self._closed = True
-        before = self.delivery.counters()
+        ledger = self.delivery.ledger
+        before = ledger.tally()
         if flush:
             self.flush(timeout)
         self._report_overflow()
@@ -317,12 +312,7 @@ class InvocationTransport(Transport):
                 if flush
                 else "client shut down with flush_on_shutdown=False; event not sent",
             )
-        after = self.delivery.counters()
-        return FlushResult(
-            sent=after["sent"] - before["sent"],
-            failed=after["failed"] - before["failed"],
-            dropped=after["dropped"] - before["dropped"],
-        )
+        return ledger.result_since(before, timed_out=False)
 
     def pending(self) -> int:
         """Events accepted and not yet resolved (buffered or being sent). Thread-safe."""

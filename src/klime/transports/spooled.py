@@ -43,9 +43,11 @@ from typing import Any, Dict, List, Optional
 
 from .._config import MAX_REQUEST_BYTES, MAX_RETRY_AFTER_S
 from .._deadline import Deadline
-from .._delivery import Outcome
+from .._delivery import KEEP_TRANSIENT, Outcome
+from .._ledger import Tally
 from .._logging import log
 from .._models import FlushResult
+from .._retry import backoff_delay
 from ..errors import ConfigurationError, SendError, SpoolUnavailable
 from ._flights import Batch
 from ._spooler import ADOPT_S, SPOOL_WRITE_S, DiskQueue
@@ -56,7 +58,7 @@ __all__ = ["SpoolTransport", "SPOOL_WRITE_S", "ADOPT_S", "MAX_SPOOL_BACKOFF_S"]
 #: Longest wait before a released batch is tried again, seconds.
 MAX_SPOOL_BACKOFF_S = MAX_RETRY_AFTER_S
 
-_CLAIM = object()  # marks a batch to be filled from the spool by the thread that flies it
+_TO_BE_CLAIMED = object()  # marks a batch to be filled from the spool by the thread that flies it
 _wall = time.time
 _monotonic = time.monotonic
 
@@ -130,13 +132,13 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         self._write_lock = threading.Lock()  # one writer of the deque to disk at a time
         self._writer: Optional[Thread] = None
         self._write_wake = threading.Event()
-        self._transit = 0  # taken from the deque, not yet on disk
+        self._moving_to_disk = 0  # taken from the deque, not yet on disk
         self._spooled = 0  # this process's rows on disk (waiting, or in the air)
         self._adopted = 0
-        self._fresh = 0  # rows believed due now (appended or adopted, not yet claimed)
+        self._due_on_disk = 0  # rows believed due now (appended or adopted, not yet claimed)
         self._retry_at: List[float] = []  # a heap: when released batches are due again
         self._partial_ok = False  # a partial batch may be claimed (interval, flush, stop)
-        self._claimed_total = self._landed_total = 0  # events claimed / settled and counted
+        self._claimed_total = self._settled_total = 0  # events claimed / settled and counted
         self._reserved = 0  # events batches in the air will claim (taken, not claimed yet)
         self._next_adopt = 0.0
         self._write_at = max(self.max_batch_size, self.max_queue_size // 4)
@@ -173,25 +175,25 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         retry = self._retry_at
         if retry and retry[0] <= _wall():
             heapq.heappop(retry)
-            self._fresh += self.max_batch_size  # a released batch is due: worth a claim
-        full = self._fresh >= self.max_batch_size
+            self._due_on_disk += self.max_batch_size  # a released batch is due: worth a claim
+        full = self._due_on_disk >= self.max_batch_size
         if not full:
-            if not self._fresh or not (self._partial_ok or self._stopping) or flights.flying:
+            if not self._due_on_disk or not (self._partial_ok or self._stopping) or flights.flying:
                 return None
-        self._fresh = max(0, self._fresh - self.max_batch_size)
+        self._due_on_disk = max(0, self._due_on_disk - self.max_batch_size)
         self._reserved += self.max_batch_size
         batch = Batch(0, [])
-        batch.ref = _CLAIM
-        return flights.board_locked(batch)
+        batch.spool_rows = _TO_BE_CLAIMED
+        return flights.mark_sending_locked(batch)
 
     def _takeable_locked(self) -> int:
         if self._degraded:
             return super()._takeable_locked()
         room = self._flights.limit.limit - len(self._flights.flying)
-        return max(0, min(room, self._fresh // self.max_batch_size))
+        return max(0, min(room, self._due_on_disk // self.max_batch_size))
 
     def _fly(self, batch: Batch, deadline: Deadline) -> None:
-        if batch.ref is not _CLAIM:
+        if batch.spool_rows is not _TO_BE_CLAIMED:
             super()._fly(batch, deadline)
             return
         disk = self._spool()
@@ -206,42 +208,42 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         if not claimed:
             with self._lock:
                 self._reserved -= self.max_batch_size
-                self._fresh = 0  # nothing (more) due on disk now
+                self._due_on_disk = 0  # nothing (more) due on disk now
                 self._partial_ok = False
-                self._flights.land_locked(batch, [], 0, None)
+                self._flights.settle_locked(batch, [], batch.retry, None)
                 self._settled_cond.notify_all()
             return
         with self._lock:  # all at once: a flush tells "claimed, in the air" from these
             batch.events = list(claimed.events)
-            batch.ref = claimed
+            batch.spool_rows = claimed
             self._claimed_total += len(claimed)
             self._reserved -= self.max_batch_size
             if len(claimed) < self.max_batch_size:
-                self._fresh, self._partial_ok = 0, False
+                self._due_on_disk, self._partial_ok = 0, False
         try:
             self.delivery.send(
                 batch.events,
                 deadline,
-                claim=functools.partial(self._land_spooled, batch),
-                feedback=functools.partial(self._feedback, batch),
-                keep_transient=True,
+                settle=functools.partial(self._settle_spooled, batch),
+                pace=functools.partial(self._pace, batch),
+                keep=KEEP_TRANSIENT,
             )
         except Exception:  # Delivery never raises; the rows stay claimed for an adopter
             log.exception("klime: sending a spooled batch failed unexpectedly")
         finally:
             with self._lock:  # counted by now: a flush waiting for it may look
-                self._landed_total += len(claimed)
+                self._settled_total += len(claimed)
                 if self._waiting:
                     self._settled_cond.notify_all()
         self._report_overflow()
 
-    def _land_spooled(self, batch: Batch, outcome: Outcome) -> bool:
+    def _settle_spooled(self, batch: Batch, outcome: Outcome) -> bool:
         """Settle a batch's rows on disk: delete what was delivered or refused for good,
         release what comes back (after a backoff when its retries ran out)."""
         with self._lock:
-            if not self._flights.land_locked(batch, [], 0, None):
+            if not self._flights.settle_locked(batch, [], batch.retry, None):
                 return False
-        claimed: Any = batch.ref
+        claimed: Any = batch.spool_rows
         unknown = any(not _known_outcome(error) for error in outcome.errors or ())
         if unknown:
             # An outcome nobody can vouch for (the sender raised, a body it could not read,
@@ -255,8 +257,8 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         back, done = claimed.split(positions)
         retry_at = _wall()
         if outcome.exhausted or unknown:
-            delay = self.retry_initial_delay * 2.0 ** min(back.max_attempts, 30)
-            retry_at += min(MAX_SPOOL_BACKOFF_S, delay)
+            # a batch whose retries ran out after n attempts waits as after n + 1 failures
+            retry_at += backoff_delay(back.max_attempts + 1, self.retry_initial_delay, MAX_SPOOL_BACKOFF_S)
         disk = self._disk
         try:
             if done:
@@ -271,7 +273,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                 if outcome.exhausted or unknown:
                     heapq.heappush(self._retry_at, retry_at)
                 else:
-                    self._fresh += len(back)
+                    self._due_on_disk += len(back)
             self._flights.work.notify_all()
         if unknown:
             log.warning_once(
@@ -302,19 +304,20 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         if self._degraded:
             return super()._wait_settled(deadline, help=help)
         with self._lock:
-            goal = self._claimed_total + self._reserved + self._fresh  # an upper bound
+            goal = self._claimed_total + self._reserved + self._due_on_disk  # an upper bound
             self._partial_ok = True
             self._flights.work.notify_all()
         if help or not self._worker_alive():
             self._drain_here(deadline, release=True)
 
-        def done() -> bool:  # (holding the lock) landed counts a batch once it is counted
-            if self._landed_total >= goal:
+        def done() -> bool:  # (holding the lock) settled counts a batch once it is counted
+            if self._settled_total >= goal:
                 return True
-            if self._landed_total < self._claimed_total or any(b.ref is _CLAIM for b in self._flights.flying):
+            claiming = any(b.spool_rows is _TO_BE_CLAIMED for b in self._flights.flying)
+            if self._settled_total < self._claimed_total or claiming:
                 return False  # something is in the air: it may free more to send
             due = bool(self._retry_at) and self._retry_at[0] <= _wall()
-            return not self._fresh and not due
+            return not self._due_on_disk and not due
 
         with self._settled_cond:
             while not done():
@@ -360,8 +363,8 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
             abandoned, _ = self._flights.abandon_locked()
         disk = self._disk
         for batch in abandoned:  # still in the air: given back, for this process's successor
-            claimed = batch.ref
-            if claimed is not _CLAIM and claimed is not None and disk is not None:
+            claimed = batch.spool_rows
+            if claimed is not _TO_BE_CLAIMED and claimed is not None and disk is not None:
                 try:
                     disk.release(claimed, retry_at=_wall())
                 except SpoolUnavailable:
@@ -370,22 +373,15 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
             disk.close()
         return self._result_since(before, deadline)
 
-    def _result_since(self, before: Dict[str, int], deadline: Deadline) -> FlushResult:
-        """What happened since the ``before`` snapshot, and what is still pending."""
-        after = self._snapshot()
+    def _result_since(self, before: Tally, deadline: Deadline) -> FlushResult:
+        """What happened since the ``before`` tally, and what is still pending."""
         unsent = self.counts()["pending"]
-        return FlushResult(
-            sent=after["sent"] - before["sent"],
-            failed=after["failed"] - before["failed"],
-            dropped=after["dropped"] - before["dropped"],
-            unsent=unsent,
-            timed_out=unsent > 0 and deadline.expired(),
-        )
+        return self.delivery.ledger.result_since(before, unsent=unsent, expired=deadline.expired())
 
     def counts(self) -> Dict[str, int]:
         counts = super().counts()
         with self._lock:
-            counts["pending"] += self._transit + self._spooled
+            counts["pending"] += self._moving_to_disk + self._spooled
             counts["spooled"] = self._spooled
             counts["adopted"] = self._adopted
         return counts

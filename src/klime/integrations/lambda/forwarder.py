@@ -52,7 +52,7 @@ from ..._config import (
 from ..._deadline import Deadline
 from ..._logging import log
 from ...errors import ConfigurationError
-from ...senders.base import Sender
+from ...senders.base import Sender, split_too_large
 
 __all__ = [
     "ENV_WRITE_KEY_SECRET_FIELD",
@@ -275,10 +275,10 @@ class SqsForwarder:
             if result.error is None:
                 sent += len(unit.events)
                 continue
-            if result.too_large and len(unit.events) > 1:
-                half = len(unit.events) // 2
-                queue.appendleft(_Unit(unit.events[half:], unit.owners[half:]))
-                queue.appendleft(_Unit(unit.events[:half], unit.owners[:half]))
+            halves = split_too_large(result, list(zip(unit.events, unit.owners)))
+            if halves is not None:
+                for half in reversed(halves):
+                    queue.appendleft(_Unit([event for event, _ in half], [owner for _, owner in half]))
                 continue
             if result.response is not None:  # 2xx with some events refused one by one
                 sent += len(unit.events) - len(set(result.failed))
