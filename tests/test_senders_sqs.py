@@ -28,13 +28,13 @@ from klime import _events  # noqa: E402
 from klime._batching import BODY_OVERHEAD, body_size, split_batches  # noqa: E402
 from klime._deadline import Deadline  # noqa: E402
 from klime.errors import ConfigurationError  # noqa: E402
-from klime.senders.sqs import (  # noqa: E402
+from klime.senders._sqs_packing import (  # noqa: E402
     SQS_MAX_BATCH_BYTES,
-    SqsSender,
     plan_calls,
     plan_messages,
     sqs_safe,
 )
+from klime.senders.sqs import SqsSender  # noqa: E402
 
 REGION = "us-east-1"
 

@@ -32,7 +32,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from conftest import wait_until
 from klime.errors import KlimeError, SpoolUnavailable
-from klime.spool import DB_NAME, Claimed, Spool, clear, inspect, retry_time
+from klime.spool import Claimed, Spool, clear, inspect, retry_time
+from klime.spool._store import DB_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (3.12+)
 

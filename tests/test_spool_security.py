@@ -26,7 +26,8 @@ from klime._events import encode_identify, encode_track
 from klime.cli._main import main
 from klime.devserver import Fault
 from klime.errors import SpoolUnavailable
-from klime.spool import DEFAULT_PROJECT, Spool, inspect, project_id, valid_event
+from klime.spool import Spool, inspect, project_id, valid_event
+from klime.spool._safety import DEFAULT_PROJECT
 from klime.transports.spooled import SpoolTransport
 
 NOBODY = 65534

@@ -32,14 +32,10 @@ from .._retry import FIRST_TRY, Retry, RetryPolicy
 from ..errors import SendError
 
 __all__ = [
-    "ATTEMPT_OK",
-    "ATTEMPT_REJECTED",
-    "ATTEMPT_TRANSIENT",
     "Attempt",
     "Pace",
     "Sender",
     "SendResult",
-    "attempt_outcome",
     "send_with_retries",
     "split_too_large",
 ]

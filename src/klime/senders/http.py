@@ -59,7 +59,7 @@ from .base import OK, PARTIAL, REFUSED, RETRY, TOO_LARGE, Attempt, Sender, SendR
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["HttpSender", "validate_endpoint"]
+__all__ = ["HttpSender"]
 
 
 USER_AGENT = f"klime-python/{__version__}"

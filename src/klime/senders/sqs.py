@@ -45,22 +45,10 @@ from ._sqs_packing import (
     SQS_MAX_MESSAGE_BYTES,
     SQS_MIN_MESSAGE_BYTES,
     pack,
-    plan_calls,
-    plan_messages,
-    sqs_safe,
 )
 from .base import Sender, SendResult
 
-__all__ = [
-    "DEFAULT_MAX_MESSAGE_BYTES",
-    "SQS_MAX_BATCH_BYTES",
-    "SQS_MAX_BATCH_ENTRIES",
-    "SQS_MAX_MESSAGE_BYTES",
-    "SqsSender",
-    "plan_calls",
-    "plan_messages",
-    "sqs_safe",
-]
+__all__ = ["SqsSender"]
 
 #: Default socket timeouts of the SQS client, seconds (each call is also capped by the
 #: caller's deadline where botocore allows it: the read timeout, per call).

@@ -26,9 +26,8 @@ from __future__ import annotations
 from ..errors import SpoolUnavailable
 from ._admin import clear, inspect
 from ._models import AdoptResult, AppendResult, Claimed, OwnerStats, SpoolStats
-from ._safety import DEFAULT_PROJECT, project_id, valid_event
-from ._spool import DEFAULT_BUSY_TIMEOUT_S, DEFAULT_MAX_BYTES, Spool, retry_time
-from ._store import DB_NAME, SCHEMA_VERSION
+from ._safety import project_id, valid_event
+from ._spool import DEFAULT_MAX_BYTES, Spool, retry_time
 
 __all__ = [
     "Spool",
@@ -37,7 +36,6 @@ __all__ = [
     "AdoptResult",
     "project_id",
     "valid_event",
-    "DEFAULT_PROJECT",
     "SpoolStats",
     "OwnerStats",
     "SpoolUnavailable",
@@ -45,7 +43,4 @@ __all__ = [
     "clear",
     "retry_time",
     "DEFAULT_MAX_BYTES",
-    "DEFAULT_BUSY_TIMEOUT_S",
-    "DB_NAME",
-    "SCHEMA_VERSION",
 ]
