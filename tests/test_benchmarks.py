@@ -8,6 +8,7 @@ import http.client
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,10 @@ def test_collector_delays_each_connection_independently_and_can_reject() -> None
             response.read()
         finally:
             conn.close()
+        # each span is recorded once its answer is written: the client may read the answer first
+        deadline = time.monotonic() + 10
+        while len(collector.spans("slow")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         slow, down = collector.stats("slow"), collector.stats("down")
         spans = collector.spans("slow")
     assert statuses == [200, 200, 200]

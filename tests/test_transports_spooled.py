@@ -314,7 +314,9 @@ def test_an_unusable_spool_falls_back_to_memory_with_one_warning(
 
 OUTAGES = {
     # the whole retry window is about 0.1 s here: 3 s of refused connections, then 3 s of 503s
-    "short": {"refused": 3.0, "failing": 3.0, "attempts": "2", "delay": "50", "settle": 60.0},
+    # settle: a row released during the outage waits up to MAX_SPOOL_BACKOFF_S (60 s) before
+    # it is tried again, so the wait for the last events must be longer than that
+    "short": {"refused": 3.0, "failing": 3.0, "attempts": "2", "delay": "50", "settle": 120.0},
     # klime's default retry options (5 attempts, 1 s doubling: about 15 s), a minute down
     "minute": {"refused": 30.0, "failing": 30.0, "attempts": "5", "delay": "1000", "settle": 150.0},
 }
