@@ -64,7 +64,7 @@ SUCCESSOR = textwrap.dedent(
     """
     import sys, klime
     client = klime.Client({key!r}, endpoint=sys.argv[1], spool=sys.argv[2])
-    client.transport._spool()  # open and adopt now (the spooler would within ADOPT_S)
+    client.transport._disk_writer.spool()  # open and adopt now (the spooler would within ADOPT_S)
     client.flush(timeout=60)
     client.shutdown(timeout=10)
     """

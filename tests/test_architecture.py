@@ -262,3 +262,71 @@ def test_one_place_builds_a_flush_result_with_counts():
             ):
                 found.append(f"{name}:{node.lineno}")
     assert not found, "FlushResult counts built outside the ledger: " + ", ".join(found)
+
+
+_DECLARING_KINDS = {"NamedTuple", "Protocol", "TypedDict"}  # bases whose annotations are their fields
+
+
+def _name_of(node: ast.expr) -> str:
+    if isinstance(node, ast.Subscript):  # Protocol[T], Generic[T]
+        node = node.value
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def _assigned_attributes(cls: ast.ClassDef) -> Set[str]:
+    """Names the class's own code assigns on ``self``/``cls`` (or with ``setattr``)."""
+    assigned: Set[str] = set()
+    for node in ast.walk(cls):
+        targets: List[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Call) and _name_of(node.func) in ("setattr", "__setattr__"):
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            assigned.update(names[:1])
+        while targets:
+            target = targets.pop()
+            if isinstance(target, (ast.Tuple, ast.List)):
+                targets.extend(target.elts)
+            elif isinstance(target, ast.Starred):
+                targets.append(target.value)
+            elif (
+                isinstance(target, ast.Attribute)
+                and isinstance(target.value, ast.Name)
+                and target.value.id in ("self", "cls")
+            ):
+                assigned.add(target.attr)
+    return assigned
+
+
+def test_no_class_declares_attributes_it_never_sets():
+    """The mixin smell: a class that declares (an annotation without a value, in its body)
+    an attribute that only its host sets. Each class sets what it declares; another
+    object's state is reached through a component with an explicit interface.
+    Dataclasses, NamedTuples, TypedDicts and Protocols (annotations are their fields or
+    their interface) and ``TYPE_CHECKING`` blocks (not in the class body itself) are left out."""
+    found = []
+    for name, tree in _trees().items():
+        for cls in ast.walk(tree):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            decorators = [d.func if isinstance(d, ast.Call) else d for d in cls.decorator_list]
+            if any(_name_of(d) == "dataclass" for d in decorators):
+                continue
+            if any(_name_of(base) in _DECLARING_KINDS for base in cls.bases):
+                continue
+            declared = [
+                (stmt.target.id, stmt.lineno)
+                for stmt in cls.body
+                if isinstance(stmt, ast.AnnAssign)
+                and stmt.value is None
+                and isinstance(stmt.target, ast.Name)
+            ]
+            if not declared:
+                continue
+            assigned = _assigned_attributes(cls)
+            found += [f"{name}:{line} {cls.name}.{attr}" for attr, line in declared if attr not in assigned]
+    assert not found, "attributes declared by a class that never sets them: " + ", ".join(found)

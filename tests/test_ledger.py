@@ -43,3 +43,25 @@ def test_counting_from_many_threads_loses_nothing():
     for t in threads:
         t.join(30)
     assert ledger.tally().sent == 16000 and ledger.tally().requests == 16000
+
+
+def test_stats_are_the_ledgers_counts_with_what_the_transports_hold():
+    ledger = Ledger()
+    ledger.count(sent=8, failed=1, dropped=2, retries=3, requests=4)
+    own = {"accepted": 9, "pending": 1, "spooled": 1, "adopted": 2}
+    stats = ledger.stats(own, {"accepted": 2, "pending": 1})
+    assert stats == {
+        "tracked": 11,
+        "sent": 8,
+        "failed": 1,
+        "dropped": 2,
+        "queued": 2,
+        "spooled": 1,
+        "adopted": 2,
+        "retries": 3,
+        "requests": 4,
+    }
+    resolved = stats["sent"] + stats["failed"] + stats["dropped"] + stats["queued"]
+    assert stats["tracked"] + stats["adopted"] == resolved  # the conservation law
+    alone = ledger.stats({"accepted": 8, "pending": 0})
+    assert (alone["tracked"], alone["queued"], alone["spooled"], alone["adopted"]) == (8, 0, 0, 0)

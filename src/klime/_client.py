@@ -513,20 +513,10 @@ class Client(AsyncClientMixin):
         spool of processes that are gone; ``spooled``: this process's events on disk, part
         of ``queued``; both 0 without a spool). Thread-safe, non-blocking."""
         self._check_fork()
-        main = self._transport.counts()
-        sync = self._sync.counts() if self._sync is not self._transport else {"accepted": 0, "pending": 0}
-        books = self._delivery.counters()
-        return {
-            "tracked": main["accepted"] + sync["accepted"],
-            "sent": books["sent"],
-            "failed": books["failed"],
-            "dropped": books["dropped"] + main.get("dropped", 0),
-            "queued": main["pending"] + sync["pending"],
-            "spooled": main.get("spooled", 0),
-            "adopted": main.get("adopted", 0),
-            "retries": books["retries"],
-            "requests": books["requests"],
-        }
+        own = self._transport.counts()
+        if self._sync is self._transport:
+            return self._delivery.ledger.stats(own)
+        return self._delivery.ledger.stats(own, self._sync.counts())
 
 
 #: klime 1.x's name for the client: the same class (``from klime import KlimeClient``).

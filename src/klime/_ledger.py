@@ -5,7 +5,8 @@ owns one :class:`Ledger`: events sent (accepted by the destination), failed (rep
 ``on_error`` after a server's failure or refusal), dropped (never sent: a full queue, a
 shutdown), and the requests and retries made. ``flush()`` and ``shutdown()`` take a
 :class:`Tally` before they start and build their :class:`~klime._models.FlushResult` with
-:meth:`Ledger.result_since`: no transport subtracts counters itself.
+:meth:`Ledger.result_since`: no transport subtracts counters itself. ``Client.stats()`` is
+built by :meth:`Ledger.stats`, from these counts and what the client's transports hold.
 
 Events dropped for room are counted on the caller's thread, under the transport's own lock
 (:meth:`Ledger.dropped_for_room_locked`): no second lock on that path.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 from ._models import FlushResult
 
@@ -96,3 +97,23 @@ class Ledger:
             unsent=unsent,
             timed_out=(unsent > 0 and expired) if timed_out is None else timed_out,
         )
+
+    def stats(self, own: Mapping[str, int], *others: Mapping[str, int]) -> Dict[str, int]:
+        """The counters of ``Client.stats()``: this ledger's counts, with what the client's
+        transports say they hold (their ``counts()``, taken just before: ``accepted``,
+        ``pending`` and, the client's own transport ``own`` only, ``dropped``, ``spooled``,
+        ``adopted``); ``others``: its other transports (the one of ``*_sync`` calls).
+        ``tracked + adopted == sent + failed + dropped + queued`` whenever nothing moves.
+        Non-blocking; thread-safe."""
+        books = self.tally()
+        return {
+            "tracked": own["accepted"] + sum(counts["accepted"] for counts in others),
+            "sent": books.sent,
+            "failed": books.failed,
+            "dropped": books.dropped + own.get("dropped", 0),
+            "queued": own["pending"] + sum(counts["pending"] for counts in others),
+            "spooled": own.get("spooled", 0),
+            "adopted": own.get("adopted", 0),
+            "retries": books.retries,
+            "requests": books.requests,
+        }

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from klime._config import BATCH_PATH
 
@@ -154,7 +154,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "klime-devserver"
     disable_nagle_algorithm = True
-    server: Server
+    if TYPE_CHECKING:  # set by socketserver's BaseRequestHandler; its type, narrowed
+        server: Server
     busy = False  # inside a request and not yet answered (read by close_idle)
     _visit: Visit | None = None
 

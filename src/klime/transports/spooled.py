@@ -36,10 +36,10 @@ from __future__ import annotations
 import functools
 import heapq
 import os
-import threading
 import time
+from collections import deque
 from threading import Thread
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 from .._config import MAX_REQUEST_BYTES, MAX_RETRY_AFTER_S
 from .._deadline import Deadline
@@ -50,7 +50,7 @@ from .._models import FlushResult
 from .._retry import backoff_delay
 from ..errors import ConfigurationError, SendError, SpoolUnavailable
 from ._flights import Batch
-from ._spooler import ADOPT_S, SPOOL_WRITE_S, DiskQueue
+from ._spooler import ADOPT_S, SPOOL_WRITE_S, DiskWriter
 from .background import BackgroundTransport
 
 __all__ = ["SpoolTransport", "SPOOL_WRITE_S", "ADOPT_S", "MAX_SPOOL_BACKOFF_S"]
@@ -81,7 +81,7 @@ def _first_unknown(outcome: Outcome) -> str:
     return "?"  # pragma: no cover - called only when there is one
 
 
-class SpoolTransport(DiskQueue, BackgroundTransport):
+class SpoolTransport(BackgroundTransport):
     """The background transport, with a durable spool in ``directory`` (see the module).
 
     Args:
@@ -126,48 +126,37 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
 
     def _reset(self) -> None:
         super()._reset()
-        self._disk: Any = None  # the Spool, opened on first use
-        self._degraded = False
-        self._disk_lock = threading.Lock()  # opening the spool
-        self._write_lock = threading.Lock()  # one writer of the deque to disk at a time
-        self._writer: Optional[Thread] = None
-        self._write_wake = threading.Event()
-        self._moving_to_disk = 0  # taken from the deque, not yet on disk
-        self._spooled = 0  # this process's rows on disk (waiting, or in the air)
-        self._adopted = 0
+        self._disk_writer = DiskWriter(
+            self, self._lock, directory=self.directory, max_bytes=self.spool_max_bytes, project=self.project
+        )
         self._due_on_disk = 0  # rows believed due now (appended or adopted, not yet claimed)
         self._retry_at: List[float] = []  # a heap: when released batches are due again
         self._partial_ok = False  # a partial batch may be claimed (interval, flush, stop)
         self._claimed_total = self._settled_total = 0  # events claimed / settled and counted
         self._reserved = 0  # events batches in the air will claim (taken, not claimed yet)
-        self._next_adopt = 0.0
         self._write_at = max(self.max_batch_size, self.max_queue_size // 4)
 
     # ------------------------------------------------------------------ the disk side
 
     def _start(self) -> object:
         thread = super()._start()
-        if isinstance(thread, Thread) and self._writer is None:
-            writer = self._writer = Thread(target=self._run_spooler, name="klime-spooler", daemon=True)
-            try:
-                writer.start()
-            except RuntimeError:  # interpreter shutdown: the flushing thread writes
-                pass
+        if isinstance(thread, Thread):
+            self._disk_writer.start()
         return thread
 
     def _full_batch_locked(self) -> None:
-        if self._degraded:
+        if self._disk_writer.degraded:
             super()._full_batch_locked()
         elif len(self._queue) >= self._write_at:
             # the spooler writes every SPOOL_WRITE_S anyway; a burst that would fill the
             # memory queue before then is written at once (fewer, larger transactions, and
             # less for the caller's thread to do than a wake-up per batch)
-            self._write_wake.set()
+            self._disk_writer.wake()
 
     # ------------------------------------------------------------------ sending
 
     def _take_locked(self) -> Optional[Batch]:
-        if self._degraded:
+        if self._disk_writer.degraded:
             return super()._take_locked()
         flights = self._flights
         if not flights.room_locked():
@@ -187,7 +176,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         return flights.mark_sending_locked(batch)
 
     def _takeable_locked(self) -> int:
-        if self._degraded:
+        if self._disk_writer.degraded:
             return super()._takeable_locked()
         room = self._flights.limit.limit - len(self._flights.flying)
         return max(0, min(room, self._due_on_disk // self.max_batch_size))
@@ -196,7 +185,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         if batch.spool_rows is not _TO_BE_CLAIMED:
             super()._fly(batch, deadline)
             return
-        disk = self._spool()
+        disk = self._disk_writer.spool()
         claimed = None
         try:
             if disk is not None:
@@ -204,7 +193,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
                     self.max_batch_size, min(MAX_REQUEST_BYTES, self.delivery.sender.max_batch_bytes)
                 )
         except SpoolUnavailable as exc:
-            self._degrade(exc)
+            self._disk_writer.degrade(exc)
         if not claimed:
             with self._lock:
                 self._reserved -= self.max_batch_size
@@ -259,16 +248,16 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         if outcome.exhausted or unknown:
             # a batch whose retries ran out after n attempts waits as after n + 1 failures
             retry_at += backoff_delay(back.max_attempts + 1, self.retry_initial_delay, MAX_SPOOL_BACKOFF_S)
-        disk = self._disk
+        disk = self._disk_writer.disk
         try:
             if done:
                 disk.ack(done)
             if back:
                 disk.release(back, retry_at=retry_at)
         except SpoolUnavailable as exc:  # the rows stay claimed: a successor adopts them
-            self._degrade(exc)
+            self._disk_writer.degrade(exc)
         with self._lock:
-            self._spooled -= len(done)
+            self._disk_writer.settled_locked(len(done))
             if back:
                 if outcome.exhausted or unknown:
                     heapq.heappush(self._retry_at, retry_at)
@@ -297,11 +286,11 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
     def _wait_settled(self, deadline: Deadline, *, help: bool = False) -> FlushResult:
         """Everything tracked so far goes to disk; what is due there now is sent (or
         released for a later retry). Blocks until then or the deadline."""
-        if self._degraded or self._own_thread():
+        if self._disk_writer.degraded or self._own_thread():
             return super()._wait_settled(deadline, help=help)
         before = self._snapshot()
-        self._write()
-        if self._degraded:
+        self._disk_writer.write()
+        if self._disk_writer.degraded:
             return super()._wait_settled(deadline, help=help)
         with self._lock:
             goal = self._claimed_total + self._reserved + self._due_on_disk  # an upper bound
@@ -330,8 +319,8 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         return self._result_since(before, deadline)
 
     def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
-        if not self._degraded:
-            self._write()
+        if not self._disk_writer.degraded:
+            self._disk_writer.write()
             if release:
                 with self._lock:
                     self._partial_ok = True
@@ -341,7 +330,7 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         """Flush (if ``flush``) within ``timeout``, stop the threads; what could not be sent
         stays on disk for the next process (what is still in memory is written first, even
         with ``flush=False``: durability is the point). Idempotent; blocks; thread-safe."""
-        if self._degraded:
+        if self._disk_writer.degraded:
             return super().shutdown(timeout, flush=flush)
         deadline = Deadline.after(timeout)
         with self._lock:
@@ -353,15 +342,13 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
         if flush:
             self._wait_settled(deadline, help=True)
         self._stop_threads(deadline)
-        writer = self._writer
-        if writer is not None and writer is not threading.current_thread():
-            writer.join(deadline.remaining())
-        self._write()  # whatever is still in memory goes to disk, even past the deadline
-        if self._degraded:  # it could not: report it, as the memory transport does
+        self._disk_writer.join(deadline.remaining())
+        self._disk_writer.write()  # whatever is still in memory goes to disk, even past the deadline
+        if self._disk_writer.degraded:  # it could not: report it, as the memory transport does
             return self._finish_shutdown(deadline, before, flush, [], [])
         with self._lock:
             abandoned, _ = self._flights.abandon_locked()
-        disk = self._disk
+        disk = self._disk_writer.disk
         for batch in abandoned:  # still in the air: given back, for this process's successor
             claimed = batch.spool_rows
             if claimed is not _TO_BE_CLAIMED and claimed is not None and disk is not None:
@@ -381,7 +368,39 @@ class SpoolTransport(DiskQueue, BackgroundTransport):
     def counts(self) -> Dict[str, int]:
         counts = super().counts()
         with self._lock:
-            counts["pending"] += self._moving_to_disk + self._spooled
-            counts["spooled"] = self._spooled
-            counts["adopted"] = self._adopted
+            writer = self._disk_writer
+            counts["pending"] += writer.moving_to_disk + writer.spooled
+            counts["spooled"] = writer.spooled
+            counts["adopted"] = writer.adopted
         return counts
+
+    # ------------------------------------------------------------------ for the disk writer (SpoolHost)
+
+    def _take_queue_locked(self) -> Deque[bytes]:
+        events = self._queue
+        if events:
+            self._queue = deque()
+            self._left += len(events)
+        return events
+
+    def _give_back_locked(self, events: Deque[bytes]) -> None:
+        self._queue.extendleft(reversed(events))
+        self._left -= len(events)
+        self._flights.work.notify_all()
+
+    def _rows_due_locked(self, rows: int) -> None:
+        self._due_on_disk = max(0, self._due_on_disk + rows)
+        flights = self._flights
+        if flights.idle:
+            flights.work.notify(max(1, rows // self.max_batch_size))
+        elif not flights.flying and rows:
+            flights.work.notify()
+
+    def _spool_unusable_locked(self) -> None:
+        self._flights.work.notify_all()
+
+    def _writer_may_stop_locked(self) -> bool:
+        return self._stopping and not self._queue
+
+    def _drop_from_disk(self, events: List[bytes], reason: str) -> None:
+        self.delivery.drop(events, reason, notice=False)
