@@ -330,3 +330,38 @@ def test_no_class_declares_attributes_it_never_sets():
             assigned = _assigned_attributes(cls)
             found += [f"{name}:{line} {cls.name}.{attr}" for attr, line in declared if attr not in assigned]
     assert not found, "attributes declared by a class that never sets them: " + ", ".join(found)
+
+
+# ---------------------------------------------------------------------------------------
+# The public surface is what the docs document (issue 21): a module is public when no part
+# of its dotted path starts with "_"; its public names are its ``__all__``, which every
+# public module has; each of them is named somewhere in README.md or docs/.
+
+ROOT = SRC.parent
+
+
+def _public_modules() -> List[str]:
+    return sorted(
+        name
+        for name in modules()
+        if not any(part.startswith("_") for part in name.split(".")[1:])
+    )
+
+
+def _documented_text() -> str:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return "\n".join(page.read_text() for page in pages)
+
+
+@pytest.mark.parametrize("name", _public_modules())
+def test_the_public_surface_is_what_the_docs_document(name):
+    import importlib
+    import re
+
+    module = importlib.import_module(name)
+    exported = getattr(module, "__all__", None)
+    assert exported is not None, f"{name}: a public module without __all__"
+    text = _documented_text()
+    undocumented = [n for n in exported if not re.search(r"\b" + re.escape(n) + r"\b", text)]
+    missing = ", ".join(undocumented)
+    assert not undocumented, f"{name}: public but in no doc (document them, or make them private): {missing}"

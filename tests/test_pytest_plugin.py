@@ -93,7 +93,7 @@ def test_suites_not_using_the_fixture_are_untouched(pytester, collector):
     pytester.makepyfile(
         f"""
         import klime
-        from klime import transports
+        from klime.transports import _choice as transports
 
         def test_real_sending():
             assert transports._override is None
@@ -160,7 +160,7 @@ def test_plugin_import_is_light(src_env):
         import klime.testing.pytest_plugin
         elapsed = time.perf_counter() - t
         import klime
-        from klime import transports
+        from klime.transports import _choice as transports
         assert transports._override is None
         assert klime.client is None
         heavy = [m for m in ("requests", "urllib3", "klime.senders.http") if m in sys.modules]

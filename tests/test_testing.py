@@ -14,8 +14,8 @@ import pytest
 
 import klime
 from conftest import WRITE_KEY, conserved
-from klime import transports
 from klime.testing import CapturedEvents, capture
+from klime.transports import _choice as transports
 
 
 def real_client(collector, **options):

@@ -23,7 +23,7 @@ from ._logging import log, set_logger
 from ._models import BatchResponse, FlushResult
 from .errors import ConfigurationError, SendError
 from .senders.base import Sender
-from .transports import make_sync_transport, make_transport
+from .transports._choice import make_sync_transport, make_transport
 from .transports.base import Transport
 
 __all__ = ["Client", "KlimeClient"]

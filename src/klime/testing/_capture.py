@@ -13,12 +13,12 @@ import threading
 from typing import Iterator, Sequence, Tuple
 
 from .. import _default
-from .. import transports as _transports
 from .._client import Client
 from .._deadline import Deadline
 from ..errors import SendError
 from ..senders.base import Sender, SendResult
 from ..transports import MemoryTransport
+from ..transports import _choice as _transports
 from ._captured import CapturedEvents
 
 __all__ = ["capture"]

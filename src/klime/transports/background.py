@@ -58,7 +58,7 @@ from ._dropped import DroppedEvents
 from ._flights import Batch, Flights
 from .base import Transport
 
-__all__ = ["BackgroundTransport", "IDLE_RETIRE_S"]
+__all__ = ["BackgroundTransport"]
 
 _monotonic = time.monotonic
 

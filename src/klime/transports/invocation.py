@@ -48,7 +48,7 @@ from .._retry import backoff_delay
 from ._flights import Flights
 from .base import Transport
 
-__all__ = ["InvocationTransport", "enter_invocation", "exit_invocation", "invocation_deadline"]
+__all__ = ["InvocationTransport"]
 
 _monotonic = time.monotonic
 _environ = os.environ
