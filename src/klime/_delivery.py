@@ -21,7 +21,6 @@ from ._logging import log as logger
 from ._models import BatchResponse, EventError
 from ._retry import FIRST_TRY, Retry
 from ._settings import defaults
-from ._wire_event import as_events
 from .errors import SendError
 from .senders.base import Pace, Sender, SendResult, send_with_retries, split_too_large
 
@@ -212,7 +211,7 @@ class Delivery:
         if outcome.sent and not failed_events:
             self._recovered()
         for error, lost in failed_events:
-            error.events = as_events(decode_all(lost))
+            error.events = decode_all(lost)
             self._notice_loss(error, len(lost))
             if report:
                 self.report_error(error)
@@ -316,7 +315,7 @@ class Delivery:
         if (self.on_error or defaults.on_error) is None:  # nobody to hand the events to
             logger.error("klime: %d events not delivered: %s", len(events), reason)
             return
-        self.report_error(SendError(reason, None, as_events(decode_all(events)), retryable=retryable))
+        self.report_error(SendError(reason, None, decode_all(events), retryable=retryable))
 
     # ---------------------------------------------------------------- callbacks
 

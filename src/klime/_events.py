@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from ._config import MAX_DEPTH, MAX_EVENT_BYTES
 from ._version import __version__
+from ._wire_event import Event
 from .errors import ValidationError
 
 __all__ = [
@@ -688,9 +689,10 @@ def decode(raw: bytes) -> dict[str, Any]:
     return result
 
 
-def decode_all(events: Sequence[bytes]) -> list[dict[str, Any]]:
-    """The wire dicts of encoded events, in order."""
-    return [json.loads(raw) for raw in events]
+def decode_all(events: Sequence[bytes]) -> list[Event]:
+    """The wire dicts of encoded events, in order, as the :class:`~klime.types.Event`
+    objects handed to ``on_error`` and ``SendError.events``. Pure."""
+    return [Event(json.loads(raw)) for raw in events]
 
 
 #: Bytes after ``"messageId":`` that always hold the whole id: its JSON string of at most
