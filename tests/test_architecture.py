@@ -365,3 +365,73 @@ def test_the_public_surface_is_what_the_docs_document(name):
     undocumented = [n for n in exported if not re.search(r"\b" + re.escape(n) + r"\b", text)]
     missing = ", ".join(undocumented)
     assert not undocumented, f"{name}: public but in no doc (document them, or make them private): {missing}"
+
+
+#: The modules one ``track()`` crosses with the default transport, as docs/architecture.md
+#: draws them ("How an event flows from track to the wire"): at most six (issue 21).
+EVENT_PATH = {
+    "klime._client",  # validate, encode (below), hand over
+    "klime._events",  # encoded once to JSON bytes
+    "klime.transports.background",  # the queue, and the sender thread's loop
+    "klime._delivery",  # split to the sender's limits, count, callbacks
+    "klime.senders.base",  # the one retry loop
+    "klime.senders.http",  # one attempt: the request, its wall-clock bound, the answer
+}
+
+
+def test_one_event_reaches_the_socket_through_at_most_six_modules():
+    """Measured, not declared: every klime function the caller's thread runs during one
+    ``track()``, and the klime modules on the sender thread's stack at the moment its
+    bytes are written to the socket (a real collector on 127.0.0.1)."""
+    import sys
+    import threading
+
+    import klime
+    from klime.devserver import Collector
+
+    def klime_module(frame) -> str:
+        name = frame.f_globals.get("__name__", "")
+        return name if name == "klime" or name.startswith("klime.") else ""
+
+    on_the_wire: List[Set[str]] = []
+
+    def sender_profile(frame, event, arg):
+        if event != "c_call" or getattr(arg, "__name__", "") not in ("sendall", "send"):
+            return
+        if not isinstance(getattr(arg, "__self__", None), __import__("socket").socket):
+            return
+        if not threading.current_thread().name.startswith("klime-sender"):
+            return  # the collector's own threads
+        stack: Set[str] = set()
+        while frame is not None:
+            stack.add(klime_module(frame))
+            frame = frame.f_back
+        on_the_wire.append(stack - {""})
+
+    on_the_caller: Set[str] = set()
+
+    def caller_profile(frame, event, arg):
+        if event == "call":
+            on_the_caller.add(klime_module(frame))
+
+    with Collector() as collector:
+        threading.setprofile(sender_profile)  # for the sender threads, started below
+        try:
+            client = klime.Client(write_key="k", endpoint=collector.url, flush_interval=50)
+            client.track("warm up", user_id="u")  # starts the sender thread
+            assert client.flush(5).unsent == 0
+            on_the_wire.clear()
+            sys.setprofile(caller_profile)
+            try:
+                client.track("one event", user_id="u")
+            finally:
+                sys.setprofile(None)
+            assert client.flush(5).unsent == 0
+            client.shutdown(5)
+        finally:
+            threading.setprofile(None)  # type: ignore[arg-type]
+        assert collector.wait_for_events(2, timeout=5)
+    assert on_the_wire, "no socket write seen on a sender thread"
+    path = (on_the_caller - {""}).union(*on_the_wire)
+    assert path == EVENT_PATH, f"the path of one event changed: {sorted(path)} (update docs/architecture.md)"
+    assert len(path) <= 6

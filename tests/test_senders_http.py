@@ -17,8 +17,7 @@ from klime._deadline import Deadline
 from klime._events import encode_group, encode_identify, encode_track
 from klime._retry import RetryPolicy
 from klime.devserver import Fault
-from klime.senders._http_wire import validate_endpoint
-from klime.senders.http import HttpSender
+from klime.senders.http import HttpSender, validate_endpoint
 
 
 def make_sender(collector, **kw):

@@ -3,24 +3,42 @@
 One request per :meth:`HttpSender.attempt`: ``POST {endpoint}/v1/batch`` with the batch's
 encoded events, its outcome described in an :class:`~klime.senders.base.Attempt` value; the
 retries are klime's one loop (:func:`~klime.senders.base.send_with_retries`, the policy of
-:mod:`klime._retry`), which :meth:`HttpSender.send` runs. The environment ``requests``
-reads (proxies, CA bundle) is read once per session;
-a plain-http loopback endpoint never goes through a proxy.
+:mod:`klime._retry`), which :meth:`HttpSender.send` runs.
 
-Each attempt is bounded in wall-clock time, headers and body included, by the least of its
-budget (connect + read timeout) and the caller's deadline; at most a small prefix of each
-answer is read, never inflated past a cap; server text quoted in errors has the write key
-masked. ``requests``/``urllib3`` are imported on the first send, not before.
+The parts, top to bottom:
 
-May import: the model, the sender interface, :mod:`._http_wire` (which alone imports
-``requests``/``urllib3``, lazily).
+- **the endpoint** (checked at construction, with the standard library only): https, or a
+  loopback host; never a control character; header values that can be sent;
+- **one attempt, bounded in wall-clock time** (:class:`AttemptClock`): the session's
+  connections (:func:`new_session`) cut every send and every receive to the least of the
+  attempt's budget (connect + read timeout) and the caller's deadline, which another thread
+  may tighten meanwhile, so that an attempt ends in time whatever the server does;
+- **answers**: at most a small prefix of each answer is read, never inflated past a cap;
+  server text quoted in errors has the write key masked;
+- **request errors**: which no retry can fix, which mean a stale pooled connection, and a
+  short, key-free description of each;
+- **the sender** (:class:`HttpSender`).
+
+The environment ``requests`` reads (proxies, CA bundle) is read once per session; a
+plain-http loopback endpoint never goes through a proxy. ``requests``/``urllib3`` are
+imported on the first send, inside functions, not before: importing klime and building a
+client stays light.
+
+May import: the model, the sender interface; ``requests``/``urllib3`` inside functions only.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import ipaddress
+import json
+import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+import zlib
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Type
+from urllib.parse import urlsplit
 
 from .._batching import batch_body
 from .._config import (
@@ -36,24 +54,7 @@ from .._logging import log as logger
 from .._models import BatchResponse
 from .._retry import RetryPolicy
 from .._version import __version__
-from ..errors import ConfigurationError, SendError, mask_secret
-from ._http_wire import (
-    ANSWER_BYTES_PER_EVENT,
-    MAX_ANSWER_BYTES,
-    describe_exception,
-    header_safe,
-    is_stale_connection,
-    new_session,
-    parse_json,
-    permanent_request_errors,
-    quote_answer,
-    read_answer,
-    short,
-    validate_endpoint,
-)
-from ._http_wire import (
-    Attempt as AttemptTimer,
-)
+from ..errors import ConfigurationError, SendError, mask_secret, quote_body
 from .base import OK, PARTIAL, REFUSED, RETRY, TOO_LARGE, Attempt, Sender, SendResult, send_with_retries
 
 if TYPE_CHECKING:
@@ -65,6 +66,379 @@ __all__ = ["HttpSender"]
 USER_AGENT = f"klime-python/{__version__}"
 
 _monotonic = time.monotonic
+
+# ---------------------------------------------------------------------------------------
+# the endpoint
+
+#: Bytes of an answer read at most (more is never read: the connection is dropped instead),
+#: and of a compressed answer inflated at most.
+MAX_ANSWER_BYTES = 64 * 1024
+#: A 2xx answer may list an error per event: this much more room per event of the batch.
+ANSWER_BYTES_PER_EVENT = 2 * 1024
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_http(url: str) -> bool:
+    """True for a plain ``http://`` URL to a loopback host: it never goes through a proxy."""
+    parts = urlsplit(url)
+    return parts.scheme == "http" and _is_loopback(parts.hostname or "")
+
+
+def validate_endpoint(endpoint: str, *, allow_insecure: bool = False) -> str:
+    """Check ``endpoint`` and return it without surrounding blanks or a trailing slash.
+
+    ``https://`` is required, except for a loopback host (``localhost``, ``127.0.0.0/8``,
+    ``::1``) or when ``allow_insecure`` is True. A control character or a blank inside it
+    is refused. Raises ConfigurationError.
+    """
+    if not isinstance(endpoint, str) or not endpoint.strip():
+        raise ConfigurationError("endpoint must be a non-empty URL string")
+    endpoint = endpoint.strip().rstrip("/")
+    if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in endpoint):
+        raise ConfigurationError("endpoint contains a control character or a blank; check how it was read")
+    try:
+        parts = urlsplit(endpoint)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigurationError(f"endpoint is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigurationError("endpoint must be an http(s) URL with a host, such as https://i.klime.com")
+    if parts.username or parts.password:
+        raise ConfigurationError("endpoint must not carry credentials; pass write_key instead")
+    if parts.query or parts.fragment:
+        raise ConfigurationError("endpoint must not have a query or fragment")
+    if parts.scheme == "http" and not (allow_insecure or _is_loopback(host)):
+        raise ConfigurationError(
+            "endpoint uses plain http:// for a non-loopback host; the write key would travel "
+            "unencrypted. Use https://, or pass allow_insecure_endpoint=True to accept the risk"
+        )
+    return endpoint
+
+
+def header_safe(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
+def short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# one attempt, bounded in wall-clock time
+
+
+class AttemptClock:
+    """The wall-clock bound of one HTTP attempt: its own budget (connect + read time) and
+    the caller's deadline, which another thread may tighten meanwhile.
+
+    Entered (``with attempt:``) on the thread that makes the request; the connections of
+    :func:`new_session` read it before every send and every receive, so that an attempt
+    ends by :meth:`left` whatever the server does (one byte every now and then included).
+    """
+
+    __slots__ = ("_ends", "_deadline")
+    _current = threading.local()
+
+    def __init__(self, budget: float, deadline: Deadline) -> None:
+        self._ends = _monotonic() + max(0.0, budget)
+        self._deadline = deadline
+
+    def left(self) -> float:
+        """Seconds left to this attempt (never negative). Thread-safe."""
+        ends = self._ends
+        at = self._deadline.at
+        if at is not None and at < ends:
+            ends = at
+        return max(0.0, ends - _monotonic())
+
+    def __enter__(self) -> AttemptClock:
+        AttemptClock._current.attempt = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        AttemptClock._current.attempt = None
+
+    @classmethod
+    def current(cls) -> Optional[AttemptClock]:
+        """The attempt this thread is making, if any."""
+        attempt: Optional[AttemptClock] = getattr(cls._current, "attempt", None)
+        return attempt
+
+
+class _BoundedReader(io.RawIOBase):
+    """Reads a socket with each receive's timeout cut to what is left of the attempt."""
+
+    def __init__(self, sock: socket.socket, attempt: AttemptClock) -> None:
+        super().__init__()
+        self._sock = sock
+        # a SocketIO holds a reference: the socket outlives the connection's early close()
+        self._raw = sock.makefile("rb", buffering=0)
+        self._per_read = sock.gettimeout()
+        self._attempt = attempt
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def readinto(self, buffer: Any) -> Optional[int]:
+        left = self._attempt.left()
+        if left <= 0:
+            raise TimeoutError("the attempt ran out of time")
+        self._sock.settimeout(left if self._per_read is None else min(self._per_read, left))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _BoundedSocket:
+    """What ``http.client.HTTPResponse`` sees of the socket: ``makefile`` only."""
+
+    def __init__(self, sock: socket.socket, attempt: AttemptClock) -> None:
+        self._sock = sock
+        self._attempt = attempt
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_BoundedReader(self._sock, self._attempt))
+
+
+@functools.cache
+def _bounded_adapter_class() -> Type[Any]:
+    """A ``requests`` HTTPAdapter whose pools' connections honour :class:`AttemptClock`; built
+    on first use, as it subclasses urllib3's classes. Works on urllib3 1.26 and 2.x."""
+    import http.client
+
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class BoundedResponse(http.client.HTTPResponse):
+        def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+            attempt = AttemptClock.current()
+            wrapped: Any = sock if attempt is None else _BoundedSocket(sock, attempt)
+            super().__init__(wrapped, *args, **kwargs)
+
+    def send_bounded(conn: Any, data: Any) -> None:
+        """Cut the send timeout (the connect timeout) to what is left of the attempt."""
+        attempt = AttemptClock.current()
+        if attempt is not None and conn.sock is not None:
+            left = attempt.left()
+            if left <= 0:
+                raise TimeoutError("the attempt ran out of time")
+            timeout = conn.timeout
+            conn.sock.settimeout(min(timeout, left) if isinstance(timeout, (int, float)) else left)
+
+    class BoundedHTTPConnection(HTTPConnection):
+        response_class = BoundedResponse
+
+        def send(self, data: Any) -> None:
+            send_bounded(self, data)
+            super().send(data)
+
+    class BoundedHTTPSConnection(HTTPSConnection):
+        response_class = BoundedResponse
+
+        def send(self, data: Any) -> None:
+            send_bounded(self, data)
+            super().send(data)
+
+    class BoundedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = BoundedHTTPConnection
+
+    class BoundedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = BoundedHTTPSConnection
+
+    pools = {"http": BoundedHTTPPool, "https": BoundedHTTPSPool}
+
+    class BoundedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if not proxy.lower().startswith("socks"):
+                manager.pool_classes_by_scheme = pools
+            return manager
+
+    return BoundedAdapter
+
+
+def new_session(
+    url: str, headers: Dict[str, str], pool_size: int
+) -> Tuple[requests.Session, requests.PreparedRequest, Dict[str, Any]]:
+    """A session for ``url`` (connections bounded by :class:`AttemptClock`), a prepared request
+    to copy for each batch, and the settings ``requests`` would read from the environment
+    for ``url`` on every request (proxy variables, ``REQUESTS_CA_BUNDLE``): read once, here.
+    A plain-http loopback ``url`` never goes through a proxy. Imports ``requests``."""
+    import requests
+
+    session = requests.Session()
+    adapter = _bounded_adapter_class()(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.verify = True
+    settings: Dict[str, Any] = dict(session.merge_environment_settings(url, {}, None, None, None))
+    if is_loopback_http(url):
+        settings["proxies"] = {}  # the key never leaves the machine, in clear, to a proxy
+    settings["stream"] = True  # the body is read by read_answer: a bounded prefix
+    session.trust_env = False  # read once above; not again per request
+    template = session.prepare_request(requests.Request("POST", url, headers=headers))
+    return session, template, settings
+
+
+# ---------------------------------------------------------------------------------------
+# answers
+
+
+def read_answer(response: requests.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of the answer's body, as sent (never inflated). A longer body
+    is cut there and its connection dropped; a whole one frees the connection for the next
+    request. Blocks (bounded by the :class:`AttemptClock`); raises a ``requests`` exception."""
+    import requests
+    from urllib3.exceptions import HTTPError, ReadTimeoutError
+
+    raw = response.raw
+    body = bytearray()
+    try:
+        while len(body) <= limit:
+            chunk = raw.read(min(16384, limit + 1 - len(body)), decode_content=False)
+            if not chunk:
+                raw.release_conn()
+                return bytes(body)
+            body += chunk
+    except (TimeoutError, ReadTimeoutError) as exc:
+        response.close()
+        raise requests.exceptions.ReadTimeout(exc, request=response.request) from None
+    except (HTTPError, OSError, ValueError) as exc:
+        response.close()
+        raise requests.exceptions.ConnectionError(exc, request=response.request) from None
+    response.close()  # more than we read: drop the connection rather than drain it
+    return bytes(body[:limit])
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> Optional[bytes]:
+    """``body`` decoded per ``Content-Encoding``, at most ``limit`` bytes; None if unknown."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    try:
+        wbits = 47 if encoding != "deflate" else (15 if body[:1] == b"\x78" else -15)
+        return zlib.decompressobj(wbits).decompress(body, limit)
+    except zlib.error:
+        return None
+
+
+def parse_json(body: bytes, encoding: str = "", limit: int = MAX_ANSWER_BYTES) -> Any:
+    """The JSON value of an answer's body (inflated to ``limit`` bytes at most), or None
+    when there is no usable one (empty, unknown encoding, malformed, cut, or nested too
+    deeply to parse)."""
+    data = _inflate(body, encoding, limit) if body else None
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def quote_answer(body: bytes, encoding: str, secret: str) -> str:
+    """A short, key-free excerpt of an error answer: its JSON ``message``, or its text."""
+    payload = parse_json(body, encoding)
+    if isinstance(payload, dict) and isinstance(payload.get("message"), str):
+        return quote_body(payload["message"], secret=secret)
+    data = _inflate(body, encoding, MAX_ANSWER_BYTES)
+    return quote_body(data, secret=secret) if data is not None else ""
+
+
+# ---------------------------------------------------------------------------------------
+# request errors
+
+
+@functools.cache
+def permanent_request_errors() -> Tuple[Type[BaseException], ...]:
+    """Request errors that no retry can fix. Imports ``requests``."""
+    import requests
+
+    return (
+        requests.exceptions.InvalidHeader,
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
+    )
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A time-out, at any step (connect, send, receive), however it was wrapped."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.Timeout):
+        return True
+    seen = 0
+    pending = [exc]
+    while pending and seen < 16:
+        item = pending.pop()
+        seen += 1
+        if isinstance(item, (socket.timeout, TimeoutError)) or type(item).__name__.endswith("TimeoutError"):
+            return True
+        pending.extend(a for a in getattr(item, "args", ()) if isinstance(a, BaseException))
+        reason = getattr(item, "reason", None)
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+    return False
+
+
+def is_stale_connection(exc: BaseException) -> bool:
+    """A pooled connection the peer closed (e.g. during a Lambda freeze): retry at once."""
+    import requests
+
+    if not isinstance(exc, requests.exceptions.ConnectionError) or is_timeout(exc):
+        return False
+    text = repr(exc)
+    return "Connection aborted" in text or "RemoteDisconnected" in text or "ConnectionResetError" in text
+
+
+def describe_exception(exc: BaseException) -> str:
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connection timed out"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error"
+    if is_timeout(exc):
+        return "read timed out"
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return "proxy error"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        text = str(exc)
+        if "Connection refused" in text:
+            return "connection refused"
+        if "Connection aborted" in text or "reset" in text.lower():
+            return "connection reset"
+        return "connection error"
+    return type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# the sender
 
 
 class HttpSender(Sender):
@@ -126,7 +500,7 @@ class HttpSender(Sender):
     def _prepared(self) -> Tuple[requests.Session, requests.PreparedRequest, Dict[str, Any]]:
         """The session, a prepared request to copy for each batch, and the settings
         ``requests`` would read from the environment for our URL on every request (proxy
-        variables, ``REQUESTS_CA_BUNDLE``): read once (see :func:`._http_wire.new_session`).
+        variables, ``REQUESTS_CA_BUNDLE``): read once (see :func:`new_session`).
         Measured: the per-request look-ups (the whole of ``os.environ``, twice, and
         ``~/.netrc``) were a fifth of the CPU time of a request. Thread-safe; created on
         first use, which is when ``requests`` is imported."""
@@ -189,7 +563,7 @@ class HttpSender(Sender):
         try:
             request = template.copy()
             request.prepare_body(batch_body(events), None)
-            with AttemptTimer(self.connect_timeout + self.read_timeout, deadline):
+            with AttemptClock(self.connect_timeout + self.read_timeout, deadline):
                 response = session.send(
                     request, timeout=(connect_t, read_t), allow_redirects=False, **settings
                 )
