@@ -34,6 +34,7 @@ from ..errors import SendError
 __all__ = [
     "Attempt",
     "Pace",
+    "RetryPolicy",
     "Sender",
     "SendResult",
     "send_with_retries",

@@ -586,44 +586,73 @@ class HttpSender(Sender):
                 cut_short=cut_short,
                 duration=took,
             )
-        took = _monotonic() - started
-        if 200 <= code < 300:
-            payload = parse_json(answer, encoding, wanted)
-            return self._accepted(payload, code, count, took)
-        text = quote_answer(answer, encoding, self._secret)
-        reason = f"HTTP {code}" + (f": {text}" if text else "")
-        if code == 413:
-            error = SendError(f"batch rejected as too large ({reason})", code)
-            return Attempt(
-                TOO_LARGE, status=code, error=error, failed=all_failed, reason=reason, duration=took
-            )
-        if not self.retry.is_transient_status(code):
-            logger.error("klime: batch of %d events rejected: %s", count, reason)
-            error = SendError(f"batch rejected: {reason}", code)
-            return Attempt(REFUSED, status=code, error=error, failed=all_failed, reason=reason, duration=took)
-        retry_after = self.retry.retry_after(response.headers.get("Retry-After"))
-        return Attempt(RETRY, status=code, reason=reason, retry_after=retry_after, duration=took)
-
-    def _accepted(self, payload: Any, status: int, count: int, took: float) -> Attempt:
-        """A 2xx: all accepted, unless the body (parsed JSON, or None) names rejected events."""
-        try:
-            parsed = BatchResponse.from_body(payload, count, status)
-        except (ValueError, TypeError, RecursionError):  # no usable body: the status decides
-            parsed = BatchResponse.from_body(None, count, status)
-        if not parsed.failed:
-            return Attempt(OK, status=status, response=parsed, duration=took)
-        failed = tuple(sorted({e.index for e in parsed.errors}))
-        secret = self._secret
-        summary = "; ".join(
-            f"#{e.index}: {short(mask_secret(e.message, secret))}"
-            + (f" ({short(mask_secret(e.code, secret), 40)})" if e.code else "")
-            for e in parsed.errors[:5]
+        return answer_outcome(
+            code,
+            answer,
+            encoding=encoding,
+            retry_after=response.headers.get("Retry-After"),
+            count=count,
+            limit=wanted,
+            policy=self.retry,
+            secret=self._secret,
+            took=_monotonic() - started,
         )
-        if len(parsed.errors) > 5:
-            summary += f"; and {len(parsed.errors) - 5} more"
-        logger.warning("klime: %d of %d events of a batch were rejected: %s", parsed.failed, count, summary)
-        error = SendError(f"{parsed.failed} of {count} events rejected: {summary}", status, response=parsed)
-        return Attempt(PARTIAL, status=status, response=parsed, error=error, failed=failed, duration=took)
+
+
+def answer_outcome(
+    status: int,
+    body: bytes,
+    *,
+    encoding: str,
+    retry_after: Optional[str],
+    count: int,
+    limit: int,
+    policy: RetryPolicy,
+    secret: str,
+    took: float,
+) -> Attempt:
+    """What an answer of Klime's API (``status``, the first ``limit`` bytes of its ``body``
+    as sent, its ``Content-Encoding`` and ``Retry-After``) means for a batch of ``count``
+    events: the one reading of an answer, shared by :class:`HttpSender` and
+    :class:`klime.testing.MockSender`. A 2xx is accepted unless its body names rejected
+    events; 413 is ``too_large``; 408, 429 and 5xx are transient (``retry``, with the
+    server's ``Retry-After`` in seconds); any other status is refused for good. Quoted
+    server text has ``secret`` masked. Pure; never raises."""
+    all_failed = tuple(range(count))
+    if 200 <= status < 300:
+        return _accepted(parse_json(body, encoding, limit), status, count, took, secret)
+    text = quote_answer(body, encoding, secret)
+    reason = f"HTTP {status}" + (f": {text}" if text else "")
+    if status == 413:
+        error = SendError(f"batch rejected as too large ({reason})", status)
+        return Attempt(TOO_LARGE, status=status, error=error, failed=all_failed, reason=reason, duration=took)
+    if not policy.is_transient_status(status):
+        logger.error("klime: batch of %d events rejected: %s", count, reason)
+        error = SendError(f"batch rejected: {reason}", status)
+        return Attempt(REFUSED, status=status, error=error, failed=all_failed, reason=reason, duration=took)
+    wait = policy.retry_after(retry_after)
+    return Attempt(RETRY, status=status, reason=reason, retry_after=wait, duration=took)
+
+
+def _accepted(payload: Any, status: int, count: int, took: float, secret: str) -> Attempt:
+    """A 2xx: all accepted, unless the body (parsed JSON, or None) names rejected events."""
+    try:
+        parsed = BatchResponse.from_body(payload, count, status)
+    except (ValueError, TypeError, RecursionError):  # no usable body: the status decides
+        parsed = BatchResponse.from_body(None, count, status)
+    if not parsed.failed:
+        return Attempt(OK, status=status, response=parsed, duration=took)
+    failed = tuple(sorted({e.index for e in parsed.errors}))
+    summary = "; ".join(
+        f"#{e.index}: {short(mask_secret(e.message, secret))}"
+        + (f" ({short(mask_secret(e.code, secret), 40)})" if e.code else "")
+        for e in parsed.errors[:5]
+    )
+    if len(parsed.errors) > 5:
+        summary += f"; and {len(parsed.errors) - 5} more"
+    logger.warning("klime: %d of %d events of a batch were rejected: %s", parsed.failed, count, summary)
+    error = SendError(f"{parsed.failed} of {count} events rejected: {summary}", status, response=parsed)
+    return Attempt(PARTIAL, status=status, response=parsed, error=error, failed=failed, duration=took)
 
 
 def _out_of_time(deadline: Deadline) -> bool:

@@ -30,8 +30,9 @@ can pass the same Python values you tracked. Everything here is thread-safe.
 
 The parts: :mod:`._captured` (:class:`CapturedEvents`: finders, assertions, matching),
 :mod:`._capture` (:func:`capture`: the capturing transport and the swapped default client),
-:mod:`.pytest_plugin` (the fixture). A tool on top of klime: it may import any layer below
-it, never the ``klime`` package itself.
+:mod:`.pytest_plugin` (the fixture), :mod:`._mock_sender` (:class:`MockSender`: a function of
+yours answers as Klime's API would, and klime's real pipeline runs against it). A tool on top
+of klime: it may import any layer below it, never the ``klime`` package itself.
 """
 
 from __future__ import annotations
@@ -39,5 +40,6 @@ from __future__ import annotations
 from ..transports import MemoryTransport
 from ._capture import capture
 from ._captured import CapturedEvents
+from ._mock_sender import MockRequest, MockResponse, MockSender
 
-__all__ = ["CapturedEvents", "MemoryTransport", "capture"]
+__all__ = ["CapturedEvents", "MemoryTransport", "MockRequest", "MockResponse", "MockSender", "capture"]
