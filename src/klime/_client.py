@@ -245,7 +245,7 @@ class Client(AsyncClientMixin):
             from .senders.http import HttpSender
 
             sender = HttpSender(
-                write_key,  # type: ignore[arg-type]
+                write_key or "",  # a missing key is refused there, with its message
                 self.endpoint,
                 retry_max_attempts=self.retry_max_attempts,
                 retry_initial_delay=self.retry_initial_delay,
@@ -382,10 +382,9 @@ class Client(AsyncClientMixin):
 
     def _send_now(self, raw: bytes, timeout: Optional[float]) -> BatchResponse:
         timeout = check_timeout(timeout)
-        # the sync transport has ``send`` (BlockingTransport, MemoryTransport)
         if self._pid != _getpid():
             self._check_fork()
-        response: Optional[BatchResponse] = self._sync.send([raw], timeout)  # type: ignore[attr-defined]
+        response = self._sync.send([raw], timeout)
         if response is None:
             raise SendError("the client is shut down; nothing was sent")
         return response

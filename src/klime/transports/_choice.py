@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 from ..errors import ConfigurationError
 from .background import BackgroundTransport
-from .base import Transport
+from .base import SyncTransport, Transport
 from .blocking import BlockingTransport
 from .invocation import InvocationTransport
 from .memory import MemoryTransport
@@ -61,7 +61,7 @@ def set_transport_override(factory: Optional[Callable[[], Transport]]) -> None:
     _override = factory
 
 
-def make_sync_transport(main: Transport) -> Transport:
+def make_sync_transport(main: Transport) -> SyncTransport:
     """The transport behind a client's ``*_sync`` calls: ``main``'s own choice, else blocking."""
     own = main.sync_transport()
     return own if own is not None else BlockingTransport()

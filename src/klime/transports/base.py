@@ -8,12 +8,12 @@ Client never knows which transport it holds; a transport never knows the wire fo
 from __future__ import annotations
 
 import abc
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from .._delivery import Delivery
-from .._models import FlushResult
+from .._models import BatchResponse, FlushResult
 
-__all__ = ["Transport"]
+__all__ = ["SyncTransport", "Transport"]
 
 
 class Transport(abc.ABC):
@@ -67,7 +67,7 @@ class Transport(abc.ABC):
         ``on_error`` and counted. Idempotent.
         """
 
-    def sync_transport(self) -> Optional[Transport]:
+    def sync_transport(self) -> Optional[SyncTransport]:
         """The transport for this client's ``*_sync`` calls, if this one wants to serve
         them itself (the memory transport records them); None: a blocking transport."""
         return None
@@ -84,3 +84,15 @@ class Transport(abc.ABC):
     def at_exit(self, timeout: float, flush: bool) -> None:
         """Called when the process exits (``atexit`` or a multiprocessing finalizer)."""
         self.shutdown(timeout, flush=flush)
+
+
+class SyncTransport(Transport):
+    """A transport that can also deliver a batch now, on the caller's thread: what serves a
+    client's ``*_sync`` calls (the blocking transport; the memory transport, which records
+    them)."""
+
+    @abc.abstractmethod
+    def send(self, events: Sequence[bytes], timeout: Optional[float] = None) -> Optional[BatchResponse]:
+        """Deliver ``events`` now and return the server's answer; raise
+        :class:`~klime.SendError` when they were not all accepted. None (nothing sent) once
+        the transport is shut down. Blocks up to ``timeout`` seconds; thread-safe."""

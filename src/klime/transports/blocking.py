@@ -7,12 +7,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .._deadline import Deadline
 from .._models import BatchResponse, FlushResult
-from .base import Transport
+from .base import SyncTransport
 
 __all__ = ["BlockingTransport"]
 
 
-class BlockingTransport(Transport):
+class BlockingTransport(SyncTransport):
     """Sends each event as it comes, on the calling thread, with the full retry policy.
 
     ``submit`` blocks until the event is delivered or reported to ``on_error``; ``send``

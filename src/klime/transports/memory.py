@@ -7,12 +7,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .._events import decode
 from .._models import BatchResponse, FlushResult
-from .base import Transport
+from .base import SyncTransport
 
 __all__ = ["MemoryTransport"]
 
 
-class MemoryTransport(Transport):
+class MemoryTransport(SyncTransport):
     """Records every event instead of sending it; each counts as sent at once.
 
     ``events`` holds the wire dicts (camelCase, exactly what would have been sent).
