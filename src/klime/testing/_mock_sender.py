@@ -5,8 +5,8 @@ server's ``Retry-After``, 413 halving, ``on_error``/``on_success``, the ledger),
 answer is read by the very code that reads a real server's
 (:func:`klime.senders.http.answer_outcome`). No socket, no port.
 
-May import: the senders (their base and the HTTP sender's reading of an answer), the
-model, the standard library.
+May import: the senders (their base; the HTTP sender's reading of an answer at the first
+request, so that importing klime.testing stays light), the model, the standard library.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from .._config import DEFAULT_RETRY_INITIAL_DELAY_MS, DEFAULT_RETRY_MAX_ATTEMPTS
 from .._deadline import Deadline
 from .._retry import RetryPolicy
 from ..senders.base import RETRY, Attempt, Sender, SendResult, send_with_retries
-from ..senders.http import ANSWER_BYTES_PER_EVENT, MAX_ANSWER_BYTES, answer_outcome
 
 __all__ = ["MockRequest", "MockResponse", "MockSender"]
 
@@ -131,6 +130,8 @@ class MockSender(Sender):
         if response.delay > 0 and not deadline.sleep(response.delay):
             took = time.monotonic() - started
             return Attempt(RETRY, reason="read timed out", cut_short=True, duration=took)
+        from ..senders.http import ANSWER_BYTES_PER_EVENT, MAX_ANSWER_BYTES, answer_outcome
+
         count = len(events)
         payload = response.body
         if payload is None and 200 <= response.status < 300:
