@@ -145,9 +145,7 @@ class Invocation:
             if remaining is not None:
                 self._end_at = _monotonic() + remaining - self.options.deadline_margin
             for client in clients_to_flush(self.options.client):
-                begin = getattr(client.transport, "begin_invocation", None)
-                if callable(begin):
-                    begin()
+                client.transport.begin_invocation()
             self._token = enter_invocation(None if self._end_at is None else Deadline(self._end_at))
         except Exception:
             log.exception(

@@ -72,6 +72,11 @@ class Transport(abc.ABC):
         them itself (the memory transport records them); None: a blocking transport."""
         return None
 
+    def begin_invocation(self) -> None:
+        """A serverless decorator's invocation starts (``klime.integrations``): from now on
+        the decorator flushes after the handler. The invocation transport then stops
+        sending inline; the others have nothing to do. Non-blocking, thread-safe."""
+
     def counts(self) -> Dict[str, int]:
         """``accepted``: events taken by ``submit``; ``pending``: not yet resolved;
         optionally ``dropped``: events the transport dropped (and counted) itself."""
