@@ -386,3 +386,74 @@ def test_a_long_running_client_initialises_openssl_when_made_and_requests_later(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True True False"
+
+
+# ---------------------------------------------------------------------------------------
+# a TLS handshake that trickles
+
+
+class _TlsTrickle:
+    """A TCP server on 127.0.0.1 that reads a ClientHello, then answers with the header of
+    a 16 KiB TLS handshake record and one byte of it every ``every`` seconds: a handshake
+    that never ends while each byte comes well within any per-read timeout."""
+
+    def __init__(self, every: float = 0.1) -> None:
+        import socket
+
+        self._every = every
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn) -> None:
+        with conn:
+            try:
+                conn.recv(65536)  # the ClientHello
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 KiB follows...
+                for _ in range(600):  # ...one byte at a time (bounded: 60 s at most)
+                    if self._stop.wait(self._every):
+                        return
+                    conn.sendall(b"\x02")
+            except OSError:
+                return  # the client hung up
+
+    def __enter__(self) -> _TlsTrickle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(5)
+
+
+def test_a_trickling_tls_handshake_ends_within_the_connect_timeout() -> None:
+    with _TlsTrickle() as server:
+        sender = HttpSender(WRITE_KEY, server.url, connect_timeout=1.0, read_timeout=10, retry_max_attempts=1)
+        started = time.monotonic()
+        result = sender.send(events(2), Deadline())
+        took = time.monotonic() - started
+    assert took < 1.0 + SLACK, f"{took:.2f}s for a 1 s connect timeout"
+    assert result.error is not None and result.error.retryable and server.connections == 1
+
+
+def test_a_trickling_tls_handshake_ends_at_the_deadline() -> None:
+    with _TlsTrickle() as server:
+        sender = HttpSender(WRITE_KEY, server.url, connect_timeout=10, read_timeout=10)
+        started = time.monotonic()
+        result = sender.send(events(2), Deadline.after(0.8))
+        took = time.monotonic() - started
+    assert took < 0.8 + SLACK, f"{took:.2f}s for a 0.8 s deadline"
+    assert result.deadline_reached and result.error is not None
