@@ -927,7 +927,7 @@ def test_a_flush_waiting_on_a_sender_thread_that_dies_falls_back_at_once(make_cl
 
     waiter = threading.Thread(target=flusher)
     waiter.start()
-    cond = client.transport._settled_cond  # type: ignore[attr-defined]
+    cond = client.transport.settled  # type: ignore[attr-defined]
     wait_until(lambda: len(cond._waiters) == 1 or not waiter.is_alive(), timeout=SETTLE)
     hold.set()  # now the thread dies
     waiter.join(SETTLE)

@@ -221,6 +221,58 @@ def test_fork_while_another_thread_holds_the_registry_lock(make_client: Callable
         holder.join(10)
 
 
+def test_a_fork_waits_for_an_import_another_thread_has_in_progress(
+    make_client: Callable[..., klime.Client], tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child forked while a thread (klime's sender, importing the HTTP library at its
+    first send) is importing a module gets that module whole, not half imported."""
+    import importlib
+    import sys
+
+    make_client()  # the wait is for processes with a live client
+    name = "klime_test_slow_import"
+    entered = tmp_path / "entered"
+    (tmp_path / f"{name}.py").write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(entered)!r}).write_text('x')\n"
+        "time.sleep(0.3)\n"
+        "done = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    importer = threading.Thread(target=importlib.import_module, args=(name,))
+    importer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not entered.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert entered.exists()
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                code = 0 if getattr(importlib.import_module(name), "done", False) else 3
+            finally:
+                os._exit(code)
+        waited = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        else:  # the child waits for the import lock of a thread it does not have
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child inherited a module half imported by another thread")
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert waited < _lifecycle.FORK_IMPORT_WAIT_S
+    finally:
+        importer.join(10)
+        sys.modules.pop(name, None)
+
+
 def test_message_ids_are_reseeded_in_a_process_that_did_not_seed_them(
     monkeypatch: pytest.MonkeyPatch, make_client: Callable[..., klime.Client]
 ) -> None:

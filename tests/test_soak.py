@@ -274,8 +274,9 @@ def _held(client: Any) -> int:
     """Events the background transport holds in memory: queued, dropped but not yet
     reported, and in flight (white-box: ``stats()["queued"]`` leaves out the middle one)."""
     t = client.transport
-    with t._lock:
-        return len(t._queue) + len(t._drops.held) + t._flights.held_locked()
+    with t.lock:
+        memory = t._memory
+        return len(memory.events) + len(memory.drops.held) + t.flights.held_locked()
 
 
 def _rss_kb() -> int:

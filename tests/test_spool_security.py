@@ -262,7 +262,7 @@ def test_the_refusal_warning_reaches_stderr_without_logging(tmp_path, src_env):
         "from klime.transports.spooled import SpoolTransport\n"
         "from klime.senders.base import Sender\n"
         f"t = SpoolTransport({str(directory)!r})\n"
-        "print(t._disk_writer.spool())\n"
+        "print(t._queue.writer.spool())\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], env=src_env, capture_output=True, text=True, timeout=60

@@ -343,8 +343,9 @@ class ClientMachine(RuleBasedStateMachine):
             return
         stats = self.client.stats()
         t = self.client.transport  # white-box: events held in memory, overflow not yet reported included
-        with t._lock:  # type: ignore[attr-defined]
-            held = len(t._queue) + len(t._drops.held) + t._flights.held_locked()  # type: ignore[attr-defined]
+        with t.lock:  # type: ignore[attr-defined]
+            memory = t._memory  # type: ignore[attr-defined]
+            held = len(memory.events) + len(memory.drops.held) + t.flights.held_locked()  # type: ignore[attr-defined]
         # in the air or deferred: at most max_concurrent_requests batches beside the queue
         in_air = self.client.max_concurrent_requests * self.client.max_batch_size
         over = held - self.client.max_queue_size - in_air

@@ -245,8 +245,8 @@ def test_a_sigkilled_process_leaves_its_spooled_events_to_a_successor(
     collector.set_mode(None)
     successor = klime.Client(WRITE_KEY, endpoint=collector.url, spool=str(spool_dir))
     try:
-        assert successor.transport._disk_writer.spool() is not None  # type: ignore[attr-defined]
-        successor.transport._disk_writer.adopt()  # type: ignore[attr-defined]  (the spooler does it every few s)
+        assert successor.transport._queue.writer.spool() is not None  # type: ignore[attr-defined]
+        successor.transport._queue.writer.adopt()  # type: ignore[attr-defined]  (the spooler does it every few s)
         assert successor.flush(timeout=30).unsent == 0
         stats = successor.stats()
     finally:

@@ -3,7 +3,9 @@
 Fork is detected two ways: ``os.register_at_fork`` (through a weak set, so a hook never
 keeps a client alive) and a pid comparison at every Client entry point, for servers such as
 uWSGI that fork without running Python's fork hooks. Nothing here holds a lock across a
-fork: the child makes its own lock before it looks at anything.
+fork: the child makes its own lock before it looks at anything. Before a fork, imports
+that other threads have in progress are waited for (briefly), so that a child never
+inherits a module half imported by a klime thread (:func:`_before_fork`).
 
 At exit every client that was not shut down explicitly is shut down with its
 ``exit_timeout``:
@@ -36,6 +38,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Union
 
@@ -355,4 +358,39 @@ def _after_fork_in_child() -> None:
         _register_mp_after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+#: Longest wait, at a fork, for imports that other threads have in progress (seconds).
+FORK_IMPORT_WAIT_S = 2.0
+
+
+def _initializing(module: object) -> bool:
+    try:
+        return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+    except Exception:  # an exotic object in sys.modules
+        return False
+
+
+def _before_fork() -> None:
+    """Wait (at most :data:`FORK_IMPORT_WAIT_S`) until no other thread is importing a
+    module. A fork in the middle of another thread's import leaves the child with that
+    module partially initialized for ever: every later import of it fails there with
+    ImportError. klime's sender threads import the HTTP library at their first send, which
+    in a preforking server's master (gunicorn ``--preload``) can coincide with a fork; the
+    worker could then never send. Only in a process with a live client; imports in
+    progress on the forking thread itself are not waited for. Blocks briefly; holds no lock."""
+    if not _clients:
+        return
+    own = set()
+    frame = sys._getframe(1)
+    while frame is not None:  # modules being executed by this thread (an import in progress)
+        own.add(frame.f_globals.get("__name__"))
+        frame = frame.f_back  # type: ignore[assignment]
+    deadline = time.monotonic() + FORK_IMPORT_WAIT_S
+    while time.monotonic() < deadline:
+        if not any(
+            _initializing(module) and name not in own for name, module in list(sys.modules.items())
+        ):
+            return
+        time.sleep(0.001)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

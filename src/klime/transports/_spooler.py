@@ -1,7 +1,7 @@
-"""The disk side of the spool transport: :class:`DiskWriter`, a component that
-:class:`~klime.transports.spooled.SpoolTransport` owns, opens the spool, moves the memory
-queue to it, adopts what processes that are gone left, and falls back to memory when the
-spool cannot be used.
+"""The disk side of the spool transport: :class:`DiskWriter`, a component that the spool
+queue (:class:`~klime.transports.spooled.SpoolQueue`) owns, opens the spool, moves the
+memory queue to it, adopts what processes that are gone left, and falls back to memory when
+the spool cannot be used.
 
 ``klime-spooler`` (one thread per process, started with the first sender thread) writes
 what the deque holds to the spool every :data:`SPOOL_WRITE_S` and when woken (a quarter of
@@ -12,8 +12,8 @@ per episode). Any :class:`~klime.errors.SpoolUnavailable` that the spool could n
 from makes this process fall back to the memory queue, with one warning.
 
 The writer keeps its own state (the spool, whether this process fell back to memory, the
-counters ``moving_to_disk``/``spooled``/``adopted``), guarded by the transport's lock, which
-it is given. It reaches the transport only through :class:`SpoolHost`: take the memory
+counters ``moving_to_disk``/``spooled``/``adopted``), guarded by the pump's lock, which
+it is given. It reaches the spool queue only through :class:`SpoolHost`: take the memory
 queue, give it back, announce rows due on disk, wake the senders, drop events.
 May import: the model, the errors, :mod:`klime.spool` (lazily: ``import klime`` never
 imports sqlite3).
@@ -42,8 +42,8 @@ EPISODE_SPOOL_FULL = "loss-spool-full"
 
 
 class SpoolHost(Protocol):
-    """What the disk writer asks of the transport that owns it (each ``_locked`` method is
-    called with the transport's lock held)."""
+    """What the disk writer asks of the spool queue that owns it (each ``_locked`` method
+    is called with the pump's lock held)."""
 
     def _take_queue_locked(self) -> Deque[bytes]:
         """Everything the memory queue holds, now off it (counted as left the queue)."""
@@ -74,8 +74,8 @@ class DiskWriter:
     """The spool transport's disk side (see the module docstring).
 
     Args:
-        host: the transport that owns this writer.
-        lock: the transport's lock, which guards this writer's counters and flags too.
+        host: the spool queue that owns this writer.
+        lock: the pump's lock, which guards this writer's counters and flags too.
         directory, max_bytes, project: the spool's (:meth:`klime.spool.Spool.open`).
 
     ``write``/``adopt``/``spool`` block on SQLite and are thread-safe; never called on a
@@ -111,7 +111,7 @@ class DiskWriter:
 
     def start(self) -> None:
         """Start ``klime-spooler`` once (not at interpreter shutdown: the flushing thread
-        writes then). Thread-safe enough: called from the transport's one ``_start``."""
+        writes then). Thread-safe enough: called once the pump's first sender thread started."""
         if self._thread is not None:
             return
         thread = self._thread = Thread(target=self._run, name="klime-spooler", daemon=True)
