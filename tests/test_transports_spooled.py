@@ -108,6 +108,31 @@ def test_a_permanent_rejection_still_goes_to_on_error_and_leaves_the_spool(
     assert inspect(str(spool_dir)).count == 0
 
 
+def test_a_callback_that_calls_flush_does_not_wait_for_itself(make_client, collector, spool_dir):
+    """on_error runs on a sender thread; its flush returns at once (no disk write, no wait)
+    with the memory queue's part unsent, and the events still go out afterwards."""
+    box: dict = {}
+    inner: list = []
+
+    def on_error(error, events) -> None:
+        start = time.monotonic()
+        result = box["client"].flush(timeout=3)
+        inner.append((time.monotonic() - start, result.unsent))
+
+    client = make_client(spool=str(spool_dir), on_error=on_error, flush_interval=60_000)
+    box["client"] = client
+    collector.respond(Fault.status_code(400))  # the first request only: refused, reported
+    client.track("Refused", user_id="u")
+    assert client.flush(timeout=10).unsent == 0
+    assert wait_until(lambda: inner, 10)
+    took, unsent = inner[0]
+    assert took < 1.0 and unsent == 0, inner
+    client.track("Later", user_id="u")
+    assert client.flush(timeout=10).unsent == 0
+    assert [e["event"] for e in collector.events()] == ["Later"]
+    assert balanced(client.stats())
+
+
 def test_partial_failures_delete_every_row_and_report_only_the_rejected(
     make_client, collector, spool_dir, on_error
 ):

@@ -512,10 +512,7 @@ class Client(AsyncClientMixin):
         spool of processes that are gone; ``spooled``: this process's events on disk, part
         of ``queued``; both 0 without a spool). Thread-safe, non-blocking."""
         self._check_fork()
-        own = self._transport.counts()
-        if self._sync is self._transport:
-            return self._delivery.ledger.stats(own)
-        return self._delivery.ledger.stats(own, self._sync.counts())
+        return self._delivery.ledger.stats()
 
 
 #: klime 1.x's name for the client: the same class (``from klime import KlimeClient``).

@@ -107,8 +107,9 @@ class Delivery:
         return self.ledger.tally().as_dict()
 
     def after_fork(self) -> None:
-        """In a forked child: a fresh ledger, fresh sender connections."""
-        self.ledger = Ledger()
+        """In a forked child: a fresh ledger (with the same transports), fresh sender
+        connections."""
+        self.ledger = self.ledger.fresh()
         self.sender.after_fork()
 
     def has_error_callback(self) -> bool:

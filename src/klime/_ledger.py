@@ -6,7 +6,11 @@ owns one :class:`Ledger`: events sent (accepted by the destination), failed (rep
 shutdown), and the requests and retries made. ``flush()`` and ``shutdown()`` take a
 :class:`Tally` before they start and build their :class:`~klime._models.FlushResult` with
 :meth:`Ledger.result_since`: no transport subtracts counters itself. ``Client.stats()`` is
-built by :meth:`Ledger.stats`, from these counts and what the client's transports hold.
+:meth:`Ledger.stats`: these counts, and what the transports that deliver through this
+ledger hold (its :class:`Holder` s, registered when a transport is attached): events
+tracked, queued, spooled and adopted. Those the ledger reads rather than counts again, so
+that ``track()`` does no more work than it did: a transport's tracked count is the
+sequence number its queue keeps anyway.
 
 Events dropped for room are counted on the caller's thread, under the transport's own lock
 (:meth:`Ledger.dropped_for_room_locked`): no second lock on that path.
@@ -18,11 +22,22 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Optional, Protocol, Sequence
 
 from ._models import FlushResult
 
-__all__ = ["Ledger", "Tally"]
+__all__ = ["Holder", "Ledger", "Tally"]
+
+
+class Holder(Protocol):
+    """What a transport holds, as the ledger reads it (``Transport.counts``)."""
+
+    def counts(self) -> Dict[str, int]:
+        """``accepted``: events taken by ``submit`` (tracked); ``pending``: not yet resolved
+        (queued); optionally ``spooled`` (this process's events on disk, part of pending),
+        ``adopted`` (taken over from processes that are gone) and ``dropped`` (dropped and
+        counted by the transport itself). Non-blocking; thread-safe."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -48,10 +63,14 @@ class Tally:
 class Ledger:
     """Counts of the conservation law (see the module docstring). Thread-safe."""
 
-    __slots__ = ("_lock", "_sent", "_failed", "_dropped", "_retries", "_requests", "_dropped_for_room")
+    __slots__ = (
+        "_lock", "_sent", "_failed", "_dropped", "_retries", "_requests", "_dropped_for_room", "_holders"
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, holders: Sequence[Holder] = ()) -> None:
         self._lock = threading.Lock()
+        #: the transports delivering through this ledger (see :meth:`hold`)
+        self._holders: List[Holder] = list(holders)
         self._sent = self._failed = self._dropped = self._retries = self._requests = 0
         #: dropped for room on a caller's thread; guarded by that transport's lock
         self._dropped_for_room = 0
@@ -98,22 +117,36 @@ class Ledger:
             timed_out=(unsent > 0 and expired) if timed_out is None else timed_out,
         )
 
-    def stats(self, own: Mapping[str, int], *others: Mapping[str, int]) -> Dict[str, int]:
-        """The counters of ``Client.stats()``: this ledger's counts, with what the client's
-        transports say they hold (their ``counts()``, taken just before: ``accepted``,
-        ``pending`` and, the client's own transport ``own`` only, ``dropped``, ``spooled``,
-        ``adopted``); ``others``: its other transports (the one of ``*_sync`` calls).
+    def hold(self, holder: Holder) -> None:
+        """Read ``holder``'s counts in :meth:`stats` from now on (once, however often it is
+        registered). Called when a transport is attached, before its first event."""
+        if not any(known is holder for known in self._holders):
+            self._holders = [*self._holders, holder]  # a new list: stats() reads it unlocked
+
+    def fresh(self) -> Ledger:
+        """A ledger with no counts and the same holders (a forked child's)."""
+        return Ledger(self._holders)
+
+    def stats(self) -> Dict[str, int]:
+        """The counters of ``Client.stats()``: this ledger's counts, with what its holders
+        say they hold (read just before): ``tracked`` (accepted), ``queued`` (pending),
+        ``spooled``, ``adopted``, and what they dropped themselves.
         ``tracked + adopted == sent + failed + dropped + queued`` whenever nothing moves.
         Non-blocking; thread-safe."""
+        held = [holder.counts() for holder in self._holders]
         books = self.tally()
+
+        def total(key: str) -> int:
+            return sum(counts.get(key, 0) for counts in held)
+
         return {
-            "tracked": own["accepted"] + sum(counts["accepted"] for counts in others),
+            "tracked": total("accepted"),
             "sent": books.sent,
             "failed": books.failed,
-            "dropped": books.dropped + own.get("dropped", 0),
-            "queued": own["pending"] + sum(counts["pending"] for counts in others),
-            "spooled": own.get("spooled", 0),
-            "adopted": own.get("adopted", 0),
+            "dropped": books.dropped + total("dropped"),
+            "queued": total("pending"),
+            "spooled": total("spooled"),
+            "adopted": total("adopted"),
             "retries": books.retries,
             "requests": books.requests,
         }

@@ -40,7 +40,8 @@ concurrency limit), and the queue settles it. The first, ``klime-sender``, keeps
 interval and never retires; helpers end after :data:`IDLE_RETIRE_S` idle or when more are
 running than the limit needs. Where no thread may run, :meth:`Pump._drain_here` does the
 same on the calling thread, one batch at a time.
-May import: the model, the delivery and its ledger, the in-flight machinery.
+May import: the model, the delivery and its ledger, the senders' interface (``Pace``), the
+in-flight machinery.
 """
 
 from __future__ import annotations

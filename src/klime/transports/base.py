@@ -35,10 +35,12 @@ class Transport(abc.ABC):
     _delivery: Optional[Delivery] = None
 
     def attach(self, delivery: Delivery) -> None:
-        """Called once by the Client before the first ``submit``."""
+        """Called once by the Client before the first ``submit``: this transport delivers
+        through ``delivery``, whose ledger reads its :meth:`counts`."""
         if self._delivery is not None and self._delivery is not delivery:
             raise RuntimeError("this transport already belongs to another klime Client")
         self._delivery = delivery
+        delivery.ledger.hold(self)  # stats() reads what this transport holds
         if self.prepare_sender_early:
             try:
                 delivery.sender.prepare()

@@ -62,6 +62,9 @@ from .background import Goal, MemoryQueue, Pump
 
 __all__ = ["SpoolTransport", "SPOOL_WRITE_S", "ADOPT_S", "MAX_SPOOL_BACKOFF_S"]
 
+#: The disk part of a flush goal that has none (a flush on klime's own thread).
+_MEMORY_ONLY = -1
+
 #: A spooled batch's place in the memory queue's numbering: none (a flush waiting for
 #: memory events never waits for it).
 _OFF_THE_BOOKS = sys.maxsize
@@ -283,8 +286,9 @@ class SpoolQueue:
         """Everything tracked so far goes to disk (``blocking``); the goal is then the
         memory queue's and, on disk, what is claimed or due now (an upper bound)."""
         memory_goal = self.memory.begin_flush()
-        if blocking:
-            self.writer.write()
+        if not blocking:  # a callback's flush, on klime's own thread: the memory queue's part
+            return (memory_goal[0], _MEMORY_ONLY)
+        self.writer.write()
         with self._lock:
             disk_goal = self._claimed_total + self._reserved + self._due_on_disk
             self._partial_ok = True
@@ -308,7 +312,7 @@ class SpoolQueue:
         return 0.05  # a released batch falls due without a notify
 
     def unsent_locked(self, goal: Goal) -> int:
-        if self.writer.degraded:
+        if self.writer.degraded or goal[1] == _MEMORY_ONLY:
             return self.memory.unsent_locked(goal)
         return self.counts_locked()["pending"]
 
