@@ -435,3 +435,29 @@ def test_one_event_reaches_the_socket_through_at_most_six_modules():
     path = (on_the_caller - {""}).union(*on_the_wire)
     assert path == EVENT_PATH, f"the path of one event changed: {sorted(path)} (update docs/architecture.md)"
     assert len(path) <= 6
+
+
+def test_the_queued_transports_are_one_pump_over_a_queue():
+    """BackgroundTransport and SpoolTransport are configurations of one Pump: each builds
+    its queue and overrides nothing; the spool transport is no background transport; both
+    queues implement the whole queue interface."""
+    from klime.transports.background import BackgroundTransport, BatchQueue, MemoryQueue, Pump
+    from klime.transports.spooled import SpoolQueue, SpoolTransport
+
+    assert not issubclass(SpoolTransport, BackgroundTransport)
+    for cls in (BackgroundTransport, SpoolTransport):
+        assert cls.__bases__ == (Pump,), cls
+        own = sorted(n for n, v in vars(cls).items() if callable(v) and n != "__init__")
+        assert not own, f"{cls.__name__} overrides the pump: {own}"
+    interface = [n for n, v in vars(BatchQueue).items() if callable(v) and not n.startswith("_")]
+    assert interface
+    for queue in (MemoryQueue, SpoolQueue):
+        missing = [n for n in interface if not callable(getattr(queue, n, None))]
+        assert not missing, f"{queue.__name__} lacks {missing}"
+
+
+def test_the_pump_never_asks_whether_the_spool_fell_back():
+    """Falling back to memory is the spool queue handing its calls to its memory queue, not
+    a question the pump asks."""
+    text = (SRC / "klime" / "transports" / "background.py").read_text()
+    assert "degraded" not in text
