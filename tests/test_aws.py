@@ -157,9 +157,9 @@ def test_one_fetch_when_threads_ask_at_once(moto_aws: Any, monkeypatch: pytest.M
     made: List[str] = []
     real = aws._make_client
 
-    def counting(service: str, region: Any, what: str) -> Any:
+    def counting(service: str, region: Any, what: str, timeout: Any) -> Any:
         made.append(service)
-        return real(service, region, what)
+        return real(service, region, what, timeout)
 
     monkeypatch.setattr(aws, "_make_client", counting)
     results: List[str] = []
@@ -352,3 +352,30 @@ def test_debug_logging_never_shows_the_fetched_key(moto_aws: Any, debug_logging:
     debug_logging.records.clear()
     boto("ssm").get_parameter(Name="/klime/debug", WithDecryption=True)
     assert any(ssm_secret in text for text in debug_logging.texts())
+
+
+@pytest.mark.parametrize("lookup", ["ssm", "secret"])
+def test_a_lookup_is_bounded_in_wall_clock_time(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch, lookup: str
+) -> None:
+    """An endpoint that answers one byte every 0.3 s (each within botocore's read timeout)
+    cannot hold a look-up past its ``timeout``; the failure names the look-up and the bound."""
+    import functools
+    import time
+
+    from support.hostile_server import HostileServer, answer, response
+
+    body = b'{"Parameter": {"Value": "wk_never"}}' if lookup == "ssm" else b'{"SecretString": "wk_never"}'
+    with HostileServer(answer(response(200, body), every=0.3)) as server:
+        monkeypatch.setattr(aws, "_make_client", functools.partial(aws._make_client, endpoint_url=server.url))
+        started = time.monotonic()
+        with pytest.raises(ConfigurationError) as caught:
+            if lookup == "ssm":
+                write_key_from_ssm("/klime/slow", timeout=1.0)
+            else:
+                write_key_from_secret("klime/slow", timeout=1.0)
+        took = time.monotonic() - started
+        assert server.requests, "the look-up never reached the server"
+    assert took < 1.0 + 0.6, f"{took:.2f}s for a 1 s timeout"
+    assert "no answer within 1 s" in str(caught.value) and "wk_never" not in str(caught.value)
+    aws.clear_write_key_cache()

@@ -36,6 +36,9 @@ def split_batches(events: Sequence[bytes], max_count: int, max_bytes: int) -> Li
     """
     if max_count < 1:
         raise ValueError("max_count must be at least 1")
+    count = len(events)
+    if 0 < count <= max_count and BODY_OVERHEAD + sum(map(len, events)) + count - 1 <= max_bytes:
+        return [list(events)]  # the usual case: the whole batch fits (one pass in C)
     batches: List[List[bytes]] = []
     current: List[bytes] = []
     size = BODY_OVERHEAD

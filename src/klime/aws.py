@@ -15,10 +15,15 @@ what to install.
 
 A write key is fetched once per process (a Lambda cold start, a worker's start) and cached:
 later calls with the same arguments return the cached value without a request. Failures
-are never cached. Every failure is a :class:`~klime.ConfigurationError` that names the
-parameter or secret and the cause (not found, access denied, no credentials, no region);
-the key itself never appears in a message or a log line, botocore's included: its DEBUG
-records of klime's own look-up (which hold the response body) are dropped.
+are never cached. A look-up is bounded in wall-clock time as a whole (``timeout``, 10 s by
+default: a Lambda's whole Init phase has 10 s), whatever the endpoint does, a server that
+answers one byte at a time included: it runs on a short-lived thread of klime's that the
+caller waits for; where no thread may run (uWSGI without threads) it runs on the caller's
+thread, bounded by botocore's per-read timeouts only. Every failure is a
+:class:`~klime.ConfigurationError` that names the parameter or secret and the cause (not
+found, access denied, no credentials, no region, no answer in time); the key itself never
+appears in a message or a log line, botocore's included: its DEBUG records of klime's own
+look-up (which hold the response body) are dropped.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import contextlib
 import json
 import logging
 import threading
-from typing import Any, Dict, FrozenSet, Iterator, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Set, Tuple
 
 from ._boto import INSTALL_HINT, MissingDependencyError, client_error_info, require_boto3
+from ._deadline import check_timeout
 from ._logging import log
 from .errors import ConfigurationError
 
@@ -42,10 +48,13 @@ __all__ = [
     "write_key_from_ssm",
 ]
 
-#: Socket timeouts (seconds) and attempts for the one-off key look-ups.
+#: Socket timeouts (seconds) and attempts for the one-off key look-ups (each socket
+#: timeout is cut to the look-up's ``timeout``).
 _LOOKUP_CONNECT_TIMEOUT_S = 5.0
 _LOOKUP_READ_TIMEOUT_S = 10.0
 _LOOKUP_MAX_ATTEMPTS = 3
+#: Default wall-clock bound of one look-up, seconds: all of a Lambda's Init phase.
+DEFAULT_LOOKUP_TIMEOUT_S = 10.0
 
 
 _DENIED_CODES = frozenset(
@@ -72,21 +81,64 @@ def _region_from_arn(name: str) -> Optional[str]:
     return None
 
 
-def _make_client(service: str, region: Optional[str], what: str) -> Any:
+def _make_client(
+    service: str,
+    region: Optional[str],
+    what: str,
+    timeout: Optional[float],
+    endpoint_url: Optional[str] = None,
+) -> Any:
     boto3 = require_boto3(what)
     from botocore.config import Config
 
+    def cut(seconds: float) -> float:
+        return seconds if timeout is None else max(0.1, min(seconds, timeout))
+
     config = Config(
-        connect_timeout=_LOOKUP_CONNECT_TIMEOUT_S,
-        read_timeout=_LOOKUP_READ_TIMEOUT_S,
+        connect_timeout=cut(_LOOKUP_CONNECT_TIMEOUT_S),
+        read_timeout=cut(_LOOKUP_READ_TIMEOUT_S),
         retries={"mode": "standard", "total_max_attempts": _LOOKUP_MAX_ATTEMPTS},
     )
     # A session of our own: boto3's default session is not safe to create from several
     # threads at once, and we must not change the user's.
     try:
-        return boto3.session.Session().client(service, region_name=region, config=config)
+        session = boto3.session.Session()
+        return session.client(service, region_name=region, config=config, endpoint_url=endpoint_url)
     except Exception as exc:
         raise _lookup_error(exc, what) from exc
+
+
+def _within(timeout: Optional[float], what: str, fetch: Callable[[], str]) -> str:
+    """``fetch()``, bounded by ``timeout`` seconds of wall-clock time (None: no bound): run
+    on a thread of klime's (``klime-aws-lookup``) that the caller waits for; on the caller's
+    thread where no thread may run. Raises ConfigurationError when the time runs out (the
+    thread, a daemon, ends on its own within botocore's socket timeouts). Blocks."""
+    from ._runtime import background_threads_allowed
+
+    if timeout is None or not background_threads_allowed():
+        return fetch()
+    outcome: Dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = fetch()
+        except BaseException as exc:  # handed to the caller, who raises it
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, name="klime-aws-lookup", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no new thread at interpreter shutdown
+        return fetch()
+    if not done.wait(timeout):
+        raise ConfigurationError(f"cannot read {what}: no answer within {timeout:g} s (timeout=)")
+    if "error" in outcome:
+        raise outcome["error"]
+    value: str = outcome["value"]
+    return value
 
 
 # ------------------------------------------------------------------------------ quiet botocore
@@ -221,20 +273,25 @@ def _check_name(value: Any, name: str) -> str:
 # ------------------------------------------------------------------------------ public API
 
 
-def write_key_from_ssm(name: str, *, decrypt: bool = True) -> str:
+def write_key_from_ssm(
+    name: str, *, decrypt: bool = True, timeout: Optional[float] = DEFAULT_LOOKUP_TIMEOUT_S
+) -> str:
     """The write key stored in the SSM Parameter Store parameter ``name`` (name or ARN).
 
     ``decrypt`` asks for a SecureString's plain value (``kms:Decrypt`` is then needed for a
     customer-managed key). Fetched on the first call in this process and cached; blocks
-    during that fetch (one request, up to 3 attempts). Thread-safe. Raises
+    during that fetch (one request, up to 3 attempts), ``timeout`` seconds at most in all
+    (None: no bound but botocore's socket timeouts). Thread-safe. Raises
     :class:`~klime.ConfigurationError` when the parameter is missing, empty or unreadable
-    (access denied, no credentials, no region), :class:`MissingDependencyError` without boto3.
+    (access denied, no credentials, no region, no answer in time),
+    :class:`MissingDependencyError` without boto3.
     """
     name = _check_name(name, "name")
+    seconds = check_timeout(timeout)
+    what = f"SSM parameter {name!r}"
 
     def fetch() -> str:
-        what = f"SSM parameter {name!r}"
-        client = _make_client("ssm", _region_from_arn(name), what)
+        client = _make_client("ssm", _region_from_arn(name), what, seconds)
         try:
             response = _call_quietly(client, "get_parameter", Name=name, WithDecryption=bool(decrypt))
         except Exception as exc:
@@ -245,26 +302,30 @@ def write_key_from_ssm(name: str, *, decrypt: bool = True) -> str:
         log.debug("klime: write key read from %s", what)
         return value.strip()
 
-    return _cached(("ssm", name, bool(decrypt)), fetch)
+    return _cached(("ssm", name, bool(decrypt)), lambda: _within(seconds, what, fetch))
 
 
-def write_key_from_secret(secret_id: str, key: Optional[str] = None) -> str:
+def write_key_from_secret(
+    secret_id: str, key: Optional[str] = None, *, timeout: Optional[float] = DEFAULT_LOOKUP_TIMEOUT_S
+) -> str:
     """The write key stored in the Secrets Manager secret ``secret_id`` (name or ARN).
 
     With ``key`` the secret must be a JSON object and the write key is its field ``key``
     (the usual shape of a secret with several values); without it the secret's whole
     string is the write key. Fetched on the first call in this process and cached; blocks
-    during that fetch. Thread-safe. Raises :class:`~klime.ConfigurationError` when the
-    secret or the field is missing, empty or unreadable, :class:`MissingDependencyError`
-    without boto3.
+    during that fetch, ``timeout`` seconds at most in all (None: no bound but botocore's
+    socket timeouts). Thread-safe. Raises :class:`~klime.ConfigurationError` when the
+    secret or the field is missing, empty or unreadable (or no answer came in time),
+    :class:`MissingDependencyError` without boto3.
     """
     secret_id = _check_name(secret_id, "secret_id")
     if key is not None:
         key = _check_name(key, "key")
+    seconds = check_timeout(timeout)
+    what = f"secret {secret_id!r}"
 
     def fetch() -> str:
-        what = f"secret {secret_id!r}"
-        client = _make_client("secretsmanager", _region_from_arn(secret_id), what)
+        client = _make_client("secretsmanager", _region_from_arn(secret_id), what, seconds)
         try:
             response = _call_quietly(client, "get_secret_value", SecretId=secret_id)
         except Exception as exc:
@@ -301,4 +362,4 @@ def write_key_from_secret(secret_id: str, key: Optional[str] = None) -> str:
         log.debug("klime: write key read from field %r of %s", key, what)
         return value.strip()
 
-    return _cached(("secret", secret_id, key), fetch)
+    return _cached(("secret", secret_id, key), lambda: _within(seconds, what, fetch))
