@@ -449,8 +449,16 @@ def test_the_queued_transports_are_one_pump_over_a_queue():
         assert cls.__bases__ == (Pump,), cls
         own = sorted(n for n, v in vars(cls).items() if callable(v) and n != "__init__")
         assert not own, f"{cls.__name__} overrides the pump: {own}"
-    interface = [n for n, v in vars(BatchQueue).items() if callable(v) and not n.startswith("_")]
-    assert interface
+    interface = sorted(  # the queue interface, with what it inherits (BatchSource: the pump's loop)
+        {
+            n
+            for proto in BatchQueue.__mro__
+            if proto.__module__ == BatchQueue.__module__
+            for n, v in vars(proto).items()
+            if callable(v) and not n.startswith("_")
+        }
+    )
+    assert {"take_locked", "takeable_locked", "send", "begin_flush", "close"} <= set(interface)
     for queue in (MemoryQueue, SpoolQueue):
         missing = [n for n in interface if not callable(getattr(queue, n, None))]
         assert not missing, f"{queue.__name__} lacks {missing}"
@@ -461,3 +469,38 @@ def test_the_pump_never_asks_whether_the_spool_fell_back():
     a question the pump asks."""
     text = (SRC / "klime" / "transports" / "background.py").read_text()
     assert "degraded" not in text
+
+
+#: Calls that take a batch off a queue (or ask the pump's loop for one), and calls that fly one.
+_TAKES_A_BATCH = {"take_locked", "take_deferred_locked", "mark_sending_locked", "next_batch", "_next"}
+_FLIES_A_BATCH = {"send", "fly", "_fly"}
+
+
+def test_one_loop_takes_batches_and_flies_them():
+    """Background, spool, the caller's thread where no thread may run and the invocation's
+    flush all fly batches through the pump's one loop, ``background.fly_batches``: it is the
+    only loop in the SDK that takes batches and flies them, and no module but background.py
+    takes batches in a loop at all (a known set of batches is a small queue the pump's
+    on-demand drain takes from, not a loop of its own)."""
+    takers: Set[str] = set()
+    flyers: Set[str] = set()
+    the_loop: Set[str] = set()
+    for name, tree in _trees().items():
+        for fn in _functions(tree):
+            for loop in ast.walk(fn):
+                if not isinstance(loop, (ast.While, ast.For)):
+                    continue
+                where = f"{name}:{loop.lineno}"
+                if name == "klime.transports.background" and fn.name == "fly_batches":
+                    the_loop.add(where)
+                called = {_name_of(c.func) for c in ast.walk(loop) if isinstance(c, ast.Call)}
+                if called & _TAKES_A_BATCH:
+                    takers.add(name)
+                    if called & _FLIES_A_BATCH:
+                        flyers.add(where)
+    assert len(the_loop) == 1, the_loop
+    others = sorted(flyers - the_loop)
+    assert flyers == the_loop, f"loops that take batches and fly them besides the pump's: {others}"
+    outside = sorted(takers - {"klime.transports.background"})
+    assert not outside, f"batches taken in a loop outside the pump's module: {outside}"
+    assert takers == {"klime.transports.background"}

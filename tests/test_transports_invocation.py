@@ -354,3 +354,25 @@ def test_logging_is_quiet_on_success(make_client, collector, caplog):
     track(client, 45)
     client.flush(timeout=5)
     assert [r for r in caplog.records if r.name == "klime"] == []
+
+
+def test_a_flush_takes_deferred_batches_first_and_hands_back_what_it_left():
+    """KnownBatches, the small queue a flush drains: within the limit, a deferred batch goes
+    before the waiting ones; what the drain left comes back deferred first, then untaken."""
+    from klime._retry import Retry
+    from klime.transports._flights import Flights
+    from klime.transports.invocation import KnownBatches
+
+    flights = Flights(threading.Lock(), ceiling=4, name="test-flush", grow_at_once=True)
+    known = KnownBatches([[b"a1", b"a2"], [b"b1"], [b"c1"]], flights, delivery=None)  # no send here
+    with flights.lock:
+        assert flights.limit.limit == 1 and known.takeable_locked() == 1
+        first = known.take_locked()
+        assert first is not None and first.events == [b"a1", b"a2"]
+        assert known.take_locked() is None, "one in the air: the limit is full"
+        flights.settle_locked(first, [b"a2"], Retry(1), "HTTP 503")  # a2 came back, deferred
+        again = known.take_locked()
+        assert again is not None and again.events == [b"a2"] and again.attempts == 1
+        flights.settle_locked(again, [b"a2"], Retry(2), "HTTP 503")
+        assert known.leftover_locked() == [b"a2", b"b1", b"c1"]
+        assert known.take_locked() is None and not flights.flying and not flights.deferred

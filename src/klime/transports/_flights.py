@@ -13,12 +13,15 @@ retries with backoff and the request rate is that of one request at a time.
 
 :class:`Flights` holds, for one transport, the batches in the air and those deferred, and
 the threads that fly them (a bounded pool: started on demand, never more than the limit,
-helpers retired when idle). The background transport keeps its pool for the life of the
-process. :meth:`Flights.fly_all` sends a known set of batches (an invocation's flush) on
-the caller's thread and helpers that end before it returns: its limit grows straight to
-what the set needs (``grow_at_once``), and a warm invocation whose round trips were slow
-sends them all at once (:meth:`AdaptiveLimit.allow_all_at_once`) — about one round trip
-instead of learning again. Every method named ``*_locked`` needs the owner's lock, which :class:`Flights`
+helpers retired when idle). It runs no loop: the pump's one loop
+(:func:`klime.transports.background.fly_batches`) takes and flies the batches. The
+background transport keeps its pool for the life of the process. An invocation's flush
+(the pump's on-demand drain over a known set of batches,
+:func:`klime.transports.background.drain_on_demand`) uses the caller's thread and helpers
+that end before it returns: its limit grows straight to what the set needs
+(``grow_at_once``), and a warm invocation whose round trips were slow sends them all at
+once (:meth:`AdaptiveLimit.allow_all_at_once`) — about one round trip instead of learning
+again. Every method named ``*_locked`` needs the owner's lock, which :class:`Flights`
 shares.
 
 May import: the standard library, the sender interface and the adaptive limit.
@@ -26,21 +29,14 @@ May import: the standard library, the sender interface and the adaptive limit.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import deque
 from threading import Thread
-from typing import TYPE_CHECKING, Callable, Deque, List, Optional
+from typing import Callable, Deque, List, Optional
 
-from .._deadline import Deadline
-from .._delivery import KEEP_UNSENT
-from .._logging import log
 from .._retry import FIRST_TRY, Retry
 from ..senders.base import ATTEMPT_TRANSIENT
 from ._limit import LATENCY_GUARD, SLOW_ROUND_TRIP_S, AdaptiveLimit
-
-if TYPE_CHECKING:
-    from .._delivery import Delivery, Outcome
 
 __all__ = ["AdaptiveLimit", "Batch", "Flights", "LATENCY_GUARD", "SLOW_ROUND_TRIP_S"]
 
@@ -192,6 +188,20 @@ class Flights:
             thread = self.prepare_locked(target, wanted=True)
         return thread if self.launch(thread) else None
 
+    def spawn_helpers(self, target: Callable[[], None], n: int) -> List[threading.Thread]:
+        """Start ``n`` helper threads running ``target``, ones that
+        :meth:`threads_wanted_locked` counted; stops at the first that cannot start (and
+        forgets the rest). Returns those started. Call without the lock."""
+        started: List[threading.Thread] = []
+        for k in range(n):
+            thread = self.spawn(target)
+            if thread is None:
+                with self.lock:
+                    self.unwanted_locked(n - k - 1)
+                break
+            started.append(thread)
+        return started
+
     def unwanted_locked(self, n: int) -> None:
         """``n`` threads counted by :meth:`threads_wanted_locked` will not be started."""
         self.starting = max(0, self.starting - n)
@@ -237,102 +247,3 @@ class Flights:
     def alive(self) -> List[threading.Thread]:
         with self.lock:
             return [t for t in self.threads if t.is_alive()]
-
-    def fly_all(self, batches: List[List[bytes]], deadline: Deadline, delivery: Delivery) -> List[bytes]:
-        """Send every batch through ``delivery``, as many at once as the limit allows: the
-        caller's thread is one sender, helper threads (``<name>-<n>``) the others; they end
-        before this returns. Returns the events not delivered by the deadline (not counted:
-        the caller keeps them). Blocks until then; call it without the lock, from one
-        thread at a time."""
-        flights = self
-        lock = self.lock
-        waiting: Deque[Batch] = deque(Batch(0, batch) for batch in batches)
-
-        def take_locked() -> Optional[Batch]:
-            if deadline.expired():
-                return None
-            batch = flights.take_deferred_locked()
-            if batch is None and waiting and flights.room_locked():
-                batch = flights.mark_sending_locked(waiting.popleft())
-            return batch
-
-        def takeable_locked() -> int:
-            room = flights.limit.limit - len(flights.flying)
-            return max(0, min(room, len(waiting) + len(flights.deferred)))
-
-        def settle(batch: Batch, outcome: Outcome) -> bool:
-            with lock:
-                return flights.settle_locked(batch, outcome.unsent or [], outcome.retry, outcome.last_error)
-
-        def pace(outcome: str, seconds: float) -> bool:
-            with lock:
-                return flights.pace_locked(outcome, seconds, backlog=len(waiting) + len(flights.deferred))
-
-        def fly(batch: Batch) -> None:
-            try:
-                delivery.send(
-                    batch.events,
-                    deadline,
-                    keep=KEEP_UNSENT,
-                    settle=functools.partial(settle, batch),
-                    pace=pace,
-                    retry=batch.retry,
-                )
-            except Exception:  # Delivery never raises; if it does, keep the batch
-                log.exception("klime: sending a batch failed unexpectedly")
-                with lock:
-                    flights.settle_locked(batch, batch.events, batch.retry, None)
-            finally:
-                with lock:
-                    flights.work.notify_all()
-
-        def helper() -> None:
-            me = threading.current_thread()
-            try:
-                while True:
-                    with lock:
-                        batch = take_locked()
-                        if batch is None:
-                            return
-                    fly(batch)
-            finally:
-                with lock:
-                    flights.retire_locked(me, lower_limit=False)
-
-        helpers: List[threading.Thread] = []
-        me = threading.current_thread()
-        with lock:
-            flights.threads.append(me)  # the caller's thread is one of the senders
-            flights.limit.allow_all_at_once(len(waiting))
-        try:
-            while True:
-                with lock:
-                    batch = take_locked()
-                    if batch is None:
-                        if not flights.flying:
-                            break
-                        left = deadline.remaining()  # flights in the air stop at it themselves
-                        flights.idle += 1
-                        try:
-                            flights.work.wait(1.0 if left is None else max(0.01, min(1.0, left)))
-                        finally:
-                            flights.idle -= 1
-                        continue
-                    spawn = flights.threads_wanted_locked(takeable_locked())
-                for n in range(spawn):
-                    thread = flights.spawn(helper)
-                    if thread is None:
-                        with lock:
-                            flights.unwanted_locked(spawn - n - 1)
-                        break
-                    helpers.append(thread)
-                fly(batch)
-        finally:
-            for thread in helpers:
-                thread.join()
-            with lock:
-                flights.retire_locked(me, lower_limit=False)
-                kept = [event for batch in waiting for event in batch.events]
-                _, parked = flights.abandon_locked()
-                kept[0:0] = [event for batch in parked for event in batch.events]
-        return kept

@@ -32,14 +32,17 @@ overflow, so "everything queued before this call is resolved" is a comparison of
 numbers (:meth:`MemoryQueue.settled_locked`); a batch remembers the number of its first
 event while it is in the air or deferred.
 
-The sender threads: each takes a batch from the queue (deferred ones first; a full one
-while the limit allows; a partial one only when released by the interval, a flush or the
-shutdown, and only when nothing else is in the air), has the queue send it through the
-delivery (whose retry loop tells :meth:`Pump._pace` each attempt's outcome, which feeds the
-concurrency limit), and the queue settles it. The first, ``klime-sender``, keeps the flush
-interval and never retires; helpers end after :data:`IDLE_RETIRE_S` idle or when more are
-running than the limit needs. Where no thread may run, :meth:`Pump._drain_here` does the
-same on the calling thread, one batch at a time.
+The pump's one loop, :func:`fly_batches`: take a batch from the queue (deferred ones first;
+a full one while the limit allows; a partial one only when released by the interval, a
+flush or the shutdown, and only when nothing else is in the air), have the queue send it
+through the delivery (whose retry loop tells the pace hook, :meth:`Pump._pace`, each
+attempt's outcome, which feeds the concurrency limit), and the queue settles it. It runs in
+three ways: on the sender threads (the first, ``klime-sender``, keeps the flush interval
+and never retires; helpers end after :data:`IDLE_RETIRE_S` idle or when more are running
+than the limit needs); where no thread may run, on the calling thread, one batch at a time
+(:meth:`Pump._drain_here`); and on demand (:func:`drain_on_demand`): the caller's thread
+plus helpers that end before it returns, over any :class:`BatchSource` — the invocation
+transport's flush runs it over the small queue of its known batches.
 May import: the model, the delivery and its ledger, the senders' interface (``Pace``), the
 in-flight machinery.
 """
@@ -106,8 +109,34 @@ def _send_at_once() -> bool:
     return must_send_at_once()
 
 
-class BatchQueue(Protocol):
-    """Where a :class:`Pump`'s batches come from and go back to.
+class BatchSource(Protocol):
+    """What the pump's loop (:func:`fly_batches`) takes batches from: the part of a
+    :class:`BatchQueue` that gives batches out and sends them. A known set of batches (an
+    invocation's flush, :class:`klime.transports.invocation.KnownBatches`) is one too.
+
+    Methods named ``*_locked`` are called with the owner's lock held (the lock of the
+    :class:`~._flights.Flights` the batches fly in) and must not block; ``send`` is called
+    without it and blocks.
+    """
+
+    def take_locked(self) -> Optional[Batch]:
+        """The next batch that may take off now (deferred ones first; a full one while the
+        limit allows; a partial one when released), already counted as in the air."""
+        ...
+
+    def takeable_locked(self) -> int:
+        """How many more batches could take off now, within the limit."""
+        ...
+
+    def send(self, batch: Batch, deadline: Deadline, pace: Pace) -> None:
+        """Send ``batch`` (one this source gave out) through the delivery and settle it:
+        delivered or refused events leave, the others come back. Blocks; never raises."""
+        ...
+
+
+class BatchQueue(BatchSource, Protocol):
+    """Where a :class:`Pump`'s batches come from and go back to: a :class:`BatchSource`
+    that also fills, flushes and closes.
 
     A queue holds the pump's lock (given in :meth:`reset`); every method named
     ``*_locked`` is called with it held and must not block. The others are called without
@@ -130,20 +159,6 @@ class BatchQueue(Protocol):
     def full_batch_locked(self, size: int) -> None:
         """``submit`` just brought the memory queue to ``size`` events, a multiple of
         ``max_batch_size``. The caller's thread: microseconds."""
-        ...
-
-    def take_locked(self) -> Optional[Batch]:
-        """The next batch that may take off now (deferred ones first; a full one while the
-        limit allows; a partial one when released), already counted as in the air."""
-        ...
-
-    def takeable_locked(self) -> int:
-        """How many more batches could take off now, within the limit."""
-        ...
-
-    def send(self, batch: Batch, deadline: Deadline, pace: Pace) -> None:
-        """Send ``batch`` (one this queue gave out) through the delivery and settle it:
-        delivered or refused events leave, the others come back. Blocks; never raises."""
         ...
 
     def release_locked(self) -> None:
@@ -188,6 +203,109 @@ class BatchQueue(Protocol):
     def counts_locked(self) -> Dict[str, int]:
         """``accepted``, ``pending`` and the queue's own counts (see Transport.counts)."""
         ...
+
+
+# ---------------------------------------------------------------------- the one loop
+
+#: What :func:`fly_batches` asks before each flight: the next batch and how many helper
+#: threads to start for others that may go now, or ``(None, 0)``: stop.
+NextBatch = Callable[[], Tuple[Optional[Batch], int]]
+
+
+def fly_batches(
+    next_batch: NextBatch,
+    fly: Callable[[Batch], None],
+    start_helpers: Optional[Callable[[int], None]] = None,
+) -> None:
+    """The pump's loop, the only one that takes batches and flies them: take a batch
+    (``next_batch``), start the helper threads it asks for (``start_helpers``), fly it
+    (``fly``: the source's ``send``, which blocks and settles it); until ``next_batch``
+    says stop. Run in three ways, which differ only in ``next_batch``:
+
+    - on a sender thread (:meth:`Pump._work`): it waits for work (:meth:`Pump._next`: the
+      flush interval, the helpers' retirement, the shutdown);
+    - on the caller's thread where no thread may run (:meth:`Pump._drain_here`), and on an
+      on-demand drain's helpers: what may go now, no waiting, no helpers (:func:`take_now`);
+    - on demand (:func:`drain_on_demand`, an invocation's flush): the caller's thread also
+      waits for the batches in the air (they may come back deferred) and starts helpers
+      that end before it returns.
+
+    Blocks until then; call it without the lock. Not thread-safe by itself: each thread
+    runs its own."""
+    while True:
+        batch, more = next_batch()
+        if batch is None:
+            return
+        if more and start_helpers is not None:
+            start_helpers(more)
+        fly(batch)
+
+
+def take_now(source: BatchSource, lock: threading.Lock, deadline: Deadline) -> Tuple[Optional[Batch], int]:
+    """A :data:`NextBatch` that never waits: the batch ``source`` lets go now (None when
+    none may, or ``deadline`` passed), and no helper. Takes ``lock`` (the source's)."""
+    with lock:
+        return (None if deadline.expired() else source.take_locked()), 0
+
+
+def drain_on_demand(source: BatchSource, flights: Flights, deadline: Deadline, pace: Pace) -> None:
+    """The pump's on-demand drain: fly every batch ``source`` gives out (its batches fly in
+    ``flights``, under ``flights.lock``), as many at once as the limit allows, on the
+    calling thread and on helper threads (``<flights.name>-<n>``) that end before this
+    returns, until nothing is left to take and nothing is in the air, or ``deadline``.
+    What is left then stays in ``source`` and ``flights.deferred`` for the caller. The
+    limit is not lowered as the threads end: a source's next drain starts from it. ``pace``
+    hears each attempt's outcome.
+
+    The invocation transport's flush runs it over the small queue of its known batches.
+    Blocks; call it without the lock, from one thread at a time per ``flights``."""
+    lock = flights.lock
+    helpers: List[threading.Thread] = []
+
+    def fly(batch: Batch) -> None:
+        try:
+            source.send(batch, deadline, pace)
+        finally:
+            with lock:
+                flights.work.notify_all()  # the caller may be waiting for it (see next_here)
+
+    def next_here() -> Tuple[Optional[Batch], int]:
+        # the caller's thread: a batch, and helpers for the others that may go now; while
+        # none may go, wait for the batches in the air: they may come back deferred
+        with lock:
+            while True:
+                batch = None if deadline.expired() else source.take_locked()
+                if batch is not None:
+                    return batch, flights.threads_wanted_locked(source.takeable_locked())
+                if not flights.flying:
+                    return None, 0
+                left = deadline.remaining()  # flights in the air stop at it themselves
+                flights.idle += 1
+                try:
+                    flights.work.wait(1.0 if left is None else max(0.01, min(1.0, left)))
+                finally:
+                    flights.idle -= 1
+
+    def helper() -> None:
+        try:
+            fly_batches(functools.partial(take_now, source, lock, deadline), fly)
+        finally:
+            with lock:
+                flights.retire_locked(threading.current_thread(), lower_limit=False)
+
+    def start_helpers(n: int) -> None:
+        helpers.extend(flights.spawn_helpers(helper, n))
+
+    me = threading.current_thread()
+    with lock:
+        flights.threads.append(me)  # the caller's thread is one of the senders
+    try:
+        fly_batches(next_here, fly, start_helpers)
+    finally:
+        for thread in helpers:
+            thread.join()
+        with lock:
+            flights.retire_locked(me, lower_limit=False)
 
 
 class MemoryQueue:
@@ -617,17 +735,11 @@ class Pump(Transport):
         the flush interval and never retires; helpers end after IDLE_RETIRE_S idle."""
         me = threading.current_thread()
         try:
-            while True:
-                self._report_overflow()
-                batch, more = self._next(primary)
-                if batch is None:
-                    return
-                for n in range(more):
-                    if self.flights.spawn(functools.partial(self._work, False)) is None:
-                        with self.lock:
-                            self.flights.unwanted_locked(more - n - 1)
-                        break
-                self._fly(batch, self._worker_deadline)
+            fly_batches(
+                functools.partial(self._next, primary),
+                functools.partial(self._fly, deadline=self._worker_deadline),
+                self._start_helpers,
+            )
         except BaseException:  # never expected; keep the books honest and say so
             with self.lock:
                 if primary:
@@ -642,6 +754,7 @@ class Pump(Transport):
     def _next(self, primary: bool) -> tuple[Optional[Batch], int]:
         """Wait for a batch this thread may send: (batch, how many more threads to start),
         or (None, 0) when this thread should end."""
+        self._report_overflow()
         flights = self.flights
         queue = self._queue
         memory = self._memory
@@ -680,6 +793,10 @@ class Pump(Transport):
                     flights.work.wait(max(0.0, min(timeout, queue.wake_in_locked())))
                 finally:
                     flights.idle -= 1
+
+    def _start_helpers(self, n: int) -> None:
+        """Start ``n`` more sender threads (fewer when threads cannot start)."""
+        self.flights.spawn_helpers(functools.partial(self._work, False), n)
 
     def _fly(self, batch: Batch, deadline: Deadline) -> None:
         """Have the queue send one batch (blocks) and settle it; wake a waiting flush."""
@@ -723,12 +840,10 @@ class Pump(Transport):
             if release:
                 with self.lock:
                     queue.release_locked()
-            while not deadline.expired():
-                with self.lock:
-                    batch = queue.take_locked()
-                if batch is None:
-                    return
-                self._fly(batch, deadline)
+            fly_batches(
+                functools.partial(take_now, queue, self.lock, deadline),
+                functools.partial(self._fly, deadline=deadline),
+            )
 
 
 class BackgroundTransport(Pump):

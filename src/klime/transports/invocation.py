@@ -4,13 +4,15 @@ AWS Lambda freezes the process the moment a handler returns (and Cloud Functions
 its CPU), so a background thread cannot be trusted to send anything. This transport runs
 no thread of its own: events wait in a buffer until ``flush`` sends them — called by
 :func:`klime.klime_lambda` / :func:`klime.klime_cloud_function` before the handler returns —
-over the sender's keep-alive connections, which are reused across warm invocations. When
-a flush has several batches and round trips are slow, it sends several at once — as many
-as the adaptive limit it shares with the background transport allows
-(:mod:`klime.transports._flights`; learned across invocations, so a warm invocation sends
-its batches in about one round trip) — on the caller's thread and helper threads that end
-before it returns. Events the flush's deadline kept from being sent stay buffered, first
-in line for the next flush, and count as ``queued``.
+over the sender's keep-alive connections, which are reused across warm invocations. A
+flush takes the buffer as a known set of batches, a small queue (:class:`KnownBatches`),
+and runs the pump's on-demand drain over it
+(:func:`klime.transports.background.drain_on_demand`: the pump's one loop on the caller's
+thread plus helper threads that end before it returns). When round trips are slow it sends
+several batches at once — as many as the adaptive limit the background transport uses
+allows (:mod:`klime.transports._flights`; learned across invocations, so a warm invocation
+sends its batches in about one round trip). Events the flush's deadline kept from being
+sent stay buffered, first in line for the next flush, and count as ``queued``.
 
 Without the decorator events still go out, on the caller's thread: a full batch
 (``max_batch_size``) is sent inline, and so are events left over from before the current
@@ -30,10 +32,12 @@ faster than many sequential sends; such a send is bounded by the invocation's de
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from collections import deque
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
 
 from .._config import (
     DEFAULT_FLUSH_INTERVAL_MS,
@@ -42,11 +46,17 @@ from .._config import (
     DEFAULT_MAX_QUEUE_SIZE,
 )
 from .._deadline import Deadline
+from .._delivery import KEEP_UNSENT
 from .._logging import log
 from .._models import FlushResult
 from .._retry import backoff_delay
-from ._flights import Flights
+from ..senders.base import Pace
+from ._flights import Batch, Flights
+from .background import drain_on_demand
 from .base import Transport
+
+if TYPE_CHECKING:
+    from .._delivery import Delivery, Outcome
 
 __all__ = ["InvocationTransport"]
 
@@ -88,6 +98,69 @@ def exit_invocation(token: contextvars.Token[Optional[Deadline]]) -> None:
 
 def _marker() -> Optional[str]:
     return _environ.get(LAMBDA_TRACE_ENV)
+
+
+class KnownBatches:
+    """The small queue of one flush: the batches it took from the buffer, as the
+    :class:`~klime.transports.background.BatchSource` the pump's on-demand drain
+    (:func:`~klime.transports.background.drain_on_demand`) takes from. Deferred batches go
+    first, then the waiting ones, as the limit of ``flights`` allows. What the deadline
+    cut is kept, not reported (:data:`~klime._delivery.KEEP_UNSENT`), and handed back by
+    :meth:`leftover_locked`. Guarded by ``flights.lock`` (the transport's lock)."""
+
+    def __init__(self, batches: List[List[bytes]], flights: Flights, delivery: Delivery) -> None:
+        self._waiting: Deque[Batch] = deque(Batch(0, events) for events in batches)
+        self._flights = flights
+        self._lock = flights.lock
+        self._delivery = delivery
+
+    def take_locked(self) -> Optional[Batch]:
+        """A deferred batch, else a waiting one, when the limit has room; then in the air."""
+        flights = self._flights
+        batch = flights.take_deferred_locked()
+        if batch is None and self._waiting and flights.room_locked():
+            batch = flights.mark_sending_locked(self._waiting.popleft())
+        return batch
+
+    def takeable_locked(self) -> int:
+        flights = self._flights
+        room = flights.limit.limit - len(flights.flying)
+        return max(0, min(room, len(self._waiting) + len(flights.deferred)))
+
+    def send(self, batch: Batch, deadline: Deadline, pace: Pace) -> None:
+        """Send one batch (blocks) and settle it; what comes back waits, deferred, first in
+        line. Never raises: on an unexpected error the whole batch is kept."""
+        try:
+            self._delivery.send(
+                batch.events,
+                deadline,
+                keep=KEEP_UNSENT,
+                settle=functools.partial(self._settle, batch),
+                pace=pace,
+                retry=batch.retry,
+            )
+        except Exception:  # Delivery never raises; if it does, keep the batch
+            log.exception("klime: sending a batch failed unexpectedly")
+            with self._lock:
+                self._flights.settle_locked(batch, batch.events, batch.retry, None)
+
+    def _settle(self, batch: Batch, outcome: Outcome) -> bool:
+        with self._lock:
+            return self._flights.settle_locked(batch, outcome.unsent or [], outcome.retry, outcome.last_error)
+
+    def pace(self, outcome: str, seconds: float) -> bool:
+        """One attempt's outcome, for the limit (the backlog: what waits and is deferred)."""
+        with self._lock:
+            flights = self._flights
+            return flights.pace_locked(outcome, seconds, backlog=len(self._waiting) + len(flights.deferred))
+
+    def leftover_locked(self) -> List[bytes]:
+        """After the drain: the events it did not deliver (deferred first, then those never
+        taken), now off this queue and out of ``flights``; not counted."""
+        _, parked = self._flights.abandon_locked()
+        kept = [event for batch in (*parked, *self._waiting) for event in batch.events]
+        self._waiting.clear()
+        return kept
 
 
 class InvocationTransport(Transport):
@@ -252,7 +325,7 @@ class InvocationTransport(Transport):
                 return True
             kept = [event for batch in batches for event in batch]  # if all else fails
             try:
-                kept = self._flights.fly_all(batches, deadline, self.delivery)
+                kept = self._fly(batches, deadline)
             finally:
                 with self._lock:
                     self._inflight -= sum(map(len, batches))
@@ -263,6 +336,22 @@ class InvocationTransport(Transport):
                             self._oldest_at = min(self._oldest_at, oldest_at)
                         self._buffer[0:0] = kept
             return not kept
+
+    def _fly(self, batches: List[List[bytes]], deadline: Deadline) -> List[bytes]:
+        """Send ``batches`` with the pump's on-demand drain over a :class:`KnownBatches`:
+        several at once as the limit allows, on this thread and helpers that end before
+        this returns. Returns the events not delivered by the deadline (not counted: the
+        caller keeps them). Blocks; under ``_send_lock``."""
+        flights = self._flights
+        known = KnownBatches(batches, flights, self.delivery)
+        with self._lock:
+            flights.limit.allow_all_at_once(len(batches))
+        try:
+            drain_on_demand(known, flights, deadline, known.pace)
+        finally:
+            with self._lock:
+                kept = known.leftover_locked()
+        return kept
 
     def _report_overflow(self) -> None:
         with self._lock:
