@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 from ._config import MAX_RETRY_AFTER_S, MAX_RETRY_DELAY_S
@@ -79,12 +79,7 @@ class Retry:
 
     def attempted(self, *, retry_after: Optional[float] = None, stale: bool = False) -> Retry:
         """The value after one more attempt (``stale``: it failed on a stale connection)."""
-        return replace(
-            self,
-            attempts=self.attempts + 1,
-            retry_after=retry_after,
-            stale_retry_used=self.stale_retry_used or stale,
-        )
+        return Retry(self.attempts + 1, retry_after, self.stale_retry_used or stale)
 
     @property
     def backoff_steps(self) -> int:

@@ -217,7 +217,7 @@ def send_with_retries(
     count = len(events)
     all_failed = tuple(range(count))
     first = retry.attempts
-    retry = replace(retry, stale_retry_used=False, retry_after=None)  # the at-once retry: once per call
+    retry = Retry(retry.attempts)  # the at-once stale retry: once per call; no Retry-After carried in
     while True:
         left = deadline.remaining()
         if left is not None and left <= 0:

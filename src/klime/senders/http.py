@@ -323,6 +323,9 @@ def read_answer(response: requests.Response, limit: int) -> bytes:
                 raw.release_conn()
                 return bytes(body)
             body += chunk
+            if raw.length_remaining == 0 and len(body) <= limit:
+                raw.release_conn()  # the whole body its Content-Length announced: no read for its end
+                return bytes(body)
     except (TimeoutError, ReadTimeoutError) as exc:
         response.close()
         raise requests.exceptions.ReadTimeout(exc, request=response.request) from None
