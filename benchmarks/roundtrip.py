@@ -35,12 +35,10 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -49,8 +47,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import _process  # noqa: E402
 import _venvs  # noqa: E402
 from _collector import CountingCollector, Span  # noqa: E402
+from _process import BenchError, WorkerRun  # noqa: E402
 
 WORKER = os.path.join(HERE, "_paced.py")
 SDKS = ("klime", "klime-base", "klime-1.1", "segment", "posthog")
@@ -74,10 +74,6 @@ FALLBACK_SECONDS = 3.0
 KLIME_EXIT_TIMEOUT_S = 2.0
 #: The 503 case: in flight is looked at from this long after the first rejection on.
 SETTLE_S = 1.0
-
-
-class BenchError(RuntimeError):
-    """A worker failed; the message says which and why."""
 
 
 @dataclass
@@ -143,13 +139,6 @@ def child_env(sdk: str, baseline_src: Optional[str]) -> Dict[str, str]:
     return env
 
 
-@dataclass
-class WorkerRun:
-    result: Dict[str, Any]
-    stderr: str
-    exit_ns: int  # time.monotonic_ns() when the parent saw the process end
-
-
 def run_worker(
     mode: str,
     sdk: str,
@@ -159,50 +148,8 @@ def run_worker(
     env: Dict[str, str],
     python: Optional[str] = None,
 ) -> WorkerRun:
-    """Run one worker process to completion (killed and reaped on timeout); ``python`` is
-    its interpreter (default: this one)."""
-    tag = f"{mode}-{sdk}-{time.monotonic_ns()}"
-    out = os.path.join(workdir, tag + ".json")
-    spec = dict(spec, out=out, bench_dir=HERE)
-    out_path = os.path.join(workdir, tag + ".out")
-    err_path = os.path.join(workdir, tag + ".err")
-    with open(out_path, "wb") as so, open(err_path, "wb") as se:
-        proc = subprocess.Popen(
-            [python or sys.executable, WORKER, mode, FAMILY.get(sdk, sdk), json.dumps(spec)],
-            stdout=so,
-            stderr=se,
-            stdin=subprocess.DEVNULL,
-            cwd=workdir,
-            env=env,
-            start_new_session=True,
-        )
-    exited: Dict[str, int] = {}
-
-    def reap() -> None:  # a blocking waitpid: the exit is seen at once, not at a poll
-        proc.wait()
-        exited["ns"] = time.monotonic_ns()
-
-    reaper = threading.Thread(target=reap, name="bench-reaper", daemon=True)
-    reaper.start()
-    reaper.join(timeout)
-    timed_out = reaper.is_alive()
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also anything the worker left behind
-    except (ProcessLookupError, PermissionError):
-        pass
-    reaper.join()
-    with open(err_path, "rb") as fh:
-        stderr = fh.read().decode("utf-8", "replace")
-    if timed_out or proc.returncode != 0 or not os.path.exists(out):
-        why = f"timed out after {timeout:g}s" if timed_out else f"exit status {proc.returncode}"
-        with open(out_path, "rb") as fh:
-            stdout = fh.read()[-1500:].decode("utf-8", "replace")
-        raise BenchError(
-            f"{mode} worker for {sdk} failed ({why}); stderr ends with:\n{stderr[-3000:]}\nstdout:\n{stdout}"
-        )
-    with open(out, encoding="utf-8") as fh:
-        result: Dict[str, Any] = json.load(fh)
-    return WorkerRun(result, stderr, exited["ns"])
+    """Run one paced worker (:mod:`_process`); ``sdk`` runs as its family's client."""
+    return _process.run_worker(WORKER, mode, FAMILY.get(sdk, sdk), spec, workdir, timeout, env, python)
 
 
 def check_identity(sdk: str, result: Dict[str, Any], baseline_src: Optional[str]) -> None:

@@ -31,9 +31,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +42,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import _process  # noqa: E402
 import _venvs  # noqa: E402
 from _collector import CountingCollector  # noqa: E402
+from _process import BenchError  # noqa: E402
 
 WORKER = os.path.join(HERE, "_worker.py")
 #: The ``spool`` option a worker replaces with a new temporary directory.
@@ -54,10 +54,6 @@ SDKS = ("klime", "klime-1.1", "segment", "posthog")
 DISTRIBUTIONS = {"klime": "klime", "segment": "segment-analytics-python", "posthog": "posthog"}
 #: The peers of the "best peer" targets (klime 1.1.0 is shown beside them, not a target's peer).
 TARGET_PEERS = ("segment", "posthog")
-
-
-class BenchError(RuntimeError):
-    """A worker failed; the message says which and why."""
 
 
 @dataclass
@@ -144,40 +140,8 @@ def run_worker(
     env: Dict[str, str],
     python: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Run one worker process to completion (killed and reaped on timeout); its result.
-    ``python``: the interpreter (default: this one)."""
-    tag = f"{mode}-{sdk}-{time.monotonic_ns()}"
-    out = os.path.join(workdir, tag + ".json")
-    spec = dict(spec, out=out, bench_dir=HERE)
-    stdout_path = os.path.join(workdir, tag + ".log")
-    with open(stdout_path, "wb") as log:
-        proc = subprocess.Popen(
-            [python or sys.executable, WORKER, mode, sdk, json.dumps(spec)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-    if code != 0 or not os.path.exists(out):
-        with open(stdout_path, "rb") as fh:
-            tail = fh.read()[-3000:].decode("utf-8", "replace")
-        why = f"timed out after {timeout:g}s" if code is None else f"exit status {code}"
-        raise BenchError(f"{mode} worker for {sdk} failed ({why}); its output ends with:\n{tail}")
-    with open(out, encoding="utf-8") as fh:
-        result: Dict[str, Any] = json.load(fh)
-    return result
+    """Run one worker process to completion (:mod:`_process`); its result."""
+    return _process.run_worker(WORKER, mode, sdk, spec, workdir, timeout, env, python).result
 
 
 def check_identity(cfg: Config, raw: Dict[str, Any]) -> None:
