@@ -14,10 +14,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import http.server
 import inspect
-import ipaddress
 import json
 import logging
 import pickle
@@ -35,6 +32,7 @@ from klime import ConfigurationError, SendError
 from klime.devserver import Fault
 from klime.errors import MAX_QUOTED_BODY
 from klime.senders.http import HttpSender
+from support.tls_server import RecordingServer, self_signed
 
 SECRET = "sk_live_9f8e7d6c5b4a3210ZYXWVUTS"
 #: Pieces of the key that must not leak either (a key cut in half is still a leak).
@@ -228,102 +226,15 @@ def test_a_write_key_that_cannot_be_sent_never_leaks_and_never_injects_a_header(
 # TLS: always verified, nothing turns it off
 
 
-def _self_signed(tmp_path: Path) -> Tuple[Path, Path]:
-    # cryptography has no wheel for every Python (free-threaded builds): skip, don't fail
-    pytest.importorskip("cryptography")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
-class _Recording(http.server.BaseHTTPRequestHandler):
-    """Answers every POST with ``server.answer`` and records the Authorization header."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.server.hits.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
-        status, headers, body = self.server.answer  # type: ignore[attr-defined]
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _Server:
-    def __init__(self, answer: Tuple[int, Dict[str, str], bytes], tls: ssl.SSLContext | None = None):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
-        self.httpd.daemon_threads = True
-        self.httpd.hits = []  # type: ignore[attr-defined]
-        self.httpd.answer = answer  # type: ignore[attr-defined]
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def hits(self) -> List[Any]:
-        return self.httpd.hits  # type: ignore[attr-defined, no-any-return]
-
-    def url(self, scheme: str = "http") -> str:
-        return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
 OK_BODY = (200, {"Content-Type": "application/json"}, b'{"status":"ok","accepted":1,"failed":0,"errors":[]}')
 
 
 @pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[Tuple[_Server, Path]]:
-    cert, key = _self_signed(tmp_path)
+def tls_server(tmp_path: Path) -> Iterator[Tuple[RecordingServer, Path]]:
+    cert, key = self_signed(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    with _Server(OK_BODY, tls=context) as server:
+    with RecordingServer(OK_BODY, tls=context) as server:
         yield server, cert
 
 
@@ -454,9 +365,9 @@ def test_credentials_in_the_endpoint_are_refused_and_not_echoed():
 
 def test_redirects_are_never_followed():
     """A redirect could carry the request (and its Authorization header) elsewhere."""
-    with _Server(OK_BODY) as target:
+    with RecordingServer(OK_BODY) as target:
         redirect = (307, {"Location": target.url() + "/v1/batch"}, b"")
-        with _Server(redirect) as origin:
+        with RecordingServer(redirect) as origin:
             errors = Recorder()
             client = klime.Client(
                 SECRET, endpoint=origin.url(), transport="blocking", retry_max_attempts=1, on_error=errors

@@ -3,6 +3,10 @@
 - Every attempt is bounded in wall-clock time (headers and body included): a server that
   trickles its answer one byte at a time cannot stretch a deadline, nor hold a sender
   forever when there is no deadline (``*_sync``, ``shutdown`` and process exit included).
+  A resolver that does not answer cannot stretch it either (``socket.getaddrinfo`` replaced
+  by a held stand-in: see tests/support/fake_resolver.py); a resolved name keeps its
+  ``Host`` header and its certificate check, and a kept-alive connection is not looked up
+  again.
 - Nothing a server sends can exhaust memory or break the books: a compressed answer is
   never inflated past a cap, an endless one is cut, one nested too deeply to parse is "no
   usable body" (the status decides).
@@ -17,6 +21,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -24,6 +30,7 @@ import threading
 import time
 import tracemalloc
 import zlib
+from pathlib import Path
 from typing import Iterator, List
 
 import pytest
@@ -34,8 +41,10 @@ from klime import ConfigurationError, SendError
 from klime._deadline import Deadline
 from klime._events import encode_track
 from klime._retry import RetryPolicy, parse_retry_after
-from klime.senders.http import HttpSender
+from klime.senders.http import LOOKUP_THREAD_NAME, HttpSender
+from support.fake_resolver import HeldResolver
 from support.hostile_server import HostileServer, answer, endless, response
+from support.tls_server import RecordingServer, self_signed
 
 #: Seconds between two bytes of a trickling server (each recv returns well within any
 #: read timeout, which is why a per-recv timeout alone never ended such an attempt).
@@ -457,3 +466,196 @@ def test_a_trickling_tls_handshake_ends_at_the_deadline() -> None:
         took = time.monotonic() - started
     assert took < 0.8 + SLACK, f"{took:.2f}s for a 0.8 s deadline"
     assert result.deadline_reached and result.error is not None
+
+
+# ---------------------------------------------------------------------------------------
+# a resolver that does not answer
+
+#: Names the held resolver stands in for: each resolves to 127.0.0.1 once released.
+HELD_NAME = "klime-test.invalid"
+HELD_PROXY_NAME = "klime-proxy.invalid"
+#: A name the stand-in resolver says does not exist.
+UNKNOWN_NAME = "klime-missing.invalid"
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldResolver]:
+    """``socket.getaddrinfo`` replaced for the test by a resolver that holds the look-ups of
+    :data:`HELD_NAME` and :data:`HELD_PROXY_NAME` until released (a real DNS server that
+    does not answer cannot be pointed at without changing /etc/resolv.conf). No proxy from
+    the environment. At teardown every held look-up is released and must end."""
+    for name in (*PROXY_VARIABLES, "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    names = {HELD_NAME: "127.0.0.1", HELD_PROXY_NAME: "127.0.0.1"}
+    held = HeldResolver(names, unknown=[UNKNOWN_NAME]).install(monkeypatch)
+    yield held
+    assert held.finish(), "a name look-up thread was still running 5 s after its release"
+
+
+def held_sender(port: int, scheme: str = "http", **options: object) -> HttpSender:
+    """A sender for ``scheme://klime-test.invalid:port`` (plain http allowed)."""
+    options.setdefault("retry_initial_delay", 10)
+    url = f"{scheme}://{HELD_NAME}:{port}"
+    return HttpSender(WRITE_KEY, url, allow_insecure_endpoint=True, **options)  # type: ignore[arg-type]
+
+
+def test_a_name_look_up_that_does_not_answer_ends_within_the_connect_timeout(resolver: HeldResolver) -> None:
+    with HostileServer(answer(accepted(2))) as server:
+        sender = held_sender(server.port, connect_timeout=0.5, read_timeout=10, retry_max_attempts=1)
+        started = time.monotonic()
+        outcome = sender.attempt(events(2), Deadline())
+        took = time.monotonic() - started
+        assert took < 0.5 + 1, f"{took:.2f}s for a 0.5 s connect timeout"
+        assert outcome.kind == "retry" and not outcome.cut_short
+        pattern = rf"the name look-up of {re.escape(HELD_NAME)} did not answer within (\d+\.\d) s"
+        said = re.fullmatch(pattern, outcome.reason)
+        assert said is not None and 0.5 <= float(said.group(1)) < 0.5 + 1, outcome.reason
+        result = sender.send(events(2), Deadline())
+        assert result.error is not None and result.error.retryable
+        assert "name look-up" in result.error.message and WRITE_KEY not in result.error.message
+        assert server.connections == 0
+    assert resolver.look_ups_of(HELD_NAME) == [LOOKUP_THREAD_NAME] * 2
+
+
+def test_a_name_look_up_that_does_not_answer_ends_at_the_deadline(resolver: HeldResolver) -> None:
+    with HostileServer(answer(accepted(2))) as server:
+        sender = held_sender(server.port, connect_timeout=10, read_timeout=10)
+        started = time.monotonic()
+        result = sender.send(events(2), Deadline.after(0.5))
+        took = time.monotonic() - started
+    assert took < 0.5 + 1, f"{took:.2f}s for a 0.5 s deadline"
+    assert result.deadline_reached and result.error is not None and result.error.retryable
+    assert f"the name look-up of {HELD_NAME} did not answer" in result.error.message
+
+
+def test_a_deadline_tightened_during_a_name_look_up_ends_it(resolver: HeldResolver) -> None:
+    with HostileServer(answer(accepted(1))) as server:
+        sender = held_sender(server.port, connect_timeout=10, read_timeout=10)
+        deadline = Deadline()
+        results = []
+        worker = threading.Thread(target=lambda: results.append(sender.send(events(1), deadline)))
+        worker.start()
+        assert wait_until(lambda: bool(resolver.look_ups_of(HELD_NAME)), 5)
+        tightened = time.monotonic()
+        deadline.tighten(tightened + 0.3)
+        worker.join(5)
+        assert not worker.is_alive()
+        assert time.monotonic() - tightened < 0.3 + 1
+        assert results[0].deadline_reached and "name look-up" in results[0].error.message
+
+
+def test_track_sync_is_bounded_by_its_timeout_when_the_resolver_does_not_answer(
+    resolver: HeldResolver,
+) -> None:
+    with HostileServer(answer(accepted(1))) as server:
+        client = klime.Client(
+            WRITE_KEY, endpoint=f"http://{HELD_NAME}:{server.port}", allow_insecure_endpoint=True,
+            retry_initial_delay=10,
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(SendError) as caught:
+                client.track_sync("E", user_id="u", timeout=1)
+            assert time.monotonic() - started < 1 + 1
+            assert caught.value.retryable and "name look-up" in caught.value.message
+        finally:
+            client.shutdown(0)
+
+
+def test_a_flush_is_bounded_by_its_timeout_when_the_resolver_does_not_answer(resolver: HeldResolver) -> None:
+    """The Lambda case: the invocation transport's flush sends on the handler's thread."""
+    with HostileServer(answer(accepted(1))) as server:
+        client = klime.Client(
+            WRITE_KEY, endpoint=f"http://{HELD_NAME}:{server.port}", allow_insecure_endpoint=True,
+            transport="invocation", retry_initial_delay=10, on_error=Recorder(),
+        )
+        try:
+            client.track("E", user_id="u")
+            started = time.monotonic()
+            result = client.flush(timeout=1)
+            assert time.monotonic() - started < 1 + 1
+            assert result.sent == 0 and not result.ok
+            assert server.connections == 0
+        finally:
+            client.shutdown(0)
+
+
+def test_a_resolved_name_reaches_the_server_with_its_host_header_and_is_looked_up_once(
+    resolver: HeldResolver,
+) -> None:
+    """The address the resolver gave is the one connected to; the Host header keeps the
+    name; a kept-alive connection makes no second look-up."""
+    resolver.release()
+    with HostileServer(answer(accepted(1))) as server:
+        sender = held_sender(server.port, connect_timeout=2)
+        for _ in range(2):
+            result = sender.send(events(1), Deadline.after(5))
+            assert result.error is None and result.response is not None and result.response.accepted == 1
+        assert [r.headers["host"] for r in server.requests] == [f"{HELD_NAME}:{server.port}"] * 2
+        assert server.connections == 1
+    assert resolver.look_ups_of(HELD_NAME) == [LOOKUP_THREAD_NAME]
+
+
+def test_a_name_that_does_not_exist_is_a_connection_error_at_once(resolver: HeldResolver) -> None:
+    sender = HttpSender(WRITE_KEY, f"http://{UNKNOWN_NAME}:9", allow_insecure_endpoint=True)
+    started = time.monotonic()
+    outcome = sender.attempt(events(1), Deadline.after(5))
+    assert time.monotonic() - started < 1
+    assert outcome.kind == "retry" and outcome.reason == "connection error"
+    assert resolver.look_ups_of(UNKNOWN_NAME) == [LOOKUP_THREAD_NAME]
+
+
+def test_an_ip_literal_host_needs_no_look_up_thread(resolver: HeldResolver) -> None:
+    with HostileServer(answer(accepted(1))) as server:
+        assert sender_for(server).send(events(1), Deadline.after(5)).error is None
+    assert resolver.look_ups_of("127.0.0.1") == [threading.current_thread().name]
+    assert not [thread for _, thread in resolver.calls if thread == LOOKUP_THREAD_NAME]
+
+
+def test_a_proxys_name_look_up_is_the_one_bounded(
+    resolver: HeldResolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An https endpoint through a proxy named in the environment: the proxy's name is
+    looked up (bounded), never the endpoint's; once it answers, the proxy is asked for a
+    tunnel to the endpoint's name."""
+    with HostileServer(answer(response(502, b"no tunnel"))) as proxy:
+        for name in ("HTTPS_PROXY", "https_proxy"):
+            monkeypatch.setenv(name, f"http://{HELD_PROXY_NAME}:{proxy.port}")
+        sender = HttpSender(
+            WRITE_KEY, "https://klime-endpoint.invalid", connect_timeout=0.5, retry_max_attempts=1
+        )
+        started = time.monotonic()
+        result = sender.send(events(1), Deadline())
+        assert time.monotonic() - started < 0.5 + 1
+        assert result.error is not None and result.error.retryable
+        assert f"the name look-up of {HELD_PROXY_NAME} did not answer" in result.error.message
+        assert proxy.connections == 0
+        resolver.release()
+        result = sender.send(events(1), Deadline.after(5))
+        assert result.error is not None and result.error.retryable  # the stand-in never tunnels
+        assert proxy.wait_for_requests(1)
+        assert proxy.requests[0].line.startswith("CONNECT klime-endpoint.invalid:443 ")
+    assert resolver.look_ups_of("klime-endpoint.invalid") == []
+    assert resolver.look_ups_of(HELD_PROXY_NAME) == [LOOKUP_THREAD_NAME] * 2
+
+
+@pytest.mark.parametrize("certified", [HELD_NAME, "someone-else.invalid"])
+def test_tls_checks_the_certificate_against_the_looked_up_name(
+    resolver: HeldResolver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, certified: str
+) -> None:
+    """Connected to 127.0.0.1, the certificate is still checked against the endpoint's name
+    (SNI and host name check): one for that name alone is accepted, one for another name
+    refused."""
+    cert, key = self_signed(tmp_path, dns_names=(certified,), ip_addresses=())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    resolver.release()
+    body = (200, {"Content-Type": "application/json"}, json.dumps({"status": "ok", "accepted": 1}).encode())
+    with RecordingServer(body, tls=context) as server:
+        sender = held_sender(server.httpd.server_address[1], scheme="https", retry_max_attempts=1)
+        result = sender.send(events(1), Deadline.after(5))
+        if certified == HELD_NAME:
+            assert result.error is None and server.hits == [f"Bearer {WRITE_KEY}"]
+        else:
+            assert result.error is not None and "TLS error" in result.error.message and server.hits == []

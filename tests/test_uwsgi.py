@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 import types
 from dataclasses import dataclass
@@ -24,9 +25,14 @@ import pytest
 from apps.process import servers
 from apps.process.servers import Delivery, Ledger, Server
 from conftest import WRITE_KEY
+from klime._deadline import Deadline
+from klime._events import encode_track
 from klime._logging import log
 from klime.devserver import Collector
 from klime.integrations import uwsgi as uwsgi_integration
+from klime.senders import http as http_sender
+from support.fake_resolver import HeldResolver
+from support.hostile_server import HostileServer, answer, response
 
 pytestmark = pytest.mark.slow
 
@@ -232,6 +238,7 @@ def fake_uwsgi(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespac
     )
     monkeypatch.setitem(sys.modules, "uwsgi", module)  # type: ignore[arg-type]
     monkeypatch.delitem(sys.modules, "uwsgidecorators", raising=False)
+    monkeypatch.setattr(http_sender, "_lookup_thread_check", None)  # install() sets it: undone after
     log.reset_once("uwsgi-threads")
     yield module
     log.reset_once("uwsgi-threads")
@@ -257,6 +264,39 @@ def test_no_after_request_hook_where_threads_run(fake_uwsgi: types.SimpleNamespa
     uwsgi_integration.install(flush_after_request=True)  # asked for: installed
     assert fake_uwsgi.after_req_hook is not original
     uwsgi_integration.install(flush_after_request=None)
+
+
+@pytest.mark.parametrize(
+    ("has_threads", "worker_id", "own_thread"),
+    [
+        (0, 1, False),  # no Python thread would ever run: on the caller's thread
+        (1, 0, False),  # a master that will fork: no thread of ours may be running then
+        (1, 1, True),
+    ],
+)
+def test_a_name_look_up_runs_on_a_thread_only_where_threads_may_run(
+    fake_uwsgi: types.SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    has_threads: int,
+    worker_id: int,
+    own_thread: bool,
+) -> None:
+    fake_uwsgi.has_threads = has_threads
+    fake_uwsgi.worker_id = lambda: worker_id
+    uwsgi_integration.install()
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    resolver = HeldResolver({"klime-test.invalid": "127.0.0.1"}).install(monkeypatch)
+    resolver.release()
+    ok = response(200, b'{"status":"ok","accepted":1,"failed":0,"errors":[]}')
+    with HostileServer(answer(ok)) as server:
+        sender = http_sender.HttpSender(
+            WRITE_KEY, f"http://klime-test.invalid:{server.port}", allow_insecure_endpoint=True
+        )
+        assert sender.send([encode_track("E", {}, "u", None)], Deadline.after(5)).error is None
+    expected = http_sender.LOOKUP_THREAD_NAME if own_thread else threading.current_thread().name
+    assert resolver.look_ups_of("klime-test.invalid") == [expected]
+    assert resolver.finish()
 
 
 def test_uwsgidecorators_postfork_chain_is_used(

@@ -13,6 +13,9 @@ What the hooks do, and why (measured with uWSGI 2.0.26 and 2.0.31; see docs/uwsg
 - ``uwsgi.atexit``: shut every client down (flush within ``exit_timeout``) when a worker
   stops. uWSGI calls it before tearing the interpreter down, also with
   ``--skip-atexit-teardown``, where Python's ``atexit`` never runs.
+- the HTTP sender's name look-ups run on a thread of their own (bounded by the attempt's
+  clock) only where :func:`klime._runtime.background_threads_allowed`: never in a master
+  that will fork, nor where no Python thread runs.
 - ``uwsgi.after_req_hook``, only where no Python thread can run (``uwsgi.has_threads == 0``,
   i.e. uWSGI < 2.0.27 without ``--enable-threads``) or when asked: flush the queued events
   after each request, after uWSGI has closed the request's socket (the response is not
@@ -61,6 +64,10 @@ def install(
     uwsgi = _runtime.uwsgi_module()
     if uwsgi is None:
         return False
+    from ..senders import http
+
+    # a name look-up runs on a thread of its own only where a thread may run now
+    http.set_lookup_thread_check(_runtime.background_threads_allowed)
     with _lock:
         _flush_after_request = flush_after_request
         _request_flush_timeout = float(request_flush_timeout)

@@ -12,7 +12,14 @@ The parts, top to bottom:
 - **one attempt, bounded in wall-clock time** (:class:`AttemptClock`): the session's
   connections (:func:`new_session`) cut every send and every receive to the least of the
   attempt's budget (connect + read timeout) and the caller's deadline, which another thread
-  may tighten meanwhile, so that an attempt ends in time whatever the server does;
+  may tighten meanwhile, so that an attempt ends in time whatever the server does; a new
+  connection's name look-up (``getaddrinfo``, a C call nothing can interrupt) runs on a
+  short-lived thread (:class:`NameLookup`) that the attempt waits for no longer than its
+  connect timeout cut to what is left, then the attempt is a connect timeout (an IP-literal
+  host needs no thread, a kept-alive connection makes no look-up, TLS and ``Host`` keep
+  the name; where no thread may run, :func:`set_lookup_thread_check`, the look-up stays
+  unbounded on the attempt's thread); the TLS handshake is bounded by that cut connect
+  timeout;
 - **answers**: at most a small prefix of each answer is read, never inflated past a cap;
   server text quoted in errors has the write key masked;
 - **request errors**: which no retry can fix, which mean a stale pooled connection, and a
@@ -34,10 +41,11 @@ import io
 import ipaddress
 import json
 import socket
+import sys
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Type
 from urllib.parse import urlsplit
 
 from .._batching import batch_body
@@ -218,6 +226,167 @@ class _BoundedSocket:
         return io.BufferedReader(_BoundedReader(self._sock, self._attempt))
 
 
+def _cut_to_attempt(timeout: object, attempt: Optional[AttemptClock]) -> Optional[float]:
+    """A connection's ``timeout`` (a number, or None or urllib3's default for "none of its
+    own") cut to what is left of ``attempt``; None when neither bounds it."""
+    own = float(timeout) if isinstance(timeout, (int, float)) else None
+    if attempt is None:
+        return own
+    left = attempt.left()
+    return left if own is None else min(own, left)
+
+
+# ---------------------------------------------------------------------------------------
+# the name look-up of a new connection
+
+#: What ``socket.getaddrinfo`` returns: (family, type, proto, canonical name, address).
+AddressInfo = Tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+
+#: The name of the threads that look host names up (:class:`NameLookup`).
+LOOKUP_THREAD_NAME = "klime-name-lookup"
+
+#: Says whether a thread may be started now (see :func:`set_lookup_thread_check`).
+_lookup_thread_check: Optional[Callable[[], bool]] = None
+
+
+def set_lookup_thread_check(check: Optional[Callable[[], bool]]) -> None:
+    """Register what says whether this process may start a thread now (False: a new
+    connection's name look-up runs on the attempt's own thread, unbounded, as urllib3 does
+    it). klime's uWSGI hooks register :func:`klime._runtime.background_threads_allowed`:
+    without ``--enable-threads`` no Python thread runs, and a thread running in a uWSGI
+    master when it forks can leave a worker hung. None: threads are always allowed (the
+    default). Thread-safe (one assignment); non-blocking."""
+    global _lookup_thread_check
+    _lookup_thread_check = check
+
+
+def name_to_look_up(host: str) -> Optional[str]:
+    """``host`` as ``getaddrinfo`` takes it (IPv6 brackets off), or None for an IP literal,
+    which needs no look-up. Cheap: a host ending in a letter is a name without parsing."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not name or name[-1].isalpha() or name[-1] == ".":
+        return name
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return None
+
+
+class NameLookup:
+    """One ``socket.getaddrinfo`` call on a short-lived daemon thread (:data:`LOOKUP_THREAD_NAME`)
+    that its caller waits for as long as it wishes: the C call itself cannot be interrupted.
+    When the caller stops waiting, the thread is left to end on its own when the resolver
+    answers or gives up; it holds nothing but its own result."""
+
+    __slots__ = ("_done", "_addresses", "_error")
+
+    def __init__(self, host: str, port: int, family: int) -> None:
+        """Start the look-up. Raises RuntimeError when no thread can start (at interpreter
+        shutdown). Non-blocking."""
+        self._done = threading.Event()
+        self._addresses: Sequence[AddressInfo] = ()
+        self._error: Optional[BaseException] = None
+        thread = threading.Thread(
+            target=self._run, args=(host, port, family), name=LOOKUP_THREAD_NAME, daemon=True
+        )
+        thread.start()
+
+    def _run(self, host: str, port: int, family: int) -> None:
+        try:
+            self._addresses = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the waiting caller, who raises it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: Optional[float]) -> Optional[Sequence[AddressInfo]]:
+        """The resolver's addresses, in its order; None when ``timeout`` seconds (None: no
+        limit) passed first. Raises the resolver's error (``socket.gaierror``). Blocks;
+        thread-safe."""
+        if not self._done.wait(timeout):
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._addresses
+
+
+#: How often a name look-up's wait re-reads the attempt's clock: a deadline tightened
+#: meanwhile (a shutdown) ends the wait this soon.
+LOOKUP_CLOCK_CHECK_S = 0.1
+
+
+def _look_up(
+    name: str, port: int, family: int, timeout: Optional[float], attempt: Optional[AttemptClock]
+) -> Optional[Sequence[AddressInfo]]:
+    """The addresses of ``name`` from a :class:`NameLookup`, waited for no longer than
+    ``timeout`` seconds (None: no bound of its own) cut to what is left of ``attempt``,
+    whose clock is re-read every :data:`LOOKUP_CLOCK_CHECK_S`; None when the time ran out
+    first. On the calling thread, unbounded, when no thread can start (interpreter
+    shutdown). Raises the resolver's error. Blocks."""
+    ends = None if timeout is None else _monotonic() + timeout
+    try:
+        lookup = NameLookup(name, port, family)
+    except RuntimeError:
+        return socket.getaddrinfo(name, port, family, socket.SOCK_STREAM)
+    while True:
+        left = _cut_to_attempt(None if ends is None else ends - _monotonic(), attempt)
+        if left is not None and left <= 0:
+            return None
+        step = left if attempt is None or left is None else min(left, LOOKUP_CLOCK_CHECK_S)
+        addresses = lookup.wait(step)
+        if addresses is not None:
+            return addresses
+
+
+def _connect_first(
+    addresses: Sequence[AddressInfo],
+    attempt: Optional[AttemptClock],
+    timeout: object,
+    source_address: Optional[Tuple[str, int]],
+    socket_options: Optional[Sequence[Tuple[int, int, Any]]],
+) -> socket.socket:
+    """A socket connected to the first of ``addresses`` that accepts, tried in the
+    resolver's order, each within ``timeout`` cut to what is left of ``attempt``; bound to
+    ``source_address`` and given ``socket_options`` first. Raises the last OSError
+    (TimeoutError when time ran out). Blocks."""
+    failure: Optional[OSError] = None
+    for family, kind, proto, _, address in addresses:
+        limit = _cut_to_attempt(timeout, attempt)
+        if limit is not None and limit <= 0:
+            raise TimeoutError("the attempt ran out of time")
+        sock: Optional[socket.socket] = None
+        try:
+            sock = socket.socket(family, kind, proto)
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            if limit is not None:
+                sock.settimeout(limit)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            failure = exc
+    raise failure if failure is not None else OSError("the name has no address")
+
+
+def _error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (arguments, ``reason``), as far as 16 deep."""
+    pending = [exc]
+    seen = 0
+    while pending and seen < 16:
+        item = pending.pop()
+        seen += 1
+        yield item
+        pending.extend(a for a in getattr(item, "args", ()) if isinstance(a, BaseException))
+        reason = getattr(item, "reason", None)
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+
+
 @functools.cache
 def _bounded_adapter_class() -> Type[Any]:
     """A ``requests`` HTTPAdapter whose pools' connections honour :class:`AttemptClock`; built
@@ -227,6 +396,46 @@ def _bounded_adapter_class() -> Type[Any]:
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import allowed_gai_family
+
+    class NameLookupTimeoutError(ConnectTimeoutError):
+        """The resolver did not answer within the time the attempt could give it."""
+
+        def __init__(self, conn: Any, description: str) -> None:
+            super().__init__(conn, description)
+            self.lookup_description = description  # what describe_exception reports
+
+    def open_socket(conn: Any) -> Optional[socket.socket]:
+        """The socket of the new connection ``conn``, its host name looked up on a
+        :class:`NameLookup` thread for no longer than its connect timeout cut to what is
+        left of the attempt, then connected as urllib3 would (see :func:`_connect_first`);
+        None when there is nothing to bound (an IP-literal host; neither a timeout nor an
+        attempt; no thread allowed here), and urllib3 then connects as it always does.
+        ``conn.host`` is never changed: TLS checks the name, ``Host`` stays the name.
+        Raises urllib3's connect errors. Blocks."""
+        name = name_to_look_up(conn._dns_host)
+        check = _lookup_thread_check
+        if name is None or (check is not None and not check()):
+            return None
+        attempt = AttemptClock.current()
+        own = float(conn.timeout) if isinstance(conn.timeout, (int, float)) else None
+        if own is None and attempt is None:
+            return None
+        started = _monotonic()
+        try:
+            addresses = _look_up(name, conn.port, allowed_gai_family(), own, attempt)
+            if addresses is not None:
+                options = conn.socket_options
+                sock = _connect_first(addresses, attempt, conn.timeout, conn.source_address, options)
+                sys.audit("http.client.connect", conn, conn.host, conn.port)  # as http.client does
+                return sock
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(conn, f"connecting to {name} timed out ({exc})") from exc
+        except (OSError, UnicodeError) as exc:
+            raise NewConnectionError(conn, f"could not connect to {name}: {exc}") from exc
+        waited = _monotonic() - started
+        raise NameLookupTimeoutError(conn, f"the name look-up of {name} did not answer within {waited:.1f} s")
 
     class BoundedResponse(http.client.HTTPResponse):
         def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
@@ -247,12 +456,20 @@ def _bounded_adapter_class() -> Type[Any]:
     class BoundedHTTPConnection(HTTPConnection):
         response_class = BoundedResponse
 
+        def _new_conn(self) -> socket.socket:
+            sock = open_socket(self)
+            return sock if sock is not None else super()._new_conn()
+
         def send(self, data: Any) -> None:
             send_bounded(self, data)
             super().send(data)
 
     class BoundedHTTPSConnection(HTTPSConnection):
         response_class = BoundedResponse
+
+        def _new_conn(self) -> socket.socket:
+            sock = open_socket(self)
+            return sock if sock is not None else super()._new_conn()
 
         def send(self, data: Any) -> None:
             send_bounded(self, data)
@@ -395,18 +612,10 @@ def is_timeout(exc: BaseException) -> bool:
 
     if isinstance(exc, requests.exceptions.Timeout):
         return True
-    seen = 0
-    pending = [exc]
-    while pending and seen < 16:
-        item = pending.pop()
-        seen += 1
-        if isinstance(item, (socket.timeout, TimeoutError)) or type(item).__name__.endswith("TimeoutError"):
-            return True
-        pending.extend(a for a in getattr(item, "args", ()) if isinstance(a, BaseException))
-        reason = getattr(item, "reason", None)
-        if isinstance(reason, BaseException):
-            pending.append(reason)
-    return False
+    return any(
+        isinstance(item, TimeoutError) or type(item).__name__.endswith("TimeoutError")
+        for item in _error_chain(exc)
+    )
 
 
 def is_stale_connection(exc: BaseException) -> bool:
@@ -420,8 +629,13 @@ def is_stale_connection(exc: BaseException) -> bool:
 
 
 def describe_exception(exc: BaseException) -> str:
+    """A short, key-free description of a request error (the host name may appear)."""
     import requests
 
+    for item in _error_chain(exc):
+        lookup = getattr(item, "lookup_description", None)
+        if isinstance(lookup, str):
+            return lookup
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return "connection timed out"
     if isinstance(exc, requests.exceptions.SSLError):
@@ -550,8 +764,9 @@ class HttpSender(Sender):
         """POST one batch once and describe the outcome. Never retries; never raises.
 
         Blocks for one request: it ends by the least of ``connect_timeout + read_timeout``
-        and ``deadline``, in wall-clock time, whatever the server does (``cut_short`` when
-        the deadline ended it). Thread-safe.
+        and ``deadline``, in wall-clock time, whatever the server or the resolver does (a
+        name look-up counts as connect time; ``cut_short`` when the deadline ended it).
+        Thread-safe.
         """
         from requests.exceptions import RequestException  # imported by now: see _prepared
 
