@@ -42,10 +42,10 @@ class Scripted(Sender):
         return self.outcomes.pop(0)
 
 
-def listening(heard: List[str], answer: bool = True) -> Callable[[str, float], bool]:
+def listening(heard: List[str], answer: bool = True) -> Callable[[str, float, float], bool]:
     """A pace hook that records each outcome and answers ``answer``."""
 
-    def pace(outcome: str, seconds: float) -> bool:
+    def pace(outcome: str, seconds: float, cpu: float) -> bool:
         heard.append(outcome)
         return answer
 
@@ -81,7 +81,7 @@ def test_earlier_attempts_of_a_deferred_batch_count_against_the_limit():
 
 def test_pace_defers_a_transiently_failing_batch_without_retrying_it():
     sender = Scripted(Attempt(RETRY, 429, reason="HTTP 429"), ok(1))
-    result = send_with_retries(sender, [b"a"], Deadline.after(5), pace=lambda o, s: o != ATTEMPT_TRANSIENT)
+    result = send_with_retries(sender, [b"a"], Deadline.after(5), pace=lambda o, s, c: o != ATTEMPT_TRANSIENT)
     assert result.deferred and len(sender.calls) == 1 and result.retry.attempts == 1
     assert result.error is not None and result.error.status_code == 429
 

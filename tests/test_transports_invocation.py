@@ -16,7 +16,7 @@ from conftest import Recorder, conserved
 from klime import InvocationTransport
 from klime._deadline import Deadline
 from klime.devserver import Fault
-from klime.transports import _limit as limit_module
+from klime.testing import MockRequest, MockResponse, MockSender
 from klime.transports import invocation as invocation_module
 
 LEFTOVER_WARNING = "events recorded before this invocation were still waiting"
@@ -107,16 +107,30 @@ def test_flush_sends_batches_concurrently_and_keeps_order_within_batches(make_cl
     assert collector.connection_count() <= 4  # never more than max_concurrent_requests
 
 
-def test_fast_requests_are_sent_one_after_the_other(make_client, collector, monkeypatch):
-    # Requests faster than the threshold (here: anything under 10 s) are not worth threads.
-    monkeypatch.setattr(limit_module, "SLOW_ROUND_TRIP_S", 10.0)
+def test_requests_that_are_all_cpu_are_sent_one_after_the_other(make_client):
+    # Threads of one interpreter overlap only what a request spends off the CPU: a sender
+    # whose every attempt is CPU work on its own thread gets no second request in flight.
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def busy(request: MockRequest) -> MockResponse:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        until = time.thread_time() + 0.003
+        while time.thread_time() < until:  # 3 ms of this thread's CPU, bounded
+            pass
+        with lock:
+            in_flight[0] -= 1
+        return MockResponse(200)
+
     before = set(threading.enumerate())
-    client, transport = invocation_client(make_client, max_batch_size=10, max_concurrent_requests=4)
+    client, transport = invocation_client(make_client, max_batch_size=10, sender=MockSender(busy))
     transport.begin_invocation()
     for _ in range(3):
         track(client, 80)
         assert client.flush(timeout=10).sent == 80
-    assert collector.connection_count() == 1
+    assert most[0] == 1
     assert klime_threads(before) == []
 
 

@@ -50,10 +50,11 @@ ATTEMPT_TRANSIENT = "transient"
 ATTEMPT_REJECTED = "rejected"
 
 #: Given to :func:`send_with_retries` by the transport that owns a batch: called after each
-#: attempt with its outcome (one of the ``ATTEMPT_*`` strings) and how long it took in
-#: seconds. After a transient failure, a False answer means "do not retry now": the batch
-#: comes back deferred.
-Pace = Callable[[str, float], bool]
+#: attempt with its outcome (one of the ``ATTEMPT_*`` strings), how long it took in seconds
+#: and the CPU time it took on its thread in seconds (what the concurrency limit needs to
+#: tell the wire's waits from the interpreter's). After a transient failure, a False answer
+#: means "do not retry now": the batch comes back deferred.
+Pace = Callable[[str, float, float], bool]
 
 T = TypeVar("T")
 
@@ -210,9 +211,9 @@ def send_with_retries(
     """
     policy = sender.retry_policy
     if policy is None:
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.thread_time()
         result = sender.send(events, deadline)
-        _tell(pace, attempt_outcome(result), time.monotonic() - started)
+        _tell(pace, attempt_outcome(result), time.monotonic() - started, time.thread_time() - cpu_started)
         return replace(result, retry=Retry(retry.attempts + result.requests))
     count = len(events)
     all_failed = tuple(range(count))
@@ -223,37 +224,39 @@ def send_with_retries(
         if left is not None and left <= 0:
             return _gave_up("deadline reached before the batch could be sent", None, all_failed, retry, first,
                             deadline_reached=True)
+        cpu_started = time.thread_time()
         try:
             outcome = sender.attempt(events, deadline)
         except Exception as exc:  # an attempt must not raise; if it does, the batch failed
             logger.exception("klime: sender %r raised", sender)
             return SendResult(None, SendError(f"sender raised {type(exc).__name__}"), all_failed,
                               retry.attempts - first, _retries(retry.attempts, first), retry=retry)
+        cpu = time.thread_time() - cpu_started
         kind = outcome.kind
         if not outcome.made and outcome.cut_short:  # the deadline came before the request
             return _gave_up("deadline reached before the batch could be sent", None, all_failed, retry, first,
                             deadline_reached=True)
         if not outcome.made:
-            _tell(pace, ATTEMPT_REJECTED, outcome.duration)
+            _tell(pace, ATTEMPT_REJECTED, outcome.duration, cpu)
             return SendResult(None, outcome.error, all_failed, retry.attempts - first,
                               _retries(retry.attempts, first), retry=retry)
         at_once = kind == RETRY and outcome.stale and not retry.stale_retry_used
         retry = retry.attempted(retry_after=outcome.retry_after, stale=at_once)
         made_now, retries = retry.attempts - first, _retries(retry.attempts, first)
         if kind in (OK, PARTIAL):
-            _tell(pace, ATTEMPT_OK, outcome.duration)
+            _tell(pace, ATTEMPT_OK, outcome.duration, cpu)
             error = outcome.error if kind == PARTIAL else None
             return SendResult(outcome.response, error, outcome.failed, made_now, retries, retry=retry)
         if kind in (REFUSED, TOO_LARGE):
-            _tell(pace, ATTEMPT_REJECTED, outcome.duration)
+            _tell(pace, ATTEMPT_REJECTED, outcome.duration, cpu)
             return SendResult(None, outcome.error, all_failed, made_now, retries, too_large=kind == TOO_LARGE,
                               retry=retry)
         reason, status = outcome.reason, outcome.status
         if outcome.cut_short:  # the deadline, not the server, ended the attempt
-            _tell(pace, ATTEMPT_TRANSIENT, outcome.duration)
+            _tell(pace, ATTEMPT_TRANSIENT, outcome.duration, cpu)
             return _gave_up(f"deadline reached during attempt {retry.attempts}: {reason}", None, all_failed,
                             retry, first, deadline_reached=True)
-        go_on = at_once or _tell(pace, ATTEMPT_TRANSIENT, outcome.duration)
+        go_on = at_once or _tell(pace, ATTEMPT_TRANSIENT, outcome.duration, cpu)
         if not go_on and not policy.exhausted(retry):
             logger.debug("klime: batch deferred after %d attempts: %s", retry.attempts, reason)
             return SendResult(
@@ -314,12 +317,12 @@ def _retries(made: int, first: int) -> int:
     return max(0, made - max(first, 1))
 
 
-def _tell(pace: Optional[Pace], outcome: str, seconds: float) -> bool:
+def _tell(pace: Optional[Pace], outcome: str, seconds: float, cpu: float) -> bool:
     """Report one attempt; True means "go on retrying". A hook that raises is ignored."""
     if pace is None:
         return True
     try:
-        return bool(pace(outcome, seconds))
+        return bool(pace(outcome, seconds, cpu))
     except Exception:
         logger.exception("klime: a pace hook raised; ignored")
         return True

@@ -36,9 +36,9 @@ from typing import Callable, Deque, List, Optional
 
 from .._retry import FIRST_TRY, Retry
 from ..senders.base import ATTEMPT_TRANSIENT
-from ._limit import LATENCY_GUARD, SLOW_ROUND_TRIP_S, AdaptiveLimit
+from ._limit import AdaptiveLimit
 
-__all__ = ["AdaptiveLimit", "Batch", "Flights", "LATENCY_GUARD", "SLOW_ROUND_TRIP_S"]
+__all__ = ["AdaptiveLimit", "Batch", "Flights"]
 
 class Batch:
     """Events that leave the queue together. ``start`` is the sequence number of the first
@@ -150,12 +150,16 @@ class Flights:
 
     # ------------------------------------------------------------ pacing
 
-    def pace_locked(self, outcome: str, seconds: float, *, backlog: int, drops_near: bool = False) -> bool:
-        """One attempt's outcome (see :class:`AdaptiveLimit`). After a transient failure,
-        True means "keep retrying": no more are in the air than the limit now allows."""
+    def pace_locked(
+        self, outcome: str, seconds: float, cpu: float, *, backlog: int, drops_near: bool = False
+    ) -> bool:
+        """One attempt's outcome: its round trip and the CPU time it took on its thread,
+        seconds (see :class:`AdaptiveLimit`). After a transient failure, True means "keep
+        retrying": no more are in the air than the limit now allows."""
         limit = self.limit
         before = limit.limit
-        limit.observe(outcome, seconds, backlog=backlog, in_flight=len(self.flying), drops_near=drops_near)
+        in_flight = len(self.flying)
+        limit.observe(outcome, seconds, cpu=cpu, backlog=backlog, in_flight=in_flight, drops_near=drops_near)
         if limit.limit > before and self.idle:
             self.work.notify()
         if outcome != ATTEMPT_TRANSIENT:

@@ -1,28 +1,51 @@
-"""How many requests may be in flight at once: the adaptive limit (see
-:mod:`klime.transports._flights` for how the transports use it).
+"""How many requests may be in flight at once (see :mod:`klime.transports._flights` for
+how the transports use it).
 
-- it starts at one, and grows with every accepted request while a backlog waits, the whole
-  window is in use, even the best round trip seen lately (the base) is slow (at least
-  :data:`SLOW_ROUND_TRIP_S`: on a fast link one request at a time keeps up and more threads
-  only fight over the GIL; a busy local server's slow moments are not a slow link; at
-  least :data:`PRESSED_ROUND_TRIP_S` while the queue is half full; at least
-  :data:`CPU_BOUND_ROUND_TRIP_S` while the process keeps a core busy, see
-  :class:`CpuGauge`) and the round trip is not more than :data:`LATENCY_GUARD` times the base (a
-  server, or a CPU, that answers slower as more requests come is saturated): toward what
-  the backlog needs (the batches in the air plus those waiting), at most doubling per
-  accepted request (``grow_at_once``: at once), never above ``ceiling``;
-- it gives one back per accepted request while the smoothed round trip is more than
-  :data:`LATENCY_SHRINK` times the base, and a limit the traffic stops using falls back
-  (:meth:`AdaptiveLimit._validate`);
-- it halves on every transient failure (429, 5xx, 408, timeouts, resets).
+The limit reasons from what it measures, answer by answer, not from round-trip thresholds
+tuned on one machine. Each accepted answer brings its round trip ``R``, the CPU time the
+attempt took on its own thread ``c``, the requests in the air ``N`` (that one included)
+and the batches waiting. The limit keeps ``B``, the base round trip: the best one seen
+lately, what one request costs when nothing waits (neither the server, nor this process).
 
-A design without these thresholds (Little's law on round trips, in-flight counts and
-arrivals; AIMD) was built and measured beside this one: it lost no more events but cost the
-caller's thread 12-17 % at p99 in a tight loop of ``track`` calls, where only the CPU gauge
-sees that more threads take the caller's GIL turns (docs/performance.md, "A concurrency
-limit without tuned thresholds").
+- **What more in flight would carry (Little's law).** ``N`` requests taking ``R`` each
+  carry ``N / R`` requests a second; one alone on an idle path carries ``1 / B``. The
+  ``N - 1`` requests beyond the first therefore carry ``(N·B/R - 1)/(N - 1)`` of their
+  share (:func:`carried_share`): 1 when the round trip does not grow with ``N`` (the wait
+  is the network's and the server's), 0 when it grows in proportion to ``N`` (a
+  bottleneck: more requests only queue there).
+- **What more in flight would take (the interpreter).** Threads of one CPython process
+  overlap only what a request spends off the CPU: its wire time, ``B - c`` at best. The
+  rest is the interpreter's, which the process's other threads (the application's, which
+  called ``track``) need too. So more requests pay only while the off-CPU part is at least
+  half of the round trip (:func:`off_cpu_share`). On loopback a request is mostly CPU
+  (``c`` about as long as ``B``): one at a time, whatever the load. When the
+  application's threads keep the interpreter busy, every request waits for its turns and
+  ``R`` grows past ``2·(B - c)``: the limit does not take more turns from them. A remote
+  endpoint's round trip is wire time, busy interpreter or not: the limit grows there.
+- **When more in flight is needed (Little's law again).** Batches arriving at ``λ`` a
+  second, each in the air for ``R``, keep ``λ·R`` requests busy (``λ`` measured over the
+  last few round trips: batches that left plus those outstanding, against the clock).
+  More is needed while more batches wait than are in the air, and ``λ·R`` exceeds ``N`` or
+  the queue is half full (the arrivals it can count are then capped by the queue: dropped
+  events are never outstanding). A known set under a deadline (``grow_at_once``) needs
+  room for all of it.
+- **Grow** while more is needed, the whole window is in use, and both shares above are
+  at least :data:`GAIN_SHARE` on this answer's round trip and on the smoothed one (a new
+  best round trip alone says nothing of what more requests would do): toward what the
+  backlog needs (the batches in the air plus those waiting), at most doubling per answer
+  (``grow_at_once``: at once), never above ``ceiling``.
+- **Give one back** per answer while either share, on the smoothed round trip, is below
+  :data:`HOLD_SHARE` (between the two the limit holds: a round trip's jitter moves
+  nothing). A level given back for that reason is a *knee*: the limit does not grow to it
+  again for :data:`_KNEE_WINDOW` answers, so a probe that did not pay costs a few
+  requests, not a flapping pool.
+- **Halve** on every transient failure (429, 5xx, 408, timeouts, resets): multiplicative
+  decrease, as TCP does on a loss; the retry loop's backoff does the rest.
+- **Fall back when unused** (:meth:`AdaptiveLimit._validate`): to what was used plus half
+  as much again, rounded down.
 
-Pure logic, no threads, no I/O. May import: the sender interface's outcome names only.
+Pure logic, no threads, no I/O (one read of the monotonic clock per answer). May import:
+the sender interface's outcome names only.
 """
 
 from __future__ import annotations
@@ -32,170 +55,195 @@ from typing import Callable, Optional, Tuple
 
 from ..senders.base import ATTEMPT_OK, ATTEMPT_TRANSIENT
 
-__all__ = [
-    "AdaptiveLimit",
-    "CPU_BOUND_ROUND_TRIP_S",
-    "CPU_BOUND_SHARE",
-    "CpuGauge",
-    "LATENCY_GUARD",
-    "LATENCY_SHRINK",
-    "PRESSED_ROUND_TRIP_S",
-    "SLOW_ROUND_TRIP_S",
-]
+__all__ = ["AdaptiveLimit", "GAIN_SHARE", "HOLD_SHARE", "carried_share", "off_cpu_share"]
 
-#: A round trip at least this long (seconds), even the best one, makes a second request in
-#: flight worth its thread: the wait is the network's, not Python's. Below it one request
-#: at a time keeps up (20 events / 10 ms = 2,000 events/s per process). It is twice
-#: CPython's GIL switch interval (5 ms): a busy caller's thread can hold the GIL that long,
-#: so a loopback round trip measured during a burst reads 5-8 ms though the server answered
-#: in one; taking that for a slow link grew the pool (8-16 threads started in a 20,000-event
-#: burst) and tripled the caller's p99.9 for no gain in delivery. Klime's API is tens to
-#: hundreds of milliseconds away.
-SLOW_ROUND_TRIP_S = 0.010
+#: Grow only while the requests beyond the first carry at least this share of what each
+#: would carry alone, and a request spends at least this share of its round trip off the
+#: CPU: more than half of what is added is gained.
+GAIN_SHARE = 0.5
+#: Give one back while either share is below this: what was added mostly waits.
+HOLD_SHARE = 0.25
 
-#: While the queue is at least half full (events will be dropped soon), a best round trip
-#: this long (seconds) is enough: at 2 ms one request at a time carries 10,000 events/s of
-#: 20, and a nearby endpoint (2-10 ms, the same region) must not drop events that a second
-#: request in flight would have carried. Loopback answers in well under 1 ms. Not while
-#: the process is CPU-bound (:class:`CpuGauge`): then a round trip of a few milliseconds is
-#: the GIL's wait, and more threads would only slow the caller's thread.
-PRESSED_ROUND_TRIP_S = 0.002
-
-#: While the process is CPU-bound, only a best round trip this long (seconds) is taken for
-#: the wire's: four of CPython's 5 ms GIL switch intervals, the waits a request on a busy
-#: interpreter can add on its own (a loopback round trip in a tight loop of ``track``
-#: calls measured 12-47 ms here).
-CPU_BOUND_ROUND_TRIP_S = 0.020
-
-#: The process is CPU-bound when its threads used at least this share of one core between
-#: two answers (a tight loop of ``track`` calls: 1.0 and more; a process tracking 5,000
-#: events/s against a nearby endpoint: 0.3-0.5 measured here).
-CPU_BOUND_SHARE = 0.8
-#: The longest interval (seconds) over which :class:`CpuGauge` judges the CPU.
-_GAUGE_SPAN_S = 0.5
-
-#: No growth while a round trip takes more than this many times the base (the best one
-#: seen lately): requests are queueing at the server, or in this process, not on the wire.
-LATENCY_GUARD = 2.0
-#: One less in flight for each accepted request while the smoothed round trip is more than
-#: this many times the base: a server (or a CPU) that more requests only slow down.
-LATENCY_SHRINK = 4.0
-
+#: Weight of the newest sample in the smoothed round trip and CPU time.
+_SMOOTHING = 0.2
 #: The base round trip is the best one seen; every this many samples it may rise by
 #: :data:`_BASE_DRIFT` toward the best of those samples (a route that got slower for good
 #: is learnt in about 20 windows; a burst that overloads the server is not mistaken for one).
 _WINDOW = 64
 _BASE_DRIFT = 1.1
+#: Answers during which a level given back is not tried again.
+_KNEE_WINDOW = 64
 
 
-class CpuGauge:
-    """Did this process leave CPU to spare since the last look? Two clock reads (no I/O).
-    Not thread-safe by itself: its owner's lock guards it."""
+def carried_share(in_flight: int, round_trip: float, base: float) -> float:
+    """Of what ``in_flight - 1`` more requests would carry on an idle path, the share they
+    carry when each takes ``round_trip`` and one alone ``base`` (1.0 for one request).
+    Little's law: ``N`` requests in the air for ``R`` carry ``N / R`` a second."""
+    if in_flight <= 1:
+        return 1.0
+    if round_trip <= 0:
+        return 1.0
+    return (in_flight * base / round_trip - 1) / (in_flight - 1)
 
-    __slots__ = ("_clock", "_cpu_clock", "_wall", "_cpu")
 
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.monotonic,
-        cpu_clock: Callable[[], float] = time.process_time,
-    ) -> None:
-        self._clock, self._cpu_clock = clock, cpu_clock
-        self._wall, self._cpu = clock(), cpu_clock()
-
-    def spare(self) -> bool:
-        """True when the process used less than :data:`CPU_BOUND_SHARE` of a core since the
-        previous call (or since it was made). False when that was longer ago than
-        :data:`_GAUGE_SPAN_S`: an idle minute says nothing of the burst that follows."""
-        wall, cpu = self._clock(), self._cpu_clock()
-        elapsed, used = wall - self._wall, cpu - self._cpu
-        self._wall, self._cpu = wall, cpu
-        return 0 < elapsed <= _GAUGE_SPAN_S and used < CPU_BOUND_SHARE * elapsed
+def off_cpu_share(round_trip: float, base: float, cpu: float) -> float:
+    """The share of a ``round_trip`` that other requests could overlap without taking the
+    interpreter from anyone: the best round trip, less the CPU one request costs its
+    thread (``cpu``), over ``round_trip``."""
+    if round_trip <= 0:
+        return 0.0
+    return max(0.0, base - cpu) / round_trip
 
 
 class AdaptiveLimit:
     """How many requests may be in flight at once (see the module docstring).
 
-    Not thread-safe by itself: its owner's lock guards it.
+    Not thread-safe by itself: its owner's lock guards it (except
+    :meth:`note_fast_success`, see there). ``clock`` (seconds, monotonic) times the
+    arrivals; tests give their own.
     """
 
     __slots__ = (
         "ceiling",
         "grow_at_once",
         "limit",
-        "_troubled",
         "round_trip",
+        "cpu",
+        "_troubled",
+        "_pays",
         "_base",
         "_window_best",
         "_window_n",
         "_used",
         "_used_n",
-        "_cpu",
+        "_knee",
+        "_knee_left",
+        "_clock",
+        "_departed",
+        "_mark",
+        "_previous_mark",
     )
 
-    def __init__(self, ceiling: int, *, grow_at_once: bool = False, cpu: Optional[CpuGauge] = None) -> None:
+    def __init__(
+        self, ceiling: int, *, grow_at_once: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ceiling = max(1, int(ceiling))
         #: grow straight to what the backlog needs (a flush of a known set of batches
         #: under a deadline) instead of at most doubling per accepted request
         self.grow_at_once = grow_at_once
         self.limit = 1
-        self._troubled = False  # the last attempt was a transient failure
-        #: a moving average of accepted round trips, seconds (None until the first)
+        #: smoothed round trip and CPU time of accepted requests, seconds (None until the first)
         self.round_trip: Optional[float] = None
+        self.cpu: Optional[float] = None
+        self._troubled = False  # the last attempt was a transient failure
+        self._pays = False  # the last answer said more in flight would pay
         self._base: Optional[float] = None  # the best round trip seen lately
         self._window_best: Optional[float] = None
         self._window_n = 0
         self._used = 0  # most requests in the air seen since the limit was last checked
         self._used_n = 0  # accepted attempts since then
-        self._cpu = cpu if cpu is not None else CpuGauge()
+        self._knee = 0  # a level given back for lack of gain (0: none); no growth to it
+        self._knee_left = 0  # accepted requests until the knee is forgotten
+        # the arrival rate (_arrivals_per_s): batches that left for good, and two
+        # (time, batches arrived by then) marks a few round trips apart
+        self._clock = clock
+        self._departed = 0
+        self._mark = self._previous_mark = (clock(), 0)
 
     def observe(
-        self, outcome: str, seconds: float, *, backlog: int, in_flight: int, drops_near: bool = False
+        self,
+        outcome: str,
+        seconds: float,
+        *,
+        cpu: float = 0.0,
+        backlog: int,
+        in_flight: int,
+        drops_near: bool = False,
     ) -> None:
-        """Take one attempt's outcome. ``backlog``: batches waiting to take off (full ones,
-        or deferred); ``in_flight``: requests in the air now, this one included;
-        ``drops_near``: the queue is at least half full (see :data:`PRESSED_ROUND_TRIP_S`)."""
+        """Take one attempt's outcome: its round trip ``seconds`` and the CPU time ``cpu``
+        it took on its thread. ``backlog``: batches waiting to take off (full ones, or
+        deferred); ``in_flight``: requests in the air now, this one included;
+        ``drops_near``: the queue is at least half full."""
         if outcome == ATTEMPT_TRANSIENT:
             self.limit = max(1, self.limit // 2)
             self._troubled = True
             return
+        self._departed += 1  # accepted or refused: no longer outstanding
         if outcome != ATTEMPT_OK:
             return
-        rtt, base = self._accept(seconds)
-        # the CPU is sampled on every answer that could grow the limit, so that its
-        # intervals follow one another
-        spare = base < PRESSED_ROUND_TRIP_S or self._cpu.spare()
-        wire = base >= (SLOW_ROUND_TRIP_S if spare else CPU_BOUND_ROUND_TRIP_S) or (
-            drops_near and spare and base >= PRESSED_ROUND_TRIP_S
-        )
-        if rtt > LATENCY_SHRINK * base and self.limit > 1:
-            self.limit -= 1  # more in flight only queues: give some back
+        rtt, cpu_each, base = self._accept(seconds, cpu)
+        limit = self.limit
+        pays_now = self._pays_at(in_flight, rtt, base, cpu_each)
+        self._pays = pays_now >= GAIN_SHARE
+        if limit > 1 and pays_now < HOLD_SHARE:
+            # what was added mostly waits (at a bottleneck, or for the interpreter): give
+            # one back, and do not come back to this level for a while
+            self.limit = limit - 1
+            self._knee, self._knee_left = limit, _KNEE_WINDOW
         elif (
             backlog
-            and in_flight >= self.limit
-            and self.limit < self.ceiling
-            and wire  # the wait is the wire's, not the CPU's
-            and seconds <= LATENCY_GUARD * base
+            and in_flight >= limit
+            and limit < self.ceiling
+            and self._needed(backlog, in_flight, rtt, drops_near)
+            and self._pays
+            and self._pays_at(in_flight, seconds, base, cpu_each) >= GAIN_SHARE
+            and not (self._knee and limit + 1 >= self._knee)
         ):
             # toward what the backlog needs, at most doubling per accepted request
             needed = in_flight + backlog
-            step = needed if self.grow_at_once else min(needed, 2 * self.limit)
-            self.limit = min(self.ceiling, max(self.limit + 1, step))
+            step = needed if self.grow_at_once else min(needed, 2 * limit)
+            if self._knee:
+                step = min(step, self._knee - 1)
+            self.limit = min(self.ceiling, max(limit + 1, step))
         self._validate(in_flight)
+
+    @staticmethod
+    def _pays_at(in_flight: int, round_trip: float, base: float, cpu: float) -> float:
+        """The lesser of the two shares (module docstring) for a round trip of ``round_trip``."""
+        return min(carried_share(in_flight, round_trip, base), off_cpu_share(round_trip, base, cpu))
+
+    def _needed(self, backlog: int, in_flight: int, rtt: float, drops_near: bool) -> bool:
+        """Would more requests in flight be used (Little's law on the arrivals)?"""
+        if self.grow_at_once:
+            return True
+        if backlog <= in_flight:
+            return False  # what is in the air carries the backlog within a round trip
+        return drops_near or self._arrivals_per_s(in_flight + backlog, rtt) * rtt > in_flight
+
+    def _arrivals_per_s(self, outstanding: int, rtt: float) -> float:
+        """Batches arriving per second over the last two to four smoothed round trips:
+        those that left plus those outstanding now (in the air or waiting), against the
+        marks. Long enough that one batch more or less does not double the rate, short
+        enough to follow the traffic within a few answers."""
+        now = self._clock()
+        arrived = self._departed + outstanding
+        since, arrived_then = self._previous_mark
+        if now - self._mark[0] >= 2 * rtt:
+            self._previous_mark, self._mark = self._mark, (now, arrived)
+        elapsed = now - since
+        if elapsed <= 0:
+            return float("inf")
+        return (arrived - arrived_then) / elapsed
 
     def _validate(self, in_flight: int) -> None:
         """A limit the traffic does not use is not kept: after two windows' worth of
         accepted requests that never filled it, it falls to what was used plus half as much
-        again (so a steady load holds about the threads and connections it needs, with room
-        for a burst while the limit grows back)."""
+        again, rounded down (a steady load holds about the threads and connections it
+        needs, with room for a burst while the limit grows back; one request at a time
+        falls back to one)."""
         self._used = max(self._used, in_flight)
         self._used_n += 1
         if self._used_n >= 2 * self.limit:
             if self._used < self.limit:
-                self.limit = max(1, min(self.limit, self._used + max(1, self._used // 2)))
+                self.limit = max(1, min(self.limit, self._used + self._used // 2))
             self._used = self._used_n = 0
 
-    def _note(self, seconds: float) -> float:
-        """Take a round-trip sample; return the base round trip."""
+    def _accept(self, seconds: float, cpu: float) -> Tuple[float, float, float]:
+        """Note an accepted request; return the smoothed round trip and CPU time, and the base."""
+        self._troubled = False
+        rtt, cpu_each = self.round_trip, self.cpu
+        rtt = self.round_trip = seconds if rtt is None else rtt + _SMOOTHING * (seconds - rtt)
+        cpu_each = self.cpu = cpu if cpu_each is None else cpu_each + _SMOOTHING * (cpu - cpu_each)
         base = self._base
         base = self._base = seconds if base is None else min(base, seconds)
         window_best = self._window_best
@@ -204,42 +252,40 @@ class AdaptiveLimit:
         if self._window_n >= _WINDOW:  # drift up, slowly, toward what the route gives now
             self._base = base = max(base, min(self._window_best, base * _BASE_DRIFT))
             self._window_best, self._window_n = None, 0
-        return base
+        if self._knee_left:
+            self._knee_left -= 1
+            if not self._knee_left:
+                self._knee = 0
+        return rtt, cpu_each, base
 
     def best(self) -> Optional[float]:
         """The base round trip: the best one seen lately, seconds (None until the first)."""
         return self._base
 
-    def note_fast_success(self, outcome: str, seconds: float) -> bool:
-        """For an accepted request while one at a time is sent and round trips are fast:
-        nothing can change but the round-trip figures, noted here without the owner's lock
-        (only one request is in the air). True when that was all; False: call
+    def note_fast_success(self, outcome: str, seconds: float, cpu: float = 0.0) -> bool:
+        """For an accepted request while one at a time is sent: when it cannot grow the
+        limit (it spent less than :data:`GAIN_SHARE` of its round trip off the CPU, or a
+        second request was tried lately and did not pay), note its figures here without
+        the owner's lock (only one request is in the air) and return True; False: call
         :meth:`observe` under the lock."""
-        if outcome != ATTEMPT_OK or self.limit != 1:
+        if outcome != ATTEMPT_OK or self.limit != 1 or self._base is None or self.cpu is None:
             return False
-        base = self._base
-        if base is None or min(base, seconds) >= SLOW_ROUND_TRIP_S:
-            return False  # round trips may be slow: growth is for observe() to decide
-        self._accept(seconds)
+        knee_holds = self._knee == 2 and self._knee_left > 0
+        base, cpu_each = min(self._base, seconds), self.cpu + _SMOOTHING * (cpu - self.cpu)
+        if not knee_holds and off_cpu_share(seconds, base, cpu_each) >= GAIN_SHARE:
+            return False  # a second request might pay: for observe() to decide
+        self._accept(seconds, cpu)
+        self._pays = False
+        self._departed += 1
         return True
 
-    def _accept(self, seconds: float) -> Tuple[float, float]:
-        """Note an accepted request's round trip; return the smoothed one and the base."""
-        self._troubled = False
-        previous = self.round_trip
-        rtt = self.round_trip = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-        return rtt, self._note(seconds)
-
     def allow_all_at_once(self, batches: int) -> None:
-        """A known set of ``batches`` is about to go (an invocation's flush): when round
-        trips have been slow and the last attempt did not fail, let them all go at once (up
-        to the ceiling) instead of learning again; else leave the limit as it is."""
-        if self.slow() and not self._troubled:
+        """A known set of ``batches`` is about to go (an invocation's flush): when the last
+        answer said more in flight would pay and the last attempt did not fail, let them
+        all go at once (up to the ceiling) instead of learning again; else leave the limit
+        as it is."""
+        if self._pays and not self._troubled:
             self.limit = max(self.limit, min(self.ceiling, batches))
-
-    def slow(self) -> bool:
-        """Have round trips been slow enough for concurrency to pay (even the best one)?"""
-        return self._base is not None and self._base >= SLOW_ROUND_TRIP_S
 
     def lower_to(self, at_most: int) -> None:
         """Lower the limit to ``at_most`` (never below one): threads were retired."""

@@ -148,11 +148,12 @@ class KnownBatches:
         with self._lock:
             return self._flights.settle_locked(batch, outcome.unsent or [], outcome.retry, outcome.last_error)
 
-    def pace(self, outcome: str, seconds: float) -> bool:
+    def pace(self, outcome: str, seconds: float, cpu: float) -> bool:
         """One attempt's outcome, for the limit (the backlog: what waits and is deferred)."""
         with self._lock:
             flights = self._flights
-            return flights.pace_locked(outcome, seconds, backlog=len(self._waiting) + len(flights.deferred))
+            backlog = len(self._waiting) + len(flights.deferred)
+            return flights.pace_locked(outcome, seconds, cpu, backlog=backlog)
 
     def leftover_locked(self) -> List[bytes]:
         """After the drain: the events it did not deliver (deferred first, then those never
