@@ -78,7 +78,9 @@ class Attempt:
     was refused for its size: ``error`` set; the caller may split the batch).
     ``made``: a request reached the wire (False when it could not even be built, or, with
     ``cut_short``, when the deadline came before it could start).
-    ``status`` is the HTTP status if any; ``duration`` the attempt's seconds.
+    ``status`` is the HTTP status if any; ``duration`` the attempt's seconds; ``cpu`` the
+    CPU seconds it took on its thread over the same span (None: the sender does not say;
+    the retry loop then measures the whole call).
     """
 
     kind: str
@@ -92,6 +94,7 @@ class Attempt:
     cut_short: bool = False
     made: bool = True
     duration: float = 0.0
+    cpu: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ def send_with_retries(
             logger.exception("klime: sender %r raised", sender)
             return SendResult(None, SendError(f"sender raised {type(exc).__name__}"), all_failed,
                               retry.attempts - first, _retries(retry.attempts, first), retry=retry)
-        cpu = time.thread_time() - cpu_started
+        cpu = time.thread_time() - cpu_started if outcome.cpu is None else outcome.cpu
         kind = outcome.kind
         if not outcome.made and outcome.cut_short:  # the deadline came before the request
             return _gave_up("deadline reached before the batch could be sent", None, all_failed, retry, first,

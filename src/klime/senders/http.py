@@ -775,7 +775,7 @@ class HttpSender(Sender):
         session, template, settings = self._prepared()
         connect_t = deadline.cap(self.connect_timeout)
         read_t = deadline.cap(self.read_timeout)
-        started = _monotonic()
+        started, cpu_started = _monotonic(), time.thread_time()
         if connect_t <= 0 or read_t <= 0:
             return Attempt(RETRY, reason="deadline reached", cut_short=True, made=False)
         try:
@@ -793,7 +793,7 @@ class HttpSender(Sender):
             reason = f"request could not be made: {type(exc).__name__}"
             logger.error("klime: batch of %d events not sent: %s", count, reason)
             return Attempt(REFUSED, error=SendError(reason), failed=all_failed, made=False,
-                           duration=_monotonic() - started)
+                           duration=_monotonic() - started, cpu=time.thread_time() - cpu_started)
         except RequestException as exc:
             took = _monotonic() - started
             cut_short = _out_of_time(deadline)
@@ -803,6 +803,7 @@ class HttpSender(Sender):
                 stale=not cut_short and is_stale_connection(exc),
                 cut_short=cut_short,
                 duration=took,
+                cpu=time.thread_time() - cpu_started,
             )
         return answer_outcome(
             code,
@@ -814,6 +815,7 @@ class HttpSender(Sender):
             policy=self.retry,
             secret=self._secret,
             took=_monotonic() - started,
+            cpu=time.thread_time() - cpu_started,
         )
 
 
@@ -828,6 +830,7 @@ def answer_outcome(
     policy: RetryPolicy,
     secret: str,
     took: float,
+    cpu: Optional[float] = None,
 ) -> Attempt:
     """What an answer of Klime's API (``status``, the first ``limit`` bytes of its ``body``
     as sent, its ``Content-Encoding`` and ``Retry-After``) means for a batch of ``count``
@@ -838,28 +841,32 @@ def answer_outcome(
     server text has ``secret`` masked. Pure; never raises."""
     all_failed = tuple(range(count))
     if 200 <= status < 300:
-        return _accepted(parse_json(body, encoding, limit), status, count, took, secret)
+        return _accepted(parse_json(body, encoding, limit), status, count, took, secret, cpu)
     text = quote_answer(body, encoding, secret)
     reason = f"HTTP {status}" + (f": {text}" if text else "")
     if status == 413:
         error = SendError(f"batch rejected as too large ({reason})", status)
-        return Attempt(TOO_LARGE, status=status, error=error, failed=all_failed, reason=reason, duration=took)
+        return Attempt(TOO_LARGE, status=status, error=error, failed=all_failed, reason=reason, duration=took,
+                       cpu=cpu)
     if not policy.is_transient_status(status):
         logger.error("klime: batch of %d events rejected: %s", count, reason)
         error = SendError(f"batch rejected: {reason}", status)
-        return Attempt(REFUSED, status=status, error=error, failed=all_failed, reason=reason, duration=took)
+        return Attempt(REFUSED, status=status, error=error, failed=all_failed, reason=reason, duration=took,
+                       cpu=cpu)
     wait = policy.retry_after(retry_after)
-    return Attempt(RETRY, status=status, reason=reason, retry_after=wait, duration=took)
+    return Attempt(RETRY, status=status, reason=reason, retry_after=wait, duration=took, cpu=cpu)
 
 
-def _accepted(payload: Any, status: int, count: int, took: float, secret: str) -> Attempt:
+def _accepted(
+    payload: Any, status: int, count: int, took: float, secret: str, cpu: Optional[float]
+) -> Attempt:
     """A 2xx: all accepted, unless the body (parsed JSON, or None) names rejected events."""
     try:
         parsed = BatchResponse.from_body(payload, count, status)
     except (ValueError, TypeError, RecursionError):  # no usable body: the status decides
         parsed = BatchResponse.from_body(None, count, status)
     if not parsed.failed:
-        return Attempt(OK, status=status, response=parsed, duration=took)
+        return Attempt(OK, status=status, response=parsed, duration=took, cpu=cpu)
     failed = tuple(sorted({e.index for e in parsed.errors}))
     summary = "; ".join(
         f"#{e.index}: {short(mask_secret(e.message, secret))}"
@@ -870,7 +877,8 @@ def _accepted(payload: Any, status: int, count: int, took: float, secret: str) -
         summary += f"; and {len(parsed.errors) - 5} more"
     logger.warning("klime: %d of %d events of a batch were rejected: %s", parsed.failed, count, summary)
     error = SendError(f"{parsed.failed} of {count} events rejected: {summary}", status, response=parsed)
-    return Attempt(PARTIAL, status=status, response=parsed, error=error, failed=failed, duration=took)
+    return Attempt(PARTIAL, status=status, response=parsed, error=error, failed=failed, duration=took,
+                   cpu=cpu)
 
 
 def _out_of_time(deadline: Deadline) -> bool:

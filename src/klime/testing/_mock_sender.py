@@ -114,7 +114,7 @@ class MockSender(Sender):
         Blocks for the response's ``delay`` (at most until ``deadline``)."""
         if deadline.expired():
             return Attempt(RETRY, reason="deadline reached", cut_short=True, made=False)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.thread_time()
         body = batch_body(events)
         with self._lock:
             request = MockRequest(body, len(self._requests) + 1)
@@ -147,5 +147,6 @@ class MockSender(Sender):
             policy=self.policy,
             secret="",
             took=time.monotonic() - started,
+            cpu=time.thread_time() - cpu_started,
         )
 

@@ -132,7 +132,8 @@ class AdaptiveLimit:
         #: under a deadline) instead of at most doubling per accepted request
         self.grow_at_once = grow_at_once
         self.limit = 1
-        #: smoothed round trip and CPU time of accepted requests, seconds (None until the first)
+        #: the smoothed round trip of accepted requests, and the CPU time one costs its
+        #: thread (:meth:`_cpu_with`), seconds (None until the first)
         self.round_trip: Optional[float] = None
         self.cpu: Optional[float] = None
         self._troubled = False  # the last attempt was a transient failure
@@ -241,9 +242,9 @@ class AdaptiveLimit:
     def _accept(self, seconds: float, cpu: float) -> Tuple[float, float, float]:
         """Note an accepted request; return the smoothed round trip and CPU time, and the base."""
         self._troubled = False
-        rtt, cpu_each = self.round_trip, self.cpu
+        rtt = self.round_trip
         rtt = self.round_trip = seconds if rtt is None else rtt + _SMOOTHING * (seconds - rtt)
-        cpu_each = self.cpu = cpu if cpu_each is None else cpu_each + _SMOOTHING * (cpu - cpu_each)
+        cpu_each = self.cpu = self._cpu_with(cpu)
         base = self._base
         base = self._base = seconds if base is None else min(base, seconds)
         window_best = self._window_best
@@ -258,6 +259,15 @@ class AdaptiveLimit:
                 self._knee = 0
         return rtt, cpu_each, base
 
+    def _cpu_with(self, cpu: float) -> float:
+        """The CPU time of a request, with ``cpu`` taken in: it follows a cheaper request at
+        once and a costlier one slowly (the first request on a connection pays for its
+        handshake; a steady cost is learnt within a few answers)."""
+        cpu_each = self.cpu
+        if cpu_each is None or cpu <= cpu_each:
+            return cpu
+        return cpu_each + _SMOOTHING * (cpu - cpu_each)
+
     def best(self) -> Optional[float]:
         """The base round trip: the best one seen lately, seconds (None until the first)."""
         return self._base
@@ -271,8 +281,8 @@ class AdaptiveLimit:
         if outcome != ATTEMPT_OK or self.limit != 1 or self._base is None or self.cpu is None:
             return False
         knee_holds = self._knee == 2 and self._knee_left > 0
-        base, cpu_each = min(self._base, seconds), self.cpu + _SMOOTHING * (cpu - self.cpu)
-        if not knee_holds and off_cpu_share(seconds, base, cpu_each) >= GAIN_SHARE:
+        off_cpu = off_cpu_share(seconds, min(self._base, seconds), self._cpu_with(cpu))
+        if not knee_holds and off_cpu >= GAIN_SHARE:
             return False  # a second request might pay: for observe() to decide
         self._accept(seconds, cpu)
         self._pays = False
