@@ -3,7 +3,7 @@ of a known set of batches under one deadline.
 
 One request at a time can deliver at most ``max_batch_size / round trip`` events per
 second (400/s at the defaults and 50 ms), whatever the CPU. So when a backlog waits and
-round trips are slow, a transport keeps several requests in flight on the sender's
+more requests would pay, a transport keeps several requests in flight on the sender's
 keep-alive connections, as many as :class:`~klime.transports._limit.AdaptiveLimit` allows,
 from what the destination answers attempt by attempt (the retry loop tells the
 transport's :data:`~klime.senders.base.Pace` each outcome). A batch that failed transiently while more are in
@@ -19,7 +19,7 @@ background transport keeps its pool for the life of the process. An invocation's
 (the pump's on-demand drain over a known set of batches,
 :func:`klime.transports.background.drain_on_demand`) uses the caller's thread and helpers
 that end before it returns: its limit grows straight to what the set needs
-(``grow_at_once``), and a warm invocation whose round trips were slow sends them all at
+(``grow_at_once``), and a warm invocation whose last answer said more would pay sends them all at
 once (:meth:`AdaptiveLimit.allow_all_at_once`) — about one round trip instead of learning
 again. Every method named ``*_locked`` needs the owner's lock, which :class:`Flights`
 shares.

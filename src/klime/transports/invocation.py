@@ -8,8 +8,8 @@ over the sender's keep-alive connections, which are reused across warm invocatio
 flush takes the buffer as a known set of batches, a small queue (:class:`KnownBatches`),
 and runs the pump's on-demand drain over it
 (:func:`klime.transports.background.drain_on_demand`: the pump's one loop on the caller's
-thread plus helper threads that end before it returns). When round trips are slow it sends
-several batches at once — as many as the adaptive limit the background transport uses
+thread plus helper threads that end before it returns). When more requests in flight pay
+(round trips spent on the wire, not the CPU) it sends several batches at once — as many as the adaptive limit the background transport uses
 allows (:mod:`klime.transports._flights`; learned across invocations, so a warm invocation
 sends its batches in about one round trip). Events the flush's deadline kept from being
 sent stay buffered, first in line for the next flush, and count as ``queued``.
@@ -178,7 +178,7 @@ class InvocationTransport(Transport):
         max_queue_size: buffered events at most; beyond it the oldest are dropped and
             reported to ``on_error`` (reachable only while sends keep failing).
         max_concurrent_requests: batches sent at once by ``flush`` at most, reached when
-            round trips are slow (the adaptive limit decides below it).
+            more in flight pays (the adaptive limit decides below it).
         inline_timeout: seconds an inline send outside a decorated invocation may take.
 
     Thread-safe. ``submit`` returns at once, except when it sends inline (see above);
