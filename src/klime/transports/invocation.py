@@ -10,8 +10,9 @@ and runs the pump's on-demand drain over it
 (:func:`klime.transports.background.drain_on_demand`: the pump's one loop on the caller's
 thread plus helper threads that end before it returns). When more requests in flight pay
 (round trips spent on the wire, not the CPU) it sends several batches at once — as many
-as the adaptive limit the background transport uses allows (:mod:`klime.transports._flights`; learned across invocations, so a warm invocation
-sends its batches in about one round trip). Events the flush's deadline kept from being
+as the adaptive limit the background transport uses allows
+(:mod:`klime.transports._flights`; learned across invocations, so a warm invocation sends
+its batches in about one round trip). Events the flush's deadline kept from being
 sent stay buffered, first in line for the next flush, and count as ``queued``.
 
 Without the decorator events still go out, on the caller's thread: a full batch
