@@ -350,14 +350,14 @@ def test_no_thread_can_start_then_events_are_sent_inline(collector, monkeypatch)
 ROUND_TRIP = 0.05
 
 
-def peak_in_flight_since(collector, since: float) -> int:
-    """The most batch requests the collector handled at once from ``since`` on
-    (time.monotonic()), from each request's arrival and answer times."""
+def peak_in_flight_since(collector, since: float, until: float = float("inf")) -> int:
+    """The most batch requests the collector handled at once from ``since`` on (to
+    ``until``; time.monotonic()), from each request's arrival and answer times."""
     now = time.monotonic()
     points = []
     for request in collector.requests():
         end = request.answered_at if request.answered_at is not None else now
-        if end >= since:
+        if end >= since and request.started_at <= until:
             points += [(max(request.started_at, since), 1), (end, -1)]
     peak = current = 0
     for _, step in sorted(points, key=lambda p: (p[0], p[1])):  # an end before a start at a tie
@@ -383,9 +383,8 @@ def test_requests_in_flight_grow_under_a_backlog_at_slow_round_trips(make_client
 
 
 def test_a_nearby_endpoint_gets_requests_in_flight_once_the_queue_is_half_full(make_client, collector):
-    # 5 ms: below the 10 ms from which a backlog alone grows the limit (the GIL's switch
-    # interval can make a loopback round trip look that slow), above the 2 ms that suffice
-    # once the queue is half full and drops are near
+    # 5 ms: a round trip mostly on the wire, short enough that one request carries a slow
+    # trickle; a full queue is demand enough
     collector.set_mode(Fault.slow(0.005))
     client = make_client(max_queue_size=400)
     for i in range(400):  # the queue fills at once: 20 batches wait behind one request
@@ -395,6 +394,25 @@ def test_a_nearby_endpoint_gets_requests_in_flight_once_the_queue_is_half_full(m
     assert len(ids) == len(set(ids)) == 400
     assert collector.peak_in_flight > 1
     assert client.stats()["dropped"] == 0 and conserved(client.stats())
+
+
+def test_a_remote_endpoint_gets_requests_in_flight_while_the_callers_thread_is_busy(make_client, collector):
+    # The application's thread keeps the interpreter busy (a tight loop of track calls for
+    # 0.8 s): the sender's round trips are still mostly wire time at 50 ms, so the limit
+    # grows while the loop runs, not only after it.
+    collector.set_mode(Fault.slow(ROUND_TRIP))
+    client = make_client(max_queue_size=100_000)
+    started = time.monotonic()
+    tracked = 0
+    while time.monotonic() - started < 0.8:  # bounded by time; the interpreter stays busy
+        client.track("Busy", {"i": tracked}, user_id="u")
+        tracked += 1
+    busy_until = time.monotonic()
+    assert client.flush(timeout=60).unsent == 0
+    ids = collector.message_ids()
+    assert len(ids) == len(set(ids)) == client.stats()["sent"]  # the rest: dropped, counted
+    assert peak_in_flight_since(collector, started, busy_until) > 2
+    assert conserved(client.stats())
 
 
 def test_less_than_a_batch_goes_one_request_at_a_time(make_client, collector):
