@@ -17,8 +17,7 @@ FAST = 0.0002  # loopback
 def grown(limit: AdaptiveLimit, steps: int, *, seconds: float = SLOW, backlog: int = 100) -> AdaptiveLimit:
     """Feed ``steps`` accepted requests, each with the whole window in use."""
     for _ in range(steps):
-        limit.observe(ATTEMPT_OK, seconds, cpu=0.0003, backlog=backlog, in_flight=limit.limit,
-                      drops_near=True)
+        limit.observe(ATTEMPT_OK, seconds, cpu=0.0003, backlog=backlog, in_flight=limit.limit)
     return limit
 
 

@@ -150,16 +150,14 @@ class Flights:
 
     # ------------------------------------------------------------ pacing
 
-    def pace_locked(
-        self, outcome: str, seconds: float, cpu: float, *, backlog: int, drops_near: bool = False
-    ) -> bool:
+    def pace_locked(self, outcome: str, seconds: float, cpu: float, *, backlog: int) -> bool:
         """One attempt's outcome: its round trip and the CPU time it took on its thread,
         seconds (see :class:`AdaptiveLimit`). After a transient failure, True means "keep
         retrying": no more are in the air than the limit now allows."""
         limit = self.limit
         before = limit.limit
         in_flight = len(self.flying)
-        limit.observe(outcome, seconds, cpu=cpu, backlog=backlog, in_flight=in_flight, drops_near=drops_near)
+        limit.observe(outcome, seconds, cpu=cpu, backlog=backlog, in_flight=in_flight)
         if limit.limit > before and self.idle:
             self.work.notify()
         if outcome != ATTEMPT_TRANSIENT:

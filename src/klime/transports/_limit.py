@@ -22,13 +22,12 @@ lately, what one request costs when nothing waits (neither the server, nor this 
   application's threads keep the interpreter busy, every request waits for its turns and
   ``R`` grows past ``2·(B - c)``: the limit does not take more turns from them. A remote
   endpoint's round trip is wire time, busy interpreter or not: the limit grows there.
-- **When more in flight is needed (Little's law again).** Batches arriving at ``λ`` a
-  second, each in the air for ``R``, keep ``λ·R`` requests busy (``λ`` measured over the
-  last few round trips: batches that left plus those outstanding, against the clock).
-  More is needed while more batches wait than are in the air, and ``λ·R`` exceeds ``N`` or
-  the queue is half full (the arrivals it can count are then capped by the queue: dropped
-  events are never outstanding). A known set under a deadline (``grow_at_once``) needs
-  room for all of it.
+- **When more in flight is needed.** ``N`` requests carry ``N / R`` batches a second;
+  batches arriving faster pile up. More batches waiting than are in the air means the
+  last of them would wait more than a round trip before it takes off: the measured sign
+  that ``N`` is short of the arrivals times the round trip (Little's law), or of draining
+  what piled up while the limit was lower. A known set under a deadline
+  (``grow_at_once``) needs room for all of it.
 - **Grow** while more is needed, the whole window is in use, and both shares above are
   at least :data:`GAIN_SHARE` on this answer's round trip and on the smoothed one (a new
   best round trip alone says nothing of what more requests would do): toward what the
@@ -44,14 +43,12 @@ lately, what one request costs when nothing waits (neither the server, nor this 
 - **Fall back when unused** (:meth:`AdaptiveLimit._validate`): to what was used plus half
   as much again, rounded down.
 
-Pure logic, no threads, no I/O (one read of the monotonic clock per answer). May import:
-the sender interface's outcome names only.
+Pure logic, no threads, no I/O. May import: the sender interface's outcome names only.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 from ..senders.base import ATTEMPT_OK, ATTEMPT_TRANSIENT
 
@@ -99,8 +96,7 @@ class AdaptiveLimit:
     """How many requests may be in flight at once (see the module docstring).
 
     Not thread-safe by itself: its owner's lock guards it (except
-    :meth:`note_fast_success`, see there). ``clock`` (seconds, monotonic) times the
-    arrivals; tests give their own.
+    :meth:`note_fast_success`, see there).
     """
 
     __slots__ = (
@@ -118,15 +114,9 @@ class AdaptiveLimit:
         "_used_n",
         "_knee",
         "_knee_left",
-        "_clock",
-        "_departed",
-        "_mark",
-        "_previous_mark",
     )
 
-    def __init__(
-        self, ceiling: int, *, grow_at_once: bool = False, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, ceiling: int, *, grow_at_once: bool = False) -> None:
         self.ceiling = max(1, int(ceiling))
         #: grow straight to what the backlog needs (a flush of a known set of batches
         #: under a deadline) instead of at most doubling per accepted request
@@ -145,11 +135,6 @@ class AdaptiveLimit:
         self._used_n = 0  # accepted attempts since then
         self._knee = 0  # a level given back for lack of gain (0: none); no growth to it
         self._knee_left = 0  # accepted requests until the knee is forgotten
-        # the arrival rate (_arrivals_per_s): batches that left for good, and two
-        # (time, batches arrived by then) marks a few round trips apart
-        self._clock = clock
-        self._departed = 0
-        self._mark = self._previous_mark = (clock(), 0)
 
     def observe(
         self,
@@ -159,17 +144,14 @@ class AdaptiveLimit:
         cpu: float = 0.0,
         backlog: int,
         in_flight: int,
-        drops_near: bool = False,
     ) -> None:
         """Take one attempt's outcome: its round trip ``seconds`` and the CPU time ``cpu``
         it took on its thread. ``backlog``: batches waiting to take off (full ones, or
-        deferred); ``in_flight``: requests in the air now, this one included;
-        ``drops_near``: the queue is at least half full."""
+        deferred); ``in_flight``: requests in the air now, this one included."""
         if outcome == ATTEMPT_TRANSIENT:
             self.limit = max(1, self.limit // 2)
             self._troubled = True
             return
-        self._departed += 1  # accepted or refused: no longer outstanding
         if outcome != ATTEMPT_OK:
             return
         rtt, cpu_each, base = self._accept(seconds, cpu)
@@ -182,10 +164,9 @@ class AdaptiveLimit:
             self.limit = limit - 1
             self._knee, self._knee_left = limit, _KNEE_WINDOW
         elif (
-            backlog
+            (backlog > in_flight or (backlog and self.grow_at_once))  # more is needed
             and in_flight >= limit
             and limit < self.ceiling
-            and self._needed(backlog, in_flight, rtt, drops_near)
             and self._pays
             and self._pays_at(in_flight, seconds, base, cpu_each) >= GAIN_SHARE
             and not (self._knee and limit + 1 >= self._knee)
@@ -202,29 +183,6 @@ class AdaptiveLimit:
     def _pays_at(in_flight: int, round_trip: float, base: float, cpu: float) -> float:
         """The lesser of the two shares (module docstring) for a round trip of ``round_trip``."""
         return min(carried_share(in_flight, round_trip, base), off_cpu_share(round_trip, base, cpu))
-
-    def _needed(self, backlog: int, in_flight: int, rtt: float, drops_near: bool) -> bool:
-        """Would more requests in flight be used (Little's law on the arrivals)?"""
-        if self.grow_at_once:
-            return True
-        if backlog <= in_flight:
-            return False  # what is in the air carries the backlog within a round trip
-        return drops_near or self._arrivals_per_s(in_flight + backlog, rtt) * rtt > in_flight
-
-    def _arrivals_per_s(self, outstanding: int, rtt: float) -> float:
-        """Batches arriving per second over the last two to four smoothed round trips:
-        those that left plus those outstanding now (in the air or waiting), against the
-        marks. Long enough that one batch more or less does not double the rate, short
-        enough to follow the traffic within a few answers."""
-        now = self._clock()
-        arrived = self._departed + outstanding
-        since, arrived_then = self._previous_mark
-        if now - self._mark[0] >= 2 * rtt:
-            self._previous_mark, self._mark = self._mark, (now, arrived)
-        elapsed = now - since
-        if elapsed <= 0:
-            return float("inf")
-        return (arrived - arrived_then) / elapsed
 
     def _validate(self, in_flight: int) -> None:
         """A limit the traffic does not use is not kept: after two windows' worth of
@@ -286,7 +244,6 @@ class AdaptiveLimit:
             return False  # a second request might pay: for observe() to decide
         self._accept(seconds, cpu)
         self._pays = False
-        self._departed += 1
         return True
 
     def allow_all_at_once(self, batches: int) -> None:

@@ -820,15 +820,12 @@ class Pump(Transport):
     def _pace(self, batch: Batch, outcome: str, seconds: float, cpu: float) -> bool:
         """One attempt's outcome, told by the retry loop: feeds the concurrency limit.
         After a transient failure, False defers the batch (more in flight than allowed)."""
-        limit = self.flights.limit
-        memory = self._memory
-        drops_near = 2 * len(memory.events) >= memory.max_queue_size  # drops are near
-        if not drops_near and limit.note_fast_success(outcome, seconds, cpu):  # one at a time, fast: no lock
+        if self.flights.limit.note_fast_success(outcome, seconds, cpu):  # nothing to decide: no lock
             return True
         with self.lock:
-            flights = self.flights
+            flights, memory = self.flights, self._memory
             backlog = len(flights.deferred) + len(memory.events) // memory.max_batch_size
-            return flights.pace_locked(outcome, seconds, cpu, backlog=backlog, drops_near=drops_near)
+            return flights.pace_locked(outcome, seconds, cpu, backlog=backlog)
 
     def _drain_here(self, deadline: Deadline, *, release: bool) -> None:
         """Send from the calling thread, one batch at a time, until nothing may go (or the
