@@ -280,3 +280,13 @@ def test_the_limit_stays_between_one_and_the_ceiling_and_grows_only_on_evidence(
             assert limit.limit == max(1, before // 2)
         if backlog <= in_flight or in_flight < before or seconds <= 2 * cpu:
             assert limit.limit <= before  # no evidence that more in the air would help or pay
+
+
+def test_gives_back_one_per_round_trip_of_answers_not_one_per_answer():
+    # 16 in the air and the round trips now four times the base: what was added mostly
+    # waits, but the 16 answers of one round trip give back one, not sixteen
+    limit = answers(AdaptiveLimit(32), 5)  # the base: 50 ms
+    limit.lower_to(16)
+    for _ in range(16):
+        answer(limit, 4 * SLOW, backlog=0, in_flight=16)
+    assert limit.limit == 15

@@ -33,11 +33,12 @@ lately, what one request costs when nothing waits (neither the server, nor this 
   best round trip alone says nothing of what more requests would do): toward what the
   backlog needs (the batches in the air plus those waiting), at most doubling per answer
   (``grow_at_once``: at once), never above ``ceiling``.
-- **Give one back** per answer while either share, on the smoothed round trip, is below
-  :data:`HOLD_SHARE` (between the two the limit holds: a round trip's jitter moves
-  nothing). A level given back for that reason is a *knee*: the limit does not grow to it
-  again for :data:`_KNEE_WINDOW` answers, so a probe that did not pay costs a few
-  requests, not a flapping pool.
+- **Give one back** per round trip's worth of answers (``N``) while either share, on the
+  smoothed round trip, is below :data:`HOLD_SHARE` (between the two the limit holds: a
+  round trip's jitter moves nothing; one per answer would empty the window before the
+  smoothed round trip shows what the smaller number does). A level given back for that
+  reason is a *knee*: the limit does not grow to it again for :data:`_KNEE_WINDOW`
+  answers, so a probe that did not pay costs a few requests, not a flapping pool.
 - **Halve** on every transient failure (429, 5xx, 408, timeouts, resets): multiplicative
   decrease, as TCP does on a loss; the retry loop's backoff does the rest.
 - **Fall back when unused** (:meth:`AdaptiveLimit._validate`): to what was used plus half
@@ -114,6 +115,7 @@ class AdaptiveLimit:
         "_used_n",
         "_knee",
         "_knee_left",
+        "_since_given_back",
     )
 
     def __init__(self, ceiling: int, *, grow_at_once: bool = False) -> None:
@@ -135,6 +137,7 @@ class AdaptiveLimit:
         self._used_n = 0  # accepted attempts since then
         self._knee = 0  # a level given back for lack of gain (0: none); no growth to it
         self._knee_left = 0  # accepted requests until the knee is forgotten
+        self._since_given_back = 0  # accepted answers since one was given back
 
     def observe(
         self,
@@ -158,11 +161,16 @@ class AdaptiveLimit:
         limit = self.limit
         pays_now = self._pays_at(in_flight, rtt, base, cpu_each)
         self._pays = pays_now >= GAIN_SHARE
+        self._since_given_back += 1
         if limit > 1 and pays_now < HOLD_SHARE:
             # what was added mostly waits (at a bottleneck, or for the interpreter): give
-            # one back, and do not come back to this level for a while
-            self.limit = limit - 1
-            self._knee, self._knee_left = limit, _KNEE_WINDOW
+            # one back, once per round trip's worth of answers (the smoothed round trip
+            # needs that long to show what the smaller number does), and do not come back
+            # to this level for a while
+            if self._since_given_back >= in_flight:
+                self.limit = limit - 1
+                self._knee, self._knee_left = limit, _KNEE_WINDOW
+                self._since_given_back = 0
         elif (
             (backlog > in_flight or (backlog and self.grow_at_once))  # more is needed
             and in_flight >= limit
