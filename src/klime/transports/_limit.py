@@ -22,11 +22,10 @@ lately, what one request costs when nothing waits (neither the server, nor this 
   application's threads keep the interpreter busy, every request waits for its turns and
   ``R`` grows past ``2·(B - c)``: the limit does not take more turns from them. A remote
   endpoint's round trip is wire time, busy interpreter or not: the limit grows there.
-- **When more in flight is needed.** ``N`` requests carry ``N / R`` batches a second;
-  batches arriving faster pile up. More batches waiting than are in the air means the
-  last of them would wait more than a round trip before it takes off: the measured sign
-  that ``N`` is short of the arrivals times the round trip (Little's law), or of draining
-  what piled up while the limit was lower. A known set under a deadline
+- **When more in flight is needed.** ``N`` requests in the air for ``R`` each carry
+  ``N / R`` batches a second (Little's law). A full batch waiting while all ``N`` are in
+  the air is the measured sign that the arrivals outrun that, or that a pile left from
+  when the limit was lower is still draining. A known set under a deadline
   (``grow_at_once``) needs room for all of it.
 - **Grow** while more is needed, the whole window is in use, and both shares above are
   at least :data:`GAIN_SHARE` on this answer's round trip and on the smoothed one (a new
@@ -172,7 +171,7 @@ class AdaptiveLimit:
                 self._knee, self._knee_left = limit, _KNEE_WINDOW
                 self._since_given_back = 0
         elif (
-            (backlog > in_flight or (backlog and self.grow_at_once))  # more is needed
+            backlog  # more is needed: a batch waits while the whole window is in the air
             and in_flight >= limit
             and limit < self.ceiling
             and self._pays
