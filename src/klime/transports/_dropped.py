@@ -96,7 +96,9 @@ class DroppedEvents:
                     reporter.start()
                 except RuntimeError:  # interpreter shutdown: the next drain reports them
                     return
-        self.wake.set()
+        wake = self.wake
+        if not wake.is_set():  # set already: the reporter has not cleared it, so the report
+            wake.set()  # it is about to make includes what was just added
 
     def _run(self) -> None:
         while True:
