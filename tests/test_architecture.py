@@ -504,3 +504,25 @@ def test_one_loop_takes_batches_and_flies_them():
     outside = sorted(takers - {"klime.transports.background"})
     assert not outside, f"batches taken in a loop outside the pump's module: {outside}"
     assert takers == {"klime.transports.background"}
+
+
+def test_the_concurrency_limit_has_no_time_thresholds():
+    # Issue 21: how many requests go at once is derived from what is measured (round trips,
+    # CPU time per attempt, in-flight counts, the backlog), not from round-trip thresholds
+    # tuned on one machine. The limit reads no clock of its own and names no constant in
+    # seconds or milliseconds; its constants are shares and counts.
+    path = SRC / "klime" / "transports" / "_limit.py"
+    tree = ast.parse(path.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names}
+    assert not imported & {"time", "monotonic", "perf_counter", "process_time", "thread_time"}
+    constants = [
+        target.id
+        for node in tree.body
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name) and target.id.lstrip("_").isupper()
+    ]
+    assert constants, "no module constants found: the test reads the wrong file"
+    timed = [name for name in constants if name.endswith(("_S", "_MS", "_SECONDS"))]
+    assert timed == [], f"round-trip thresholds in the limit: {timed}"
