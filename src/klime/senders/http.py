@@ -768,11 +768,14 @@ class HttpSender(Sender):
         name look-up counts as connect time; ``cut_short`` when the deadline ended it).
         Thread-safe.
         """
-        from requests.exceptions import RequestException  # imported by now: see _prepared
+        # requests is imported by _prepared(), under the sender's lock: imported by two
+        # threads at once it can fail with ImportError (seen when another thread of klime's
+        # imported it while a flush at exit sent)
+        session, template, settings = self._prepared()
+        from requests.exceptions import RequestException
 
         count = len(events)
         all_failed = tuple(range(count))
-        session, template, settings = self._prepared()
         connect_t = deadline.cap(self.connect_timeout)
         read_t = deadline.cap(self.read_timeout)
         started, cpu_started = _monotonic(), time.thread_time()
