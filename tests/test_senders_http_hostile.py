@@ -43,7 +43,7 @@ from klime._events import encode_track
 from klime._retry import RetryPolicy, parse_retry_after
 from klime.senders.http import LOOKUP_THREAD_NAME, HttpSender
 from support.fake_resolver import HeldResolver
-from support.hostile_server import HostileServer, answer, endless, response
+from support.hostile_server import HostileServer, answer, endless, response, send_and_tighten
 from support.tls_server import RecordingServer, self_signed
 
 #: Seconds between two bytes of a trickling server (each recv returns well within any
@@ -104,18 +104,9 @@ def test_without_a_deadline_an_attempt_ends_within_connect_plus_read_time() -> N
 
 def test_a_deadline_tightened_meanwhile_ends_the_attempt_in_flight() -> None:
     with trickling("headers") as server:
-        sender = sender_for(server)
-        deadline = Deadline()
-        results = []
-        worker = threading.Thread(target=lambda: results.append(sender.send(events(1), deadline)))
-        worker.start()
-        assert server.wait_for_requests(1)
-        tightened = time.monotonic()
-        deadline.tighten(tightened + 0.3)
-        worker.join(5)
-        assert not worker.is_alive()
-        assert time.monotonic() - tightened < 0.3 + TRICKLE + SLACK
-        assert results[0].deadline_reached
+        result, after = send_and_tighten(sender_for(server), server, events(1), by=0.3)
+        assert after < 0.3 + TRICKLE + SLACK
+        assert result.deadline_reached
 
 
 def test_track_sync_is_bounded_by_its_timeout() -> None:

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
 @dataclass
@@ -168,3 +168,24 @@ class HostileServer:
             except TimeoutError:
                 continue
         return b""
+
+
+def send_and_tighten(
+    sender: Any, server: HostileServer, batch: Sequence[bytes], *, by: float
+) -> Tuple[Any, float]:
+    """``sender.send(batch, deadline)`` on a thread, with a deadline of none that is tightened
+    to ``by`` seconds from now once ``server`` has the request: the send's result, and the
+    seconds from the tightening to the send's end. Fails when the request never arrives or
+    the send is still running 5 s after."""
+    from klime._deadline import Deadline
+
+    deadline = Deadline()
+    results: List[Any] = []
+    worker = threading.Thread(target=lambda: results.append(sender.send(batch, deadline)))
+    worker.start()
+    assert server.wait_for_requests(1)
+    tightened = time.monotonic()
+    deadline.tighten(tightened + by)
+    worker.join(5)
+    assert not worker.is_alive()
+    return results[0], time.monotonic() - tightened

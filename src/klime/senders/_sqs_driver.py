@@ -10,15 +10,23 @@ failed message maps back to the indices of its events in :attr:`SendResult.faile
 conservation law holds per event. It never raises and never creates the boto3 client (it
 is handed a getter).
 
-Imports: the senders' base (:class:`SendResult`), :mod:`klime._retry`, :mod:`._sqs_packing`, and
-below them :mod:`klime._models`, :mod:`klime._deadline`, :mod:`klime._logging`,
-:mod:`klime.errors` and :func:`klime.aws.client_error_info` (which imports no boto3).
+On a client whose connections honour an :class:`.http.AttemptClock` (the one
+:class:`~klime.senders.sqs.SqsSender` builds; its getter says so by giving a budget, connect
++ read timeout), each call runs inside a clock of that budget and the caller's deadline and
+ends by then in wall-clock time; a call cut so is a transient failure of its messages,
+"SendMessageBatch: the answer did not complete within N s", sent again by the next pass.
+
+Imports: the senders' base (:class:`SendResult`), :mod:`klime._retry`, :mod:`._sqs_packing`,
+:mod:`.http` (:class:`~.http.AttemptClock` only), and below them :mod:`klime._models`,
+:mod:`klime._deadline`, :mod:`klime._logging`, :mod:`klime.errors` and
+:func:`klime.aws.client_error_info` (which imports no boto3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._batching import BODY_OVERHEAD
 from .._boto import client_error_info
@@ -29,12 +37,16 @@ from .._retry import RetryPolicy
 from ..errors import SendError
 from ._sqs_packing import SQS_MAX_BATCH_BYTES, SQS_MAX_BATCH_ENTRIES, Message, entry, plan_calls
 from .base import OK, RETRY, Attempt, Sender, SendResult, send_with_retries
+from .http import AttemptClock
 
 __all__ = ["BatchDriver"]
 
 #: A call is not started with less time than this left: it could only end in a timeout
 #: whose outcome is unknown (the messages may or may not be on the queue).
 _MIN_CALL_TIME_S = 0.05
+
+#: A call that raised with less than this left of its attempt clock was cut by the clock.
+_CLOCK_RAN_OUT_S = 0.01
 
 #: Error codes worth another attempt (throttling, service-side trouble).
 _TRANSIENT_CODES = frozenset(
@@ -81,6 +93,7 @@ class _Run:
 
     def __init__(self, messages: List[Message]) -> None:
         self.messages = messages
+        self.budget: Optional[float] = None  # seconds a call may take, on a client bounding it
         self.accepted: Set[int] = set()
         self.failures: Dict[int, _Failure] = {}
         self.calls = 0
@@ -169,13 +182,19 @@ class BatchDriver:
         return _Failure(f"{type(exc).__name__}: {exc}", None, None, True), False
 
     def send(
-        self, client: Callable[[], Any], messages: List[Message], count: int, deadline: Deadline
+        self,
+        client: Callable[[], Tuple[Any, Optional[float]]],
+        messages: List[Message],
+        count: int,
+        deadline: Deadline,
     ) -> SendResult:
         """Enqueue ``messages`` (the ``count`` events of one batch), retrying failed entries only.
 
-        ``client()`` returns the boto3 SQS client (it may raise: nothing is sent then).
-        Blocks (one call per 10 messages / 1 MiB, plus retries) until every message is
-        accepted or refused, or attempts or ``deadline`` run out; thread-safe; never raises.
+        ``client()`` returns the boto3 SQS client and the wall-clock budget of one call on
+        it (connect + read timeout) when its connections honour an attempt clock, else None
+        (it may raise: nothing is sent then). Blocks (one call per 10 messages / 1 MiB, plus
+        retries) until every message is accepted or refused, or attempts or ``deadline``
+        run out, each call ending by its budget or ``deadline``; thread-safe; never raises.
         """
         run = _Run(messages)
         pending: List[int] = []
@@ -193,7 +212,7 @@ class BatchDriver:
         sqs: Any = None
         if pending:
             try:
-                sqs = client()
+                sqs, run.budget = client()
             except Exception as exc:  # e.g. no region: nothing can be sent
                 failure, _ = self.classify(exc)
                 failure.transient = False
@@ -226,7 +245,7 @@ class BatchDriver:
                 run.deadline_hit = True
                 retry.extend(ids)
                 continue
-            retry.extend(self._call(sqs, run, ids, left, again))
+            retry.extend(self._call(sqs, run, ids, deadline, again))
         run.pending = sorted(retry)
         if run.deadline_hit:
             return Attempt(RETRY, reason="deadline reached", cut_short=True)
@@ -234,18 +253,36 @@ class BatchDriver:
             return Attempt(RETRY, reason=f"{len(run.pending)} SQS messages to retry")
         return Attempt(OK)
 
-    def _call(self, sqs: Any, run: _Run, ids: List[int], left: Optional[float], again: bool) -> List[int]:
-        """One SendMessageBatch call for messages ``ids``; return those worth another try."""
+    def _call(self, sqs: Any, run: _Run, ids: List[int], deadline: Deadline, again: bool) -> List[int]:
+        """One SendMessageBatch call for messages ``ids``; return those worth another try.
+        Blocks for the call: by ``run.budget`` and ``deadline`` at most on a bounded client."""
         retry: List[int] = []
+        left = deadline.remaining()
         self._local.read_timeout = None if left is None else min(self.read_timeout, max(left, 0.001))
         run.calls += 1
         if again:
             run.retry_calls += 1
+        clock = None if run.budget is None else AttemptClock(run.budget, deadline)
+        given = 0.0 if clock is None else clock.left()
+        bounded: ContextManager[Any] = contextlib.nullcontext() if clock is None else clock
         try:
-            response = sqs.send_message_batch(
-                QueueUrl=self.queue_url, Entries=[entry(i, run.messages[i], self.group_id) for i in ids]
-            )
+            with bounded:
+                response = sqs.send_message_batch(
+                    QueueUrl=self.queue_url, Entries=[entry(i, run.messages[i], self.group_id) for i in ids]
+                )
         except Exception as exc:
+            error_answer = isinstance(exc, self._bx.ClientError)  # an answer, read whole
+            if clock is not None and clock.left() < _CLOCK_RAN_OUT_S and not error_answer:
+                # Cut by the clock: the messages may or may not be on the queue. Sending them
+                # again is safe: SQS delivers at least once anyway, and Klime keeps one event
+                # per messageId (a FIFO queue also drops the copy by its deduplication id).
+                reason = f"SendMessageBatch: the answer did not complete within {given:.1f} s"
+                for i in ids:
+                    run.failures[i] = _Failure(reason, None, None, True)
+                after = deadline.remaining()
+                if after is not None and after < _CLOCK_RAN_OUT_S:
+                    run.deadline_hit = True
+                return list(ids)
             failure, too_large = self.classify(exc)
             if too_large:
                 run.too_large_hit = True

@@ -10,7 +10,8 @@ The parts, top to bottom:
 - **the endpoint** (checked at construction, with the standard library only): https, or a
   loopback host; never a control character; header values that can be sent;
 - **one attempt, bounded in wall-clock time** (:class:`AttemptClock`): the session's
-  connections (:func:`new_session`) cut every send and every receive to the least of the
+  connections (:func:`new_session`; their classes, :func:`bounded_pool_class`, also serve
+  the SQS sender's boto3 client) cut every send and every receive to the least of the
   attempt's budget (connect + read timeout) and the caller's deadline, which another thread
   may tighten meanwhile, so that an attempt ends in time whatever the server does; a new
   connection's name look-up (``getaddrinfo``, a C call nothing can interrupt) runs on a
@@ -388,16 +389,10 @@ def _error_chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 @functools.cache
-def _bounded_adapter_class() -> Type[Any]:
-    """A ``requests`` HTTPAdapter whose pools' connections honour :class:`AttemptClock`; built
-    on first use, as it subclasses urllib3's classes. Works on urllib3 1.26 and 2.x."""
-    import http.client
-
-    from requests.adapters import HTTPAdapter
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-    from urllib3.util.connection import allowed_gai_family
+def _name_lookup_timeout_error() -> Type[Exception]:
+    """urllib3's connect-timeout error for a name look-up that did not answer in time,
+    carrying the description :func:`describe_exception` reports. Imports ``urllib3``."""
+    from urllib3.exceptions import ConnectTimeoutError
 
     class NameLookupTimeoutError(ConnectTimeoutError):
         """The resolver did not answer within the time the attempt could give it."""
@@ -406,36 +401,50 @@ def _bounded_adapter_class() -> Type[Any]:
             super().__init__(conn, description)
             self.lookup_description = description  # what describe_exception reports
 
-    def open_socket(conn: Any) -> Optional[socket.socket]:
-        """The socket of the new connection ``conn``, its host name looked up on a
-        :class:`NameLookup` thread for no longer than its connect timeout cut to what is
-        left of the attempt, then connected as urllib3 would (see :func:`_connect_first`);
-        None when there is nothing to bound (an IP-literal host; neither a timeout nor an
-        attempt; no thread allowed here), and urllib3 then connects as it always does.
-        ``conn.host`` is never changed: TLS checks the name, ``Host`` stays the name.
-        Raises urllib3's connect errors. Blocks."""
-        name = name_to_look_up(conn._dns_host)
-        check = _lookup_thread_check
-        if name is None or (check is not None and not check()):
-            return None
-        attempt = AttemptClock.current()
-        own = float(conn.timeout) if isinstance(conn.timeout, (int, float)) else None
-        if own is None and attempt is None:
-            return None
-        started = _monotonic()
-        try:
-            addresses = _look_up(name, conn.port, allowed_gai_family(), own, attempt)
-            if addresses is not None:
-                options = conn.socket_options
-                sock = _connect_first(addresses, attempt, conn.timeout, conn.source_address, options)
-                sys.audit("http.client.connect", conn, conn.host, conn.port)  # as http.client does
-                return sock
-        except TimeoutError as exc:
-            raise ConnectTimeoutError(conn, f"connecting to {name} timed out ({exc})") from exc
-        except (OSError, UnicodeError) as exc:
-            raise NewConnectionError(conn, f"could not connect to {name}: {exc}") from exc
-        waited = _monotonic() - started
-        raise NameLookupTimeoutError(conn, f"the name look-up of {name} did not answer within {waited:.1f} s")
+    return NameLookupTimeoutError
+
+
+def _open_socket(conn: Any) -> Optional[socket.socket]:
+    """The socket of the new urllib3 connection ``conn``, its host name looked up on a
+    :class:`NameLookup` thread for no longer than its connect timeout cut to what is left
+    of the attempt, then connected as urllib3 would (see :func:`_connect_first`); None when
+    there is nothing to bound (an IP-literal host; neither a timeout nor an attempt; no
+    thread allowed here), and urllib3 then connects as it always does. ``conn.host`` is
+    never changed: TLS checks the name, ``Host`` stays the name. Raises urllib3's connect
+    errors. Blocks."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import allowed_gai_family
+
+    name = name_to_look_up(conn._dns_host)
+    check = _lookup_thread_check
+    if name is None or (check is not None and not check()):
+        return None
+    attempt = AttemptClock.current()
+    own = float(conn.timeout) if isinstance(conn.timeout, (int, float)) else None
+    if own is None and attempt is None:
+        return None
+    started = _monotonic()
+    try:
+        addresses = _look_up(name, conn.port, allowed_gai_family(), own, attempt)
+        if addresses is not None:
+            options = conn.socket_options
+            sock = _connect_first(addresses, attempt, conn.timeout, conn.source_address, options)
+            sys.audit("http.client.connect", conn, conn.host, conn.port)  # as http.client does
+            return sock
+    except TimeoutError as exc:
+        raise ConnectTimeoutError(conn, f"connecting to {name} timed out ({exc})") from exc
+    except (OSError, UnicodeError) as exc:
+        raise NewConnectionError(conn, f"could not connect to {name}: {exc}") from exc
+    waited = _monotonic() - started
+    description = f"the name look-up of {name} did not answer within {waited:.1f} s"
+    raise _name_lookup_timeout_error()(conn, description)
+
+
+@functools.cache
+def _bounded_response_class() -> Type[Any]:
+    """An ``http.client.HTTPResponse`` that reads its socket through :class:`_BoundedSocket`
+    while an :class:`AttemptClock` is entered on the thread that makes it."""
+    import http.client
 
     class BoundedResponse(http.client.HTTPResponse):
         def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
@@ -443,45 +452,61 @@ def _bounded_adapter_class() -> Type[Any]:
             wrapped: Any = sock if attempt is None else _BoundedSocket(sock, attempt)
             super().__init__(wrapped, *args, **kwargs)
 
-    def send_bounded(conn: Any, data: Any) -> None:
-        """Cut the send timeout (the connect timeout) to what is left of the attempt."""
-        attempt = AttemptClock.current()
-        if attempt is not None and conn.sock is not None:
-            left = attempt.left()
-            if left <= 0:
-                raise TimeoutError("the attempt ran out of time")
-            timeout = conn.timeout
-            conn.sock.settimeout(min(timeout, left) if isinstance(timeout, (int, float)) else left)
+    return BoundedResponse
 
-    class BoundedHTTPConnection(HTTPConnection):
-        response_class = BoundedResponse
+
+def _cut_send_timeout(conn: Any) -> None:
+    """Cut the send timeout of ``conn`` (its connect timeout) to what is left of the attempt."""
+    attempt = AttemptClock.current()
+    if attempt is not None and conn.sock is not None:
+        left = attempt.left()
+        if left <= 0:
+            raise TimeoutError("the attempt ran out of time")
+        timeout = conn.timeout
+        conn.sock.settimeout(min(timeout, left) if isinstance(timeout, (int, float)) else left)
+
+
+@functools.cache
+def bounded_connection_class(base: Type[Any]) -> Type[Any]:
+    """A subclass of the urllib3 connection class ``base`` (``HTTPConnection``,
+    ``HTTPSConnection``, or a subclass of either, such as botocore's) whose every send and
+    receive is cut to what is left of the :class:`AttemptClock` entered on the calling
+    thread, and whose new connections look their host name up on a bounded
+    :class:`NameLookup`. Without an entered clock it behaves as ``base`` but for that
+    look-up, bounded by its connect timeout. One class per ``base``, built on first use.
+    Thread-safe."""
+
+    class BoundedConnection(base):  # type: ignore[misc]
+        response_class = _bounded_response_class()
 
         def _new_conn(self) -> socket.socket:
-            sock = open_socket(self)
+            sock = _open_socket(self)
             return sock if sock is not None else super()._new_conn()
 
         def send(self, data: Any) -> None:
-            send_bounded(self, data)
+            _cut_send_timeout(self)
             super().send(data)
 
-    class BoundedHTTPSConnection(HTTPSConnection):
-        response_class = BoundedResponse
+    BoundedConnection.__name__ = BoundedConnection.__qualname__ = f"Bounded{base.__name__}"
+    return BoundedConnection
 
-        def _new_conn(self) -> socket.socket:
-            sock = open_socket(self)
-            return sock if sock is not None else super()._new_conn()
 
-        def send(self, data: Any) -> None:
-            send_bounded(self, data)
-            super().send(data)
+@functools.cache
+def bounded_pool_class(base: Type[Any]) -> Type[Any]:
+    """A subclass of the urllib3 connection pool class ``base`` whose connections are
+    :func:`bounded_connection_class` of its own. One class per ``base``; thread-safe."""
+    connection = bounded_connection_class(base.ConnectionCls)
+    return type(f"Bounded{base.__name__}", (base,), {"ConnectionCls": connection, "__module__": __name__})
 
-    class BoundedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = BoundedHTTPConnection
 
-    class BoundedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = BoundedHTTPSConnection
+@functools.cache
+def _bounded_adapter_class() -> Type[Any]:
+    """A ``requests`` HTTPAdapter whose pools' connections honour :class:`AttemptClock`; built
+    on first use, as it subclasses urllib3's classes. Works on urllib3 1.26 and 2.x."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    pools = {"http": BoundedHTTPPool, "https": BoundedHTTPSPool}
+    pools = {"http": bounded_pool_class(HTTPConnectionPool), "https": bounded_pool_class(HTTPSConnectionPool)}
 
     class BoundedAdapter(HTTPAdapter):
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:

@@ -13,15 +13,48 @@ the messages are sent by :class:`._sqs_driver.BatchDriver`, which packs them int
 This module holds the options and the boto3 client's life cycle (created on first use,
 afresh after a fork).
 
-Imports: the senders' base, :mod:`klime._retry`, :mod:`._sqs_packing`, :mod:`._sqs_driver`, and
-below them :mod:`klime._config`, :mod:`klime._batching`, :mod:`klime._logging`,
-:mod:`klime.errors` and :mod:`klime.aws` (boto3 itself only when a sender is created).
+**Each SendMessageBatch call is bounded in wall-clock time**, as an HTTP attempt is: it
+ends by the least of ``connect_timeout + read_timeout`` and the caller's deadline (which
+another thread may tighten meanwhile), whatever the server, a proxy or a man in the middle
+does, an answer dripped one byte at a time included; it then fails as transient ("did not
+complete within N s"). How, and why this way:
+
+- botocore has no option or event that bounds a response read as a whole: ``Config``
+  timeouts bound each socket operation (a server sending a byte now and then resets the
+  read timeout), and the ``before-send`` event can only replace the send altogether, so
+  klime would have to rebuild botocore's proxy, CA bundle, client certificate and socket
+  settings to use it;
+- so klime plugs its own connection-pool classes into the HTTP session of the client it
+  builds (:func:`_bound_connections`): :func:`.http.bounded_pool_class` of the classes
+  botocore put there (its Expect: 100-continue handling kept), whose connections cut every
+  send and receive to what is left of the :class:`.http.AttemptClock` that the driver
+  enters around each call, and look a new connection's name up on a bounded thread: the
+  HTTP sender's own machinery, not a copy. The place is ``URLLib3Session``'s
+  ``_pool_classes_by_scheme``, the one dict its pool manager and every proxy manager it
+  makes use: private, but the same from botocore 1.29 (klime's floor) to 1.44, and checked
+  before use: when it is not there or pools already exist, klime warns once and the calls
+  keep botocore's per-read bound only (the read timeout cut to the deadline, on botocore
+  1.43.68 or newer). Only klime's client is changed, before its first call; no global
+  patching; no thread per call (a kept-alive connection makes no look-up);
+- a watchdog thread that shuts a call's socket down when its time runs out would bound it
+  too, but needs the same private access to find the socket, and a thread.
+
+A ``client=`` of the user's is used as it is: klime changes neither its connection pools
+nor its event hooks, so its calls are bounded by its own ``Config`` timeouts per socket
+operation only; a server that drips its answer can hold such a call (and the flush or
+shutdown waiting for it) past the caller's deadline. Let klime build the client
+(``region_name=``, ``endpoint_url=``) for the wall-clock bound.
+
+Imports: the senders' base, :mod:`klime._retry`, :mod:`._sqs_packing`, :mod:`._sqs_driver`,
+:mod:`.http` (its pool classes; ``urllib3`` inside functions only), and below them
+:mod:`klime._config`, :mod:`klime._batching`, :mod:`klime._logging`, :mod:`klime.errors` and
+:mod:`klime.aws` (boto3 itself only when a sender is created).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from .._batching import BODY_OVERHEAD
@@ -47,11 +80,12 @@ from ._sqs_packing import (
     pack,
 )
 from .base import Sender, SendResult
+from .http import bounded_pool_class
 
 __all__ = ["SqsSender"]
 
-#: Default socket timeouts of the SQS client, seconds (each call is also capped by the
-#: caller's deadline where botocore allows it: the read timeout, per call).
+#: Default socket timeouts of the SQS client, seconds; a call on klime's own client ends
+#: within their sum in wall-clock time, or at the caller's deadline if that comes first.
 DEFAULT_SQS_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_SQS_READ_TIMEOUT_S = 5.0
 
@@ -91,9 +125,12 @@ class SqsSender(Sender):
             one request to Klime).
         retry_max_attempts, retry_initial_delay: attempts per entry and first backoff delay
             in milliseconds (Ruby SDK units), as for the HTTP sender.
-        connect_timeout, read_timeout: socket timeouts of the SQS client, seconds.
-        client: a boto3 SQS client to use as it is (its retry and timeout settings included;
-            not replaced after a fork, so give none if your process forks).
+        connect_timeout, read_timeout: socket timeouts of the SQS client, seconds; each
+            ``SendMessageBatch`` call ends within their sum, or at the caller's deadline,
+            in wall-clock time, whatever the server does.
+        client: a boto3 SQS client to use as it is (its retry and timeout settings included,
+            and only its own per-socket-operation timeouts bound its calls: see the module's
+            docstring; not replaced after a fork, so give none if your process forks).
         region_name, endpoint_url: for the client klime builds (boto3's default credentials
             chain). The region defaults to the one in ``queue_url``; a queue URL whose host
             is not an AWS one (LocalStack, ElasticMQ, moto) is also used as the endpoint.
@@ -174,6 +211,7 @@ class SqsSender(Sender):
         self.endpoint_url = endpoint_url
         self._own_client = client is None
         self._client: Any = client
+        self._bounded_client: Any = None  # klime's client, once its calls are bounded
         self._lock = threading.Lock()
         self._pid_warned = False
         self._driver = BatchDriver(
@@ -215,7 +253,27 @@ class SqsSender(Sender):
             "sqs", region_name=self.region_name, endpoint_url=self.endpoint_url, config=config
         )
         client.meta.events.register("before-call.sqs.SendMessageBatch", self._cap_read_timeout)
+        if _bound_connections(client):
+            self._bounded_client = client
+        else:
+            import botocore
+
+            logger.warning_once(
+                "sqs-unbounded-calls",
+                "klime: cannot bound SQS calls in wall-clock time with botocore %s (its HTTP "
+                "session is not laid out as klime expects); each call is bounded by its socket "
+                "timeouts only",
+                botocore.__version__,
+            )
         return client
+
+    def _client_for_call(self) -> Tuple[Any, Optional[float]]:
+        """The client, and the wall-clock budget of one call on it (connect + read timeout)
+        when its calls are bounded by an attempt clock, else None. Creates the client on
+        first use (blocks then); thread-safe."""
+        client = self.client
+        bounded = client is self._bounded_client
+        return client, (self.connect_timeout + self.read_timeout) if bounded else None
 
     def _cap_read_timeout(self, context: Dict[str, Any], **_: Any) -> None:
         # botocore reads a per-request read timeout from the request context (recent
@@ -228,7 +286,7 @@ class SqsSender(Sender):
         self._lock = threading.Lock()
         self._driver.after_fork()
         if self._own_client:
-            self._client = None  # the parent's pooled sockets are the parent's
+            self._client = self._bounded_client = None  # the parent's pooled sockets are the parent's
         elif not self._pid_warned:
             self._pid_warned = True
             logger.warning(
@@ -239,6 +297,8 @@ class SqsSender(Sender):
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, (None if self._own_client else self._client)
+            if self._own_client:
+                self._bounded_client = None
         if client is not None and self._own_client:
             try:
                 client.close()
@@ -262,4 +322,38 @@ class SqsSender(Sender):
         except Exception as exc:  # a malformed event: cannot happen for klime-encoded ones
             logger.exception("klime: could not build SQS messages")
             return SendResult(None, SendError(f"could not build SQS messages: {exc}"), tuple(range(count)))
-        return self._driver.send(lambda: self.client, messages, count, deadline)
+        return self._driver.send(self._client_for_call, messages, count, deadline)
+
+
+def _bound_connections(client: Any) -> bool:
+    """Make the connections of ``client`` (a boto3 client klime built, before its first
+    call) honour the :class:`.http.AttemptClock` entered on the calling thread: botocore's
+    pool classes in its HTTP session are replaced by :func:`.http.bounded_pool_class` of
+    themselves. False, with nothing changed, when the session is not laid out as expected
+    (another botocore, another HTTP session class) or already holds pools. Not thread-safe:
+    call it on a client no other thread has yet; non-blocking."""
+    from urllib3.connection import HTTPConnection
+    from urllib3.connectionpool import HTTPConnectionPool
+
+    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    classes: Any = getattr(session, "_pool_classes_by_scheme", None)
+    manager: Any = getattr(session, "_manager", None)
+    shared_with_manager = getattr(manager, "pool_classes_by_scheme", None) is classes
+    if not (isinstance(classes, dict) and shared_with_manager):
+        return False
+    pools = getattr(manager, "pools", None)
+    if pools is None or len(pools):
+        return False
+    bounded: Dict[str, Any] = {}
+    for scheme in ("http", "https"):
+        pool: Any = classes.get(scheme)
+        if not (
+            isinstance(pool, type)
+            and issubclass(pool, HTTPConnectionPool)
+            and isinstance(pool.ConnectionCls, type)
+            and issubclass(pool.ConnectionCls, HTTPConnection)
+        ):
+            return False
+        bounded[scheme] = bounded_pool_class(classes[scheme])
+    classes.update(bounded)  # the pool manager's and its proxy managers' dict: one place
+    return True
