@@ -79,8 +79,8 @@ class Attempt:
     ``made``: a request reached the wire (False when it could not even be built, or, with
     ``cut_short``, when the deadline came before it could start).
     ``status`` is the HTTP status if any; ``duration`` the attempt's seconds; ``cpu`` the
-    CPU seconds it took on its thread over the same span (None: the sender does not say;
-    the retry loop then measures the whole call).
+    CPU seconds it took on its thread over the same span (None: not measured; the
+    concurrency limit then takes the whole round trip for time off the CPU).
     """
 
     kind: str
@@ -227,14 +227,13 @@ def send_with_retries(
         if left is not None and left <= 0:
             return _gave_up("deadline reached before the batch could be sent", None, all_failed, retry, first,
                             deadline_reached=True)
-        cpu_started = time.thread_time()
         try:
             outcome = sender.attempt(events, deadline)
         except Exception as exc:  # an attempt must not raise; if it does, the batch failed
             logger.exception("klime: sender %r raised", sender)
             return SendResult(None, SendError(f"sender raised {type(exc).__name__}"), all_failed,
                               retry.attempts - first, _retries(retry.attempts, first), retry=retry)
-        cpu = time.thread_time() - cpu_started if outcome.cpu is None else outcome.cpu
+        cpu = 0.0 if outcome.cpu is None else outcome.cpu  # measured by the sender, once
         kind = outcome.kind
         if not outcome.made and outcome.cut_short:  # the deadline came before the request
             return _gave_up("deadline reached before the batch could be sent", None, all_failed, retry, first,
