@@ -1,4 +1,5 @@
-"""Running one benchmark worker process, for ``run.py`` and ``roundtrip.py``.
+"""Running one benchmark worker process, for ``run.py`` and ``roundtrip.py``: its
+environment (:func:`worker_env`) and its run (:func:`run_worker`).
 
 A worker script is started with ``<mode> <sdk> <spec as JSON>`` in a session of its own,
 writes its result as JSON to the path given in ``spec["out"]``, and is killed (its whole
@@ -21,6 +22,26 @@ from typing import Any, Dict, Optional
 
 class BenchError(RuntimeError):
     """A benchmark run could not be measured (a worker failed, a peer is missing...)."""
+
+
+def worker_env(src: Optional[str]) -> Dict[str, str]:
+    """A worker's environment: the klime of ``src`` first on the path (None: nothing of a
+    checkout, for klime 1.1.0, which has this project's import name); nothing that would
+    change an SDK's behaviour (serverless markers, SDK settings, proxies, warnings, dev
+    mode); bytecode caching on."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.upper().startswith(("KLIME_", "POSTHOG_", "SEGMENT_", "AWS_LAMBDA_"))
+        and k.upper() not in ("FUNCTION_TARGET", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+        and k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPROFILEIMPORTTIME", "PYTHONWARNINGS", "PYTHONDEVMODE")
+    }
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    if src is None:
+        env.pop("PYTHONPATH", None)
+    else:
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 @dataclass

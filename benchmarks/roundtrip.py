@@ -121,22 +121,12 @@ class Plan:
 
 
 def child_env(sdk: str, baseline_src: Optional[str]) -> Dict[str, str]:
-    """A worker's environment: the klime to measure first on the path; nothing that would
-    change an SDK's behaviour (serverless markers, SDK settings, proxies, warnings)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.upper().startswith(("KLIME_", "POSTHOG_", "SEGMENT_", "AWS_LAMBDA_"))
-        and k.upper() not in ("FUNCTION_TARGET", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
-        and k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPROFILEIMPORTTIME", "PYTHONWARNINGS", "PYTHONDEVMODE")
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    if sdk == "klime-1.1":  # this project's import name: nothing of this checkout on its path
-        env.pop("PYTHONPATH", None)
-        return env
-    src = baseline_src if sdk == "klime-base" and baseline_src else os.path.join(REPO, "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    """A worker's environment (:func:`_process.worker_env`): this checkout's klime, the
+    baseline's for ``klime-base``, none for ``klime-1.1``."""
+    if sdk == "klime-1.1":
+        return _process.worker_env(None)
+    use_baseline = sdk == "klime-base" and baseline_src
+    return _process.worker_env(baseline_src if use_baseline else os.path.join(REPO, "src"))
 
 
 def run_worker(

@@ -115,22 +115,6 @@ def configs(
 # --------------------------------------------------------------------------- workers
 
 
-def child_env() -> Dict[str, str]:
-    """The environment of a worker: this checkout's klime first, nothing that would change
-    an SDK's behaviour (serverless markers, SDK settings, proxies), bytecode caching on."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.upper().startswith(("KLIME_", "POSTHOG_", "SEGMENT_", "AWS_LAMBDA_"))
-        and k.upper() not in ("FUNCTION_TARGET", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
-        and k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPROFILEIMPORTTIME")
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    src = os.path.join(REPO, "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def run_worker(
     mode: str,
     sdk: str,
@@ -442,17 +426,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfgs = configs(
         n, sdks, not args.no_defaults, spool=args.spool, baseline_src=args.baseline_src
     )
-    env = child_env()
+    env = _process.worker_env(os.path.join(REPO, "src"))
     # klime 1.1.0 has this project's import name: nothing of this checkout on its path
-    env_11 = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    envs = {sdk: env_11 if sdk == "klime-1.1" else env for sdk in sdks}
+    envs = {sdk: _process.worker_env(None) if sdk == "klime-1.1" else env for sdk in sdks}
 
     def env_of(cfg: Config) -> Dict[str, str]:
-        if not cfg.src:
-            return envs[cfg.sdk]
-        other = dict(env)
-        other["PYTHONPATH"] = os.path.abspath(cfg.src) + os.pathsep + env["PYTHONPATH"]
-        return other
+        return _process.worker_env(os.path.abspath(cfg.src)) if cfg.src else envs[cfg.sdk]
 
     progress: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     load_before = os.getloadavg()
