@@ -13,7 +13,6 @@ thread running while the C library forks can leave the child hung in the interpr
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -28,37 +27,11 @@ from apps.process import servers
 from apps.process.servers import Ledger
 from conftest import WRITE_KEY, wait_until
 from klime.devserver import Collector, Fault
+from support.forking import fork_child, wait_child
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (3.12+)
 
 CHILD_DEADLINE = 30.0
-
-
-def fork_child(body: Callable[[], bool]) -> int:
-    """Fork; the child runs ``body`` and exits 0 if it returned True. Returns the child pid."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            code = 0 if body() else 3
-        except BaseException:
-            code = 2
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_child(pid: int, deadline: float = CHILD_DEADLINE) -> int:
-    """The child's exit code; kill it and fail if it has not exited by ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"child {pid} did not finish within {deadline}s: deadlock")
 
 
 def tags_arrived(collector: Collector) -> List[str]:
@@ -97,7 +70,7 @@ def test_child_starts_empty_and_parent_keeps_its_events(
         track(client, f"parent-{i}")
     assert client.stats()["queued"] == 5
     pid = fork_child(child_sends(client, 3))
-    assert wait_child(pid) == 0
+    assert wait_child(pid, CHILD_DEADLINE) == 0
     assert collector.wait_for_events(3, 10)
     assert all(t.startswith("child-") for t in tags_arrived(collector))  # none of the parent's
     assert client.stats()["queued"] == 5
@@ -116,7 +89,7 @@ def test_fork_while_the_sender_is_blocked_mid_request(
         track(client, f"parent-{i}")
     assert wait_until(lambda: len(collector.requests()) >= 1, 10)  # stuck in the black hole
     pid = fork_child(child_sends(client, 4))
-    assert wait_child(pid) == 0
+    assert wait_child(pid, CHILD_DEADLINE) == 0
     assert collector.wait_for_events(4, 10)
     collector.set_mode(None)  # release the parent's request: it is retried with the same ids
     client.flush(timeout=20)
@@ -146,7 +119,7 @@ def test_fork_while_another_thread_tracks_in_a_tight_loop(
         for _ in range(6):
             children.append(fork_child(child_sends(client, 3)))
             time.sleep(0.005)  # spread the forks over the tracker's run
-        codes = [wait_child(pid) for pid in children]
+        codes = [wait_child(pid, CHILD_DEADLINE) for pid in children]
     finally:
         stop.set()
         thread.join(30)
@@ -175,7 +148,7 @@ def test_child_uses_its_own_thread_and_session(
         return bool(client.flush(timeout=10).unsent == 0 and ok)
 
     pid = fork_child(body)
-    assert wait_child(pid) == 0
+    assert wait_child(pid, CHILD_DEADLINE) == 0
     assert_exactly_once(collector, ["parent-0", f"child-{pid}-0"])
 
 

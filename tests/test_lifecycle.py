@@ -16,6 +16,7 @@ import klime
 from conftest import WRITE_KEY
 from klime import _events, _lifecycle
 from klime.devserver import Collector
+from support.forking import fork_child, wait_child
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (3.12+)
 
@@ -183,31 +184,6 @@ def test_a_lock_copied_by_a_hookless_fork_is_replaced(monkeypatch: pytest.Monkey
     held.release()
 
 
-def fork_and_wait(
-    child: Callable[[], int], timeout: float, hung: str, *, forked: Callable[[], object] = lambda: None
-) -> int:
-    """Fork; the child runs ``child`` and exits with its code (1 if it raised); the parent
-    calls ``forked`` at once, then waits for the child at most ``timeout`` seconds (killed
-    and the test failed with ``hung`` beyond) and returns its exit code."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            code = child()
-        finally:
-            os._exit(code)
-    forked()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail(hung)
-
-
 def test_fork_while_another_thread_holds_the_registry_lock(make_client: Callable[..., klime.Client]) -> None:
     client = make_client()
     release = threading.Event()
@@ -223,12 +199,12 @@ def test_fork_while_another_thread_holds_the_registry_lock(make_client: Callable
     assert taken.wait(10)
     try:
 
-        def child() -> int:
+        def child() -> bool:
             fresh = klime.Client("key", endpoint=client.endpoint)  # registers: takes the lock
-            return 0 if fresh in _lifecycle.clients() else 2
+            return fresh in _lifecycle.clients()
 
-        code = fork_and_wait(child, 20, "the child waited for a lock held by a thread of its parent")
-        assert code == 0
+        pid = fork_child(child)
+        assert wait_child(pid, 20, "it waited for a lock held by a thread of its parent") == 0
     finally:
         release.set()
         holder.join(10)
@@ -261,18 +237,11 @@ def test_a_fork_waits_for_an_import_another_thread_has_in_progress(
             time.sleep(0.005)
         assert entered.exists()
         started = time.monotonic()
-        waited: list[float] = []
-
-        def child() -> int:
-            return 0 if getattr(importlib.import_module(name), "done", False) else 3
-
+        pid = fork_child(lambda: getattr(importlib.import_module(name), "done", False))
+        waited = time.monotonic() - started
         # a child waiting for the import lock of a thread it does not have never ends
-        code = fork_and_wait(
-            child, 10, "the child inherited a module half imported by another thread",
-            forked=lambda: waited.append(time.monotonic() - started),
-        )
-        assert code == 0
-        assert waited[0] < _lifecycle.FORK_IMPORT_WAIT_S
+        assert wait_child(pid, 10, "it inherited a module half imported by another thread") == 0
+        assert waited < _lifecycle.FORK_IMPORT_WAIT_S
     finally:
         importer.join(10)
         sys.modules.pop(name, None)

@@ -34,6 +34,7 @@ from conftest import wait_until
 from klime.errors import KlimeError, SpoolUnavailable
 from klime.spool import Claimed, Spool, clear, inspect, retry_time
 from klime.spool._store import DB_NAME
+from support.forking import fork_child, wait_child
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (3.12+)
 
@@ -475,34 +476,6 @@ def test_a_lock_file_deleted_by_hand_does_not_make_a_live_owner_look_dead(opened
 # --------------------------------------------------------------------------- fork
 
 
-def fork_child(body) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            code = 0 if body() else 3
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 2
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait_child(pid: int, timeout: float = DEADLINE) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail("forked child did not finish (deadlock?)")
-
-
 def test_a_forked_child_is_a_new_owner_and_never_touches_the_parents_rows(opened, spool_dir):
     parent = open_spool(opened, spool_dir)
     parent.append([event(f"p{i}") for i in range(10)])
@@ -520,7 +493,7 @@ def test_a_forked_child_is_a_new_owner_and_never_touches_the_parents_rows(opened
         mine = parent.claim(100)
         return parent.owner not in (None, token) and seqs(mine.events) == ["c1", "c2"]
 
-    assert wait_child(fork_child(child)) == 0
+    assert wait_child(fork_child(child), DEADLINE) == 0
     assert parent.owner == token
     assert parent.ack(held) == 5
     assert seqs(parent.claim(100).events) == [f"p{i}" for i in range(5, 10)]
