@@ -240,7 +240,8 @@ def tls_server(tmp_path: Path) -> Iterator[Tuple[RecordingServer, Path]]:
 
 def test_tls_verification_is_on(collector):
     client = klime.Client(SECRET, endpoint="https://i.klime.com")
-    assert client.sender.session.verify is True  # type: ignore[attr-defined]
+    pool = client.sender.endpoint_pool.pool  # type: ignore[attr-defined]
+    assert pool.cert_reqs == "CERT_REQUIRED" and pool.conn_kw["ssl_context"].verify_mode == ssl.CERT_REQUIRED
     client.shutdown()
 
 

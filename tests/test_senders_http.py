@@ -187,12 +187,13 @@ def test_error_bodies_are_truncated(collector):
     assert len(result.error.message) < 700
 
 
-def test_after_fork_gives_a_fresh_session(collector):
+def test_after_fork_gives_a_fresh_connection_pool(collector):
     sender = make_sender(collector)
     sender.send(events(1), Deadline())
-    old = sender.session
+    old = sender.endpoint_pool
     sender.after_fork()
-    assert sender.session is not old
+    assert sender.endpoint_pool is not old
+    assert sender.send(events(1), Deadline.after(5)).error is None
 
 
 def test_repr_hides_the_key(collector):

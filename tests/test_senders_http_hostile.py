@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import logging
@@ -278,6 +279,84 @@ def test_an_https_endpoint_honours_no_proxy(proxy: HostileServer, monkeypatch: p
         assert result.error is not None
         assert wait_until(lambda: target.connections >= 1, 5)
     assert proxy.connections == 0
+
+
+def test_a_proxys_credentials_go_to_the_proxy_only(
+    proxy: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user and password in the proxy's URL are sent to the proxy (``Proxy-Authorization``,
+    as ``requests`` sends them), percent-decoded; the tunnel request carries no write key."""
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, f"http://proxy%20user:p%40ss@127.0.0.1:{proxy.port}")
+    sender = HttpSender(WRITE_KEY, "https://i.klime.invalid", retry_max_attempts=1)
+    result = sender.send(events(1), Deadline.after(5))
+    assert result.error is not None and result.error.retryable and "proxy" in result.error.message
+    assert proxy.wait_for_requests(1)
+    (request,) = proxy.requests
+    assert request.line.startswith("CONNECT i.klime.invalid:443 ")
+    assert request.headers["proxy-authorization"] == "Basic " + base64.b64encode(b"proxy user:p@ss").decode()
+    assert WRITE_KEY not in request.line + repr(request.headers) + request.body.decode("latin-1")
+
+
+def test_a_plain_http_endpoint_through_a_forward_proxy_names_the_whole_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``allow_insecure_endpoint`` to a host that is not loopback, with ``HTTP_PROXY`` set: the
+    proxy gets the whole URL in the request line (the endpoint's name is never looked up
+    here), and the batch is accepted through it."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with HostileServer(answer(accepted(2))) as forward:
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, f"http://u:pw@127.0.0.1:{forward.port}")
+        sender = HttpSender(WRITE_KEY, "http://collector.invalid:8080", allow_insecure_endpoint=True)
+        assert sender.send(events(2), Deadline.after(5)).error is None
+        (request,) = forward.requests
+        assert request.line == "POST http://collector.invalid:8080/v1/batch HTTP/1.1"
+        assert request.headers["host"] == "collector.invalid:8080"
+        assert request.headers["proxy-authorization"] == "Basic " + base64.b64encode(b"u:pw").decode()
+        assert request.headers["authorization"] == f"Bearer {WRITE_KEY}"
+
+
+def test_a_netrc_entry_never_replaces_the_write_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``~/.netrc`` (or ``$NETRC``) naming the endpoint's host: the request still carries the
+    write key, and nothing from the file."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password elsewhere\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".netrc").write_text(netrc.read_text())
+    (tmp_path / ".netrc").chmod(0o600)
+    with HostileServer(answer(accepted(1))) as endpoint:
+        assert sender_for(endpoint).send(events(1), Deadline.after(5)).error is None
+        assert endpoint.requests[0].headers["authorization"] == f"Bearer {WRITE_KEY}"
+
+
+@pytest.mark.parametrize(
+    "proxy_url, reason",
+    [
+        ("socks5://127.0.0.1:9", "SOCKS proxy needs PySocks"),
+        ("ftp://127.0.0.1:9", "the proxy cannot be used"),
+    ],
+)
+def test_a_proxy_that_cannot_be_used_refuses_the_batch_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, proxy_url: str, reason: str
+) -> None:
+    if proxy_url.startswith("socks"):
+        try:
+            import socks  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            pytest.skip("PySocks is installed here")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, proxy_url)
+    result = HttpSender(WRITE_KEY, "https://i.klime.invalid").send(events(1), Deadline.after(5))
+    assert result.error is not None and not result.error.retryable and result.requests == 0
+    assert reason in result.error.message and WRITE_KEY not in result.error.message
 
 
 ECHO = f"Forbidden. You sent: Authorization: Bearer {WRITE_KEY}\r\nX-Key: {WRITE_KEY}".encode()

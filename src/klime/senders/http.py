@@ -1,4 +1,4 @@
-"""The HTTP sender: Klime's wire protocol over a keep-alive ``requests.Session``.
+"""The HTTP sender: Klime's wire protocol over a keep-alive urllib3 connection pool.
 
 One request per :meth:`HttpSender.attempt`: ``POST {endpoint}/v1/batch`` with the batch's
 encoded events, its outcome described in an :class:`~klime.senders.base.Attempt` value; the
@@ -9,9 +9,9 @@ The parts, top to bottom:
 
 - **the endpoint** (checked at construction, with the standard library only): https, or a
   loopback host; never a control character; header values that can be sent;
-- **one attempt, bounded in wall-clock time** (:class:`AttemptClock`): the session's
-  connections (:func:`new_session`; their classes, :func:`bounded_pool_class`, also serve
-  the SQS sender's boto3 client) cut every send and every receive to the least of the
+- **one attempt, bounded in wall-clock time** (:class:`AttemptClock`): the pool's
+  connections (their classes, :func:`bounded_pool_class`, also serve the SQS sender's
+  boto3 client) cut every send and every receive to the least of the
   attempt's budget (connect + read timeout) and the caller's deadline, which another thread
   may tighten meanwhile, so that an attempt ends in time whatever the server does; a new
   connection's name look-up (``getaddrinfo``, a C call nothing can interrupt) runs on a
@@ -21,18 +21,25 @@ The parts, top to bottom:
   the name; where no thread may run, :func:`set_lookup_thread_check`, the look-up stays
   unbounded on the attempt's thread); the TLS handshake is bounded by that cut connect
   timeout;
+- **where requests go** (:func:`open_endpoint`): one connection pool for the endpoint,
+  through the proxy the environment names, chosen as ``requests`` chooses it
+  (:func:`proxy_for`), TLS verified against the bundle ``requests`` would use
+  (:func:`ca_bundle`);
 - **answers**: at most a small prefix of each answer is read, never inflated past a cap;
   server text quoted in errors has the write key masked;
 - **request errors**: which no retry can fix, which mean a stale pooled connection, and a
   short, key-free description of each;
 - **the sender** (:class:`HttpSender`).
 
-The environment ``requests`` reads (proxies, CA bundle) is read once per session; a
-plain-http loopback endpoint never goes through a proxy. ``requests``/``urllib3`` are
-imported on the first send, inside functions, not before: importing klime and building a
-client stays light.
+The request goes to urllib3's pool directly: ``requests``' session, adapter and response
+layers cost as much CPU time per request as the rest of a loopback request together
+(measured: 261 µs through them, 160 without; docs/performance.md). ``requests`` still
+decides which proxy the environment names, when it names one. The environment (proxies,
+CA bundle) is read once per pool; a plain-http loopback endpoint never goes through a
+proxy. ``urllib3`` is imported on the first send, inside functions, not before: importing
+klime and building a client stays light.
 
-May import: the model, the sender interface; ``requests``/``urllib3`` inside functions only.
+May import: the model, the sender interface; ``urllib3``/``requests`` inside functions only.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ import functools
 import io
 import ipaddress
 import json
+import os
 import socket
 import sys
 import threading
 import time
+import warnings
 import zlib
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Type
 from urllib.parse import urlsplit
 
 from .._batching import batch_body
@@ -65,9 +74,6 @@ from .._retry import RetryPolicy
 from .._version import __version__
 from ..errors import ConfigurationError, SendError, mask_secret, quote_body
 from .base import OK, PARTIAL, REFUSED, RETRY, TOO_LARGE, Attempt, Sender, SendResult, send_with_retries
-
-if TYPE_CHECKING:
-    import requests
 
 __all__ = ["HttpSender"]
 
@@ -499,83 +505,166 @@ def bounded_pool_class(base: Type[Any]) -> Type[Any]:
     return type(f"Bounded{base.__name__}", (base,), {"ConnectionCls": connection, "__module__": __name__})
 
 
-@functools.cache
-def _bounded_adapter_class() -> Type[Any]:
-    """A ``requests`` HTTPAdapter whose pools' connections honour :class:`AttemptClock`; built
-    on first use, as it subclasses urllib3's classes. Works on urllib3 1.26 and 2.x."""
-    from requests.adapters import HTTPAdapter
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+class EndpointPool(NamedTuple):
+    """Where an :class:`HttpSender`'s requests go: the urllib3 connection pool that reaches
+    the endpoint (directly, or through a proxy), the pool manager that owns it, and the
+    request target to name (the path; the whole URL through a plain-http forward proxy)."""
 
-    pools = {"http": bounded_pool_class(HTTPConnectionPool), "https": bounded_pool_class(HTTPSConnectionPool)}
-
-    class BoundedAdapter(HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = pools
-
-        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-            manager = super().proxy_manager_for(proxy, **kwargs)
-            if not proxy.lower().startswith("socks"):
-                manager.pool_classes_by_scheme = pools
-            return manager
-
-    return BoundedAdapter
+    manager: Any
+    pool: Any
+    target: str
 
 
-def new_session(
-    url: str, headers: Dict[str, str], pool_size: int
-) -> Tuple[requests.Session, requests.PreparedRequest, Dict[str, Any]]:
-    """A session for ``url`` (connections bounded by :class:`AttemptClock`), a prepared request
-    to copy for each batch, and the settings ``requests`` would read from the environment
-    for ``url`` on every request (proxy variables, ``REQUESTS_CA_BUNDLE``): read once, here.
-    A plain-http loopback ``url`` never goes through a proxy. Imports ``requests``."""
-    import requests
-
-    session = requests.Session()
-    adapter = _bounded_adapter_class()(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    session.verify = True
-    settings: Dict[str, Any] = dict(session.merge_environment_settings(url, {}, None, None, None))
+def proxy_for(url: str) -> Optional[str]:
+    """The proxy URL the environment names for ``url``, as ``requests`` chooses it
+    (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` and ``NO_PROXY``, any case, and the
+    system's settings where ``urllib.request.getproxies`` reads them), or None. A plain-http
+    loopback ``url`` never goes through a proxy: the key would travel in clear to it.
+    Imports ``requests`` only when the environment names a proxy for the scheme."""
     if is_loopback_http(url):
-        settings["proxies"] = {}  # the key never leaves the machine, in clear, to a proxy
-    settings["stream"] = True  # the body is read by read_answer: a bounded prefix
-    session.trust_env = False  # read once above; not again per request
-    template = session.prepare_request(requests.Request("POST", url, headers=headers))
-    return session, template, settings
+        return None
+    from urllib.request import getproxies
+
+    scheme = urlsplit(url).scheme
+    named = getproxies()
+    if not (named.get(scheme) or named.get("all")):
+        return None
+    from requests.utils import get_environ_proxies, prepend_scheme_if_needed, select_proxy
+
+    proxy = select_proxy(url, get_environ_proxies(url))
+    return prepend_scheme_if_needed(proxy, "http") if proxy else None  # type: ignore[no-untyped-call]
+
+
+def ca_bundle() -> str:
+    """The certificates an https endpoint's must chain to, as ``requests`` picks them:
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` when set and not empty, otherwise
+    ``certifi``'s bundle (a file, or a directory of hashed certificates)."""
+    chosen = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if chosen:
+        return chosen
+    import certifi  # requests' own dependency, for this very bundle
+
+    where: str = certifi.where()
+    if not os.path.exists(where):  # certifi inside a zip (a zipapp): requests extracts it
+        from requests.utils import extract_zipped_paths
+
+        where = extract_zipped_paths(where)  # type: ignore[no-untyped-call]
+    return where
+
+
+def _tls_context(bundle: str) -> Any:
+    """An SSL context that verifies certificates against ``bundle`` and lets urllib3 check
+    the host name; built once per pool (loading a bundle costs milliseconds)."""
+    import ssl
+
+    from urllib3.util.ssl_ import create_urllib3_context
+
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    if os.path.isdir(bundle):
+        context.load_verify_locations(capath=bundle)
+    else:
+        context.load_verify_locations(cafile=bundle)
+    return context
+
+
+def open_endpoint(url: str, pool_size: int) -> EndpointPool:
+    """The connection pool for ``url`` (keep-alive, at most ``pool_size`` connections, all
+    of them bounded by :class:`AttemptClock`), through the proxy the environment names
+    (:func:`proxy_for`), verifying TLS against :func:`ca_bundle`. The environment is read
+    here, once. Raises ConfigurationError for a proxy that cannot be used (an unknown
+    scheme; SOCKS without PySocks). Imports ``urllib3``."""
+    from urllib3.exceptions import HTTPError
+
+    parts = urlsplit(url)
+    settings: Dict[str, Any] = {"num_pools": 1, "maxsize": pool_size, "block": False, "retries": False}
+    if parts.scheme == "https":
+        settings.update(cert_reqs="CERT_REQUIRED", ssl_context=_tls_context(ca_bundle()))
+    proxy = proxy_for(url)
+    try:
+        manager = _pool_manager(proxy, settings)
+        pool = manager.connection_from_url(url)
+    except ConfigurationError:
+        raise
+    except (HTTPError, AssertionError, ValueError) as exc:  # an unknown proxy scheme is all three
+        raise ConfigurationError(f"the proxy cannot be used ({type(exc).__name__})") from None
+    # through a plain-http forward proxy the request line names the whole URL (as requests does)
+    forwarded = proxy is not None and not _is_socks(proxy) and parts.scheme == "http"
+    return EndpointPool(manager, pool, url if forwarded else (parts.path or "/"))
+
+
+def _is_socks(proxy: str) -> bool:
+    return proxy.lower().startswith("socks")
+
+
+def _pool_manager(proxy: Optional[str], settings: Dict[str, Any]) -> Any:
+    """A urllib3 pool manager with ``settings``, direct or through ``proxy`` (its user and
+    password, if any, sent as ``requests`` sends them), whose pools' connections are
+    bounded by :class:`AttemptClock` (SOCKS ones keep their own classes)."""
+    from urllib3 import PoolManager, ProxyManager
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.util import make_headers
+
+    if proxy is None:
+        manager: Any = PoolManager(**settings)
+    else:
+        from requests.utils import get_auth_from_url
+
+        user, password = get_auth_from_url(proxy)
+        if _is_socks(proxy):
+            try:
+                with warnings.catch_warnings():  # urllib3 warns, then raises ImportError
+                    warnings.simplefilter("ignore")
+                    from urllib3.contrib.socks import SOCKSProxyManager
+            except ImportError:
+                raise ConfigurationError("a SOCKS proxy needs PySocks (pip install PySocks)") from None
+            return SOCKSProxyManager(proxy, username=user or None, password=password or None, **settings)
+        auth = make_headers(proxy_basic_auth=f"{user}:{password}") if user else {}
+        manager = ProxyManager(proxy, proxy_headers=auth, **settings)
+    manager.pool_classes_by_scheme = {
+        "http": bounded_pool_class(HTTPConnectionPool),
+        "https": bounded_pool_class(HTTPSConnectionPool),
+    }
+    return manager
 
 
 # ---------------------------------------------------------------------------------------
 # answers
 
 
-def read_answer(response: requests.Response, limit: int) -> bytes:
-    """At most ``limit`` bytes of the answer's body, as sent (never inflated). A longer body
-    is cut there and its connection dropped; a whole one frees the connection for the next
-    request. Blocks (bounded by the :class:`AttemptClock`); raises a ``requests`` exception."""
-    import requests
-    from urllib3.exceptions import HTTPError, ReadTimeoutError
+def read_answer(response: Any, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body of ``response`` (a urllib3 response made with
+    ``preload_content=False``), as sent (never inflated). A longer body is cut there and its
+    connection dropped; a whole one frees the connection for the next request. Blocks
+    (bounded by the :class:`AttemptClock`); raises TimeoutError when time ran out and
+    urllib3's ``ProtocolError`` when the answer broke off or was malformed."""
+    from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
-    raw = response.raw
     body = bytearray()
     try:
         while len(body) <= limit:
-            chunk = raw.read(min(16384, limit + 1 - len(body)), decode_content=False)
+            chunk = response.read(min(16384, limit + 1 - len(body)), decode_content=False)
             if not chunk:
-                raw.release_conn()
+                response.release_conn()
                 return bytes(body)
             body += chunk
-            if raw.length_remaining == 0 and len(body) <= limit:
-                raw.release_conn()  # the whole body its Content-Length announced: no read for its end
+            if response.length_remaining == 0 and len(body) <= limit:
+                response.release_conn()  # the whole body its Content-Length announced: no read for its end
                 return bytes(body)
     except (TimeoutError, ReadTimeoutError) as exc:
-        response.close()
-        raise requests.exceptions.ReadTimeout(exc, request=response.request) from None
+        _drop(response)
+        raise TimeoutError(f"reading the answer timed out ({exc})") from None
     except (HTTPError, OSError, ValueError) as exc:
-        response.close()
-        raise requests.exceptions.ConnectionError(exc, request=response.request) from None
-    response.close()  # more than we read: drop the connection rather than drain it
+        _drop(response)
+        raise ProtocolError("the answer broke off", exc) from None
+    _drop(response)  # more than we read: drop the connection rather than drain it
     return bytes(body[:limit])
+
+
+def _drop(response: Any) -> None:
+    """Close the connection of ``response`` and give the pool its place back (the next
+    request opens a new connection there)."""
+    response.close()
+    response.release_conn()
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> Optional[bytes]:
@@ -620,23 +709,28 @@ def quote_answer(body: bytes, encoding: str, secret: str) -> str:
 
 @functools.cache
 def permanent_request_errors() -> Tuple[Type[BaseException], ...]:
-    """Request errors that no retry can fix. Imports ``requests``."""
-    import requests
+    """Errors of making a request that no retry can fix: a URL or a header value urllib3 or
+    ``http.client`` refuses (a ValueError), or a header urllib3 cannot read. Imports
+    ``urllib3``."""
+    from urllib3.exceptions import InvalidHeader, LocationValueError
 
-    return (
-        requests.exceptions.InvalidHeader,
-        requests.exceptions.InvalidURL,
-        requests.exceptions.InvalidSchema,
-        requests.exceptions.MissingSchema,
-    )
+    return (LocationValueError, InvalidHeader, ValueError)
+
+
+@functools.cache
+def transient_request_errors() -> Tuple[Type[BaseException], ...]:
+    """Errors of a request that a later attempt may not meet: every urllib3 error (connect,
+    TLS, proxy, time-outs, a broken answer), a socket's and ``http.client``'s. Imports
+    ``urllib3``."""
+    import http.client
+
+    from urllib3.exceptions import HTTPError
+
+    return (HTTPError, OSError, http.client.HTTPException)
 
 
 def is_timeout(exc: BaseException) -> bool:
     """A time-out, at any step (connect, send, receive), however it was wrapped."""
-    import requests
-
-    if isinstance(exc, requests.exceptions.Timeout):
-        return True
     return any(
         isinstance(item, TimeoutError) or type(item).__name__.endswith("TimeoutError")
         for item in _error_chain(exc)
@@ -645,38 +739,35 @@ def is_timeout(exc: BaseException) -> bool:
 
 def is_stale_connection(exc: BaseException) -> bool:
     """A pooled connection the peer closed (e.g. during a Lambda freeze): retry at once."""
-    import requests
-
-    if not isinstance(exc, requests.exceptions.ConnectionError) or is_timeout(exc):
+    if is_timeout(exc):
         return False
     text = repr(exc)
     return "Connection aborted" in text or "RemoteDisconnected" in text or "ConnectionResetError" in text
 
 
 def describe_exception(exc: BaseException) -> str:
-    """A short, key-free description of a request error (the host name may appear)."""
-    import requests
+    """A short, key-free description of a request error (the host name may appear).
+    Imports ``urllib3``."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProxyError, SSLError
 
     for item in _error_chain(exc):
         lookup = getattr(item, "lookup_description", None)
         if isinstance(lookup, str):
             return lookup
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if isinstance(exc, ConnectTimeoutError) and not isinstance(exc, NewConnectionError):
         return "connection timed out"
-    if isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(exc, SSLError):
         return "TLS error"
     if is_timeout(exc):
         return "read timed out"
-    if isinstance(exc, requests.exceptions.ProxyError):
+    if isinstance(exc, ProxyError):
         return "proxy error"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        text = str(exc)
-        if "Connection refused" in text:
-            return "connection refused"
-        if "Connection aborted" in text or "reset" in text.lower():
-            return "connection reset"
-        return "connection error"
-    return type(exc).__name__
+    text = str(exc)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Connection aborted" in text or "reset" in text.lower():
+        return "connection reset"
+    return "connection error"
 
 
 # ---------------------------------------------------------------------------------------
@@ -686,7 +777,7 @@ def describe_exception(exc: BaseException) -> str:
 class HttpSender(Sender):
     """POSTs batches to ``{endpoint}/v1/batch``, retrying transient failures.
 
-    Thread-safe: one ``requests.Session`` (a keep-alive connection pool of ``pool_size``)
+    Thread-safe: one keep-alive connection pool of ``pool_size`` (:attr:`endpoint_pool`)
     serves every thread; in a forked child :meth:`after_fork` replaces it, so a child never
     writes to its parent's sockets. :meth:`attempt` makes one request; :meth:`send` retries
     (see :class:`~klime._retry.RetryPolicy`) and stops at the caller's deadline.
@@ -729,35 +820,27 @@ class HttpSender(Sender):
         }
         self._secret = write_key  # masked in any server text quoted back
         self._lock = threading.Lock()
-        self._state: Optional[Tuple[requests.Session, requests.PreparedRequest, Dict[str, Any]]] = None
+        self._endpoint_pool: Optional[EndpointPool] = None
 
     def __repr__(self) -> str:  # never shows the write key
         return f"HttpSender(url={self.url!r})"
 
     @property
-    def session(self) -> requests.Session:
-        """The shared session, created on first use."""
-        return self._prepared()[0]
-
-    def _prepared(self) -> Tuple[requests.Session, requests.PreparedRequest, Dict[str, Any]]:
-        """The session, a prepared request to copy for each batch, and the settings
-        ``requests`` would read from the environment for our URL on every request (proxy
-        variables, ``REQUESTS_CA_BUNDLE``): read once (see :func:`new_session`).
-        Measured: the per-request look-ups (the whole of ``os.environ``, twice, and
-        ``~/.netrc``) were a fifth of the CPU time of a request. Thread-safe; created on
-        first use, which is when ``requests`` is imported."""
-        state = self._state
-        if state is None:
-            with self._lock:
-                state = self._state
-                if state is None:
-                    state = new_session(self.url, self._headers, self._pool_size)
-                    self._state = state
-        return state
+    def endpoint_pool(self) -> EndpointPool:
+        """Where the requests go (:class:`EndpointPool`): made on first use, when ``urllib3``
+        is imported and the environment read (proxy variables, ``REQUESTS_CA_BUNDLE``),
+        once. Raises ConfigurationError for a proxy that cannot be used. Thread-safe."""
+        endpoint = self._endpoint_pool
+        if endpoint is None:
+            with self._lock:  # one import of the HTTP stack at a time: two at once can fail
+                endpoint = self._endpoint_pool
+                if endpoint is None:
+                    endpoint = self._endpoint_pool = open_endpoint(self.url, self._pool_size)
+        return endpoint
 
     def prepare(self) -> None:
         """Initialise OpenSSL (``import ssl, hashlib``: a few milliseconds) on the calling
-        thread; ``requests`` itself is imported at the first send, by whichever thread
+        thread; ``urllib3`` itself is imported at the first send, by whichever thread
         sends (a sender thread, off the caller's path). Transports of long-running
         processes call it when the client is made: OpenSSL initialised for the first time
         from a sender thread of a forked uWSGI worker was seen to crash the worker
@@ -768,13 +851,13 @@ class HttpSender(Sender):
     def after_fork(self) -> None:
         # The inherited sockets belong to the parent: forget them without closing them.
         self._lock = threading.Lock()
-        self._state = None
+        self._endpoint_pool = None
 
     def close(self) -> None:
         with self._lock:
-            state, self._state = self._state, None
-        if state is not None:
-            state[0].close()
+            endpoint, self._endpoint_pool = self._endpoint_pool, None
+        if endpoint is not None:
+            endpoint.manager.clear()
 
     # ---------------------------------------------------------------------------------
 
@@ -793,12 +876,6 @@ class HttpSender(Sender):
         name look-up counts as connect time; ``cut_short`` when the deadline ended it).
         Thread-safe.
         """
-        # requests is imported by _prepared(), under the sender's lock: imported by two
-        # threads at once it can fail with ImportError (seen when another thread of klime's
-        # imported it while a flush at exit sent)
-        session, template, settings = self._prepared()
-        from requests.exceptions import RequestException
-
         count = len(events)
         all_failed = tuple(range(count))
         connect_t = deadline.cap(self.connect_timeout)
@@ -807,22 +884,33 @@ class HttpSender(Sender):
         if connect_t <= 0 or read_t <= 0:
             return Attempt(RETRY, reason="deadline reached", cut_short=True, made=False)
         try:
-            request = template.copy()
-            request.prepare_body(batch_body(events), None)
+            endpoint = self.endpoint_pool
+            from urllib3 import Timeout
+
             with AttemptClock(self.connect_timeout + self.read_timeout, deadline):
-                response = session.send(
-                    request, timeout=(connect_t, read_t), allow_redirects=False, **settings
+                response = endpoint.pool.urlopen(
+                    "POST",
+                    endpoint.target,
+                    body=batch_body(events),
+                    headers=self._headers,
+                    retries=False,
+                    redirect=False,
+                    assert_same_host=False,
+                    preload_content=False,
+                    timeout=Timeout(connect=connect_t, read=read_t),
                 )
-                code = response.status_code
+                code = response.status
                 wanted = MAX_ANSWER_BYTES + (ANSWER_BYTES_PER_EVENT * count if 200 <= code < 300 else 0)
                 answer = read_answer(response, wanted)
-            encoding = response.headers.get("Content-Encoding") or ""
+            headers = response.headers
         except permanent_request_errors() as exc:
-            reason = f"request could not be made: {type(exc).__name__}"
+            # a ValueError's text may quote a header value: the key; ours are key-free
+            what = str(exc) if isinstance(exc, ConfigurationError) else type(exc).__name__
+            reason = f"request could not be made: {what}"
             logger.error("klime: batch of %d events not sent: %s", count, reason)
             return Attempt(REFUSED, error=SendError(reason), failed=all_failed, made=False,
                            duration=_monotonic() - started, cpu=time.thread_time() - cpu_started)
-        except RequestException as exc:
+        except transient_request_errors() as exc:
             took = _monotonic() - started
             cut_short = _out_of_time(deadline)
             return Attempt(
@@ -836,8 +924,8 @@ class HttpSender(Sender):
         return answer_outcome(
             code,
             answer,
-            encoding=encoding,
-            retry_after=response.headers.get("Retry-After"),
+            encoding=headers.get("Content-Encoding") or "",
+            retry_after=headers.get("Retry-After"),
             count=count,
             limit=wanted,
             policy=self.retry,
