@@ -878,15 +878,22 @@ class HttpSender(Sender):
         """
         count = len(events)
         all_failed = tuple(range(count))
+        try:
+            # before the attempt's clocks start: the first one imports urllib3 (tens of ms
+            # of CPU time) that the concurrency limit must not take for a request's cost
+            endpoint = self.endpoint_pool
+        except ConfigurationError as exc:
+            reason = f"request could not be made: {exc}"
+            logger.error("klime: batch of %d events not sent: %s", count, reason)
+            return Attempt(REFUSED, error=SendError(reason), failed=all_failed, made=False)
+        from urllib3 import Timeout
+
         connect_t = deadline.cap(self.connect_timeout)
         read_t = deadline.cap(self.read_timeout)
         started, cpu_started = _monotonic(), time.thread_time()
         if connect_t <= 0 or read_t <= 0:
             return Attempt(RETRY, reason="deadline reached", cut_short=True, made=False)
         try:
-            endpoint = self.endpoint_pool
-            from urllib3 import Timeout
-
             with AttemptClock(self.connect_timeout + self.read_timeout, deadline):
                 response = endpoint.pool.urlopen(
                     "POST",
@@ -904,9 +911,8 @@ class HttpSender(Sender):
                 answer = read_answer(response, wanted)
             headers = response.headers
         except permanent_request_errors() as exc:
-            # a ValueError's text may quote a header value: the key; ours are key-free
-            what = str(exc) if isinstance(exc, ConfigurationError) else type(exc).__name__
-            reason = f"request could not be made: {what}"
+            # only the type: a ValueError's text may quote a header value, the key
+            reason = f"request could not be made: {type(exc).__name__}"
             logger.error("klime: batch of %d events not sent: %s", count, reason)
             return Attempt(REFUSED, error=SendError(reason), failed=all_failed, made=False,
                            duration=_monotonic() - started, cpu=time.thread_time() - cpu_started)
