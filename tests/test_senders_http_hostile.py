@@ -359,6 +359,21 @@ def test_a_proxy_that_cannot_be_used_refuses_the_batch_with_a_reason(
     assert reason in result.error.message and WRITE_KEY not in result.error.message
 
 
+def test_a_ca_bundle_that_cannot_be_loaded_refuses_the_batch_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``REQUESTS_CA_BUNDLE`` naming a file that is missing or holds no certificate: no
+    request goes (TLS could not be verified), and the reason names the bundle."""
+    for content in (None, "not a certificate"):
+        bundle = tmp_path / "bundle.pem"
+        if content is not None:
+            bundle.write_text(content)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+        result = HttpSender(WRITE_KEY, "https://127.0.0.1:9").send(events(1), Deadline.after(5))
+        assert result.error is not None and not result.error.retryable and result.requests == 0
+        assert "CA certificates" in result.error.message and str(bundle) in result.error.message
+
+
 ECHO = f"Forbidden. You sent: Authorization: Bearer {WRITE_KEY}\r\nX-Key: {WRITE_KEY}".encode()
 
 

@@ -535,15 +535,19 @@ def proxy_for(url: str) -> Optional[str]:
     return prepend_scheme_if_needed(proxy, "http") if proxy else None  # type: ignore[no-untyped-call]
 
 
-def ca_bundle() -> str:
+def ca_bundle() -> Optional[str]:
     """The certificates an https endpoint's must chain to, as ``requests`` picks them:
     ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` when set and not empty, otherwise
-    ``certifi``'s bundle (a file, or a directory of hashed certificates)."""
+    ``certifi``'s bundle (``requests``' own dependency, for this very bundle); a file, or a
+    directory of hashed certificates. None, the system's store, only where certifi is
+    missing."""
     chosen = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     if chosen:
         return chosen
-    import certifi  # requests' own dependency, for this very bundle
-
+    try:
+        import certifi
+    except ImportError:
+        return None
     where: str = certifi.where()
     if not os.path.exists(where):  # certifi inside a zip (a zipapp): requests extracts it
         from requests.utils import extract_zipped_paths
@@ -552,15 +556,18 @@ def ca_bundle() -> str:
     return where
 
 
-def _tls_context(bundle: str) -> Any:
-    """An SSL context that verifies certificates against ``bundle`` and lets urllib3 check
-    the host name; built once per pool (loading a bundle costs milliseconds)."""
+def _tls_context(bundle: Optional[str]) -> Any:
+    """An SSL context that verifies certificates against ``bundle`` (None: the system's
+    store) and lets urllib3 check the host name; built once per pool (loading a bundle
+    costs milliseconds)."""
     import ssl
 
     from urllib3.util.ssl_ import create_urllib3_context
 
     context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-    if os.path.isdir(bundle):
+    if bundle is None:
+        context.load_default_certs()
+    elif os.path.isdir(bundle):
         context.load_verify_locations(capath=bundle)
     else:
         context.load_verify_locations(cafile=bundle)
@@ -572,13 +579,22 @@ def open_endpoint(url: str, pool_size: int) -> EndpointPool:
     of them bounded by :class:`AttemptClock`), through the proxy the environment names
     (:func:`proxy_for`), verifying TLS against :func:`ca_bundle`. The environment is read
     here, once. Raises ConfigurationError for a proxy that cannot be used (an unknown
-    scheme; SOCKS without PySocks). Imports ``urllib3``."""
+    scheme; SOCKS without PySocks) or CA certificates that cannot be loaded. Imports
+    ``urllib3``."""
     from urllib3.exceptions import HTTPError
 
     parts = urlsplit(url)
     settings: Dict[str, Any] = {"num_pools": 1, "maxsize": pool_size, "block": False, "retries": False}
     if parts.scheme == "https":
-        settings.update(cert_reqs="CERT_REQUIRED", ssl_context=_tls_context(ca_bundle()))
+        bundle = ca_bundle()
+        try:
+            context = _tls_context(bundle)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            where = "the system's" if bundle is None else f"{bundle!r}"
+            raise ConfigurationError(
+                f"the CA certificates ({where}) cannot be loaded: {type(exc).__name__}"
+            ) from None
+        settings.update(cert_reqs="CERT_REQUIRED", ssl_context=context)
     proxy = proxy_for(url)
     try:
         manager = _pool_manager(proxy, settings)
