@@ -11,6 +11,7 @@ uWSGI is built from source into ``.venv/uwsgi-<version>/`` on first use (see
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ import pytest
 from apps.process import servers
 from apps.process.servers import Delivery, Ledger, Server
 from conftest import WRITE_KEY
+from klime import _lifecycle
 from klime._deadline import Deadline
 from klime._events import encode_track
 from klime._logging import log
@@ -145,7 +147,9 @@ def run(
             # to die (a request counts until uWSGI's own after-request work is done, after
             # the client has its answer): stop only once the workers are idle.
             if config.master:
-                assert servers.wait_for(lambda: servers.uwsgi_workers_idle(stats), 10), server.log()
+                flags = list(config.flags)
+                recycle = int(flags[flags.index("--max-requests") + 1]) if "--max-requests" in flags else None
+                assert servers.wait_for(lambda: servers.uwsgi_workers_idle(stats, recycle), 15), server.log()
             else:
                 collector.wait_for_events(len(ledger.produced()), 5)
             before_stop = [str(e["properties"]["tag"]) for e in collector.events()]
@@ -340,3 +344,50 @@ def test_post_fork_rearms_the_importer_that_became_worker_1(
     client.track("In Worker 1", user_id="user-1")
     assert client.stats()["tracked"] == 1  # a fresh start
     assert uwsgi_integration._sending(client)
+
+
+@pytest.mark.parametrize("hook", ["post_fork_hook", "after_req_hook"])
+def test_a_stop_signal_waits_until_klimes_hook_is_done(
+    fake_uwsgi: types.SimpleNamespace, make_client: Any, monkeypatch: pytest.MonkeyPatch, hook: str
+) -> None:
+    """uWSGI's stop handlers run the exit hook from within the signal handler, on the
+    interrupted thread. A SIGINT sent while klime's post-fork or after-request hook holds
+    klime's own lock is held back until the hook is done: its handler (here a Python one,
+    in the place of uWSGI's) finds the lock free."""
+    fake_uwsgi.has_threads = 0  # the after-request hook is installed where no thread runs
+    client = make_client(flush_interval=60_000)
+    client.track("E", user_id="u")
+    held_when_handled: List[bool] = []
+    sent: List[bool] = []
+
+    def stop_handler(signum: int, frame: Any) -> None:
+        held_when_handled.append(lifecycle_lock().locked())
+
+    def lifecycle_lock() -> Any:
+        return _lifecycle._guard()
+
+    real_clients = _lifecycle.clients
+
+    def clients_sending_a_stop() -> Any:
+        if threading.current_thread() is not threading.main_thread() or sent:
+            return real_clients()  # another client's thread, or the stop is sent already
+        sent.append(True)
+        with lifecycle_lock():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # loop back-edges: where a Python handler would run
+                pass
+        return real_clients()
+
+    monkeypatch.setattr(_lifecycle, "clients", clients_sending_a_stop)
+    previous = signal.signal(signal.SIGINT, stop_handler)
+    try:
+        if hook == "post_fork_hook":
+            fake_uwsgi.post_fork_hook()
+        else:
+            uwsgi_integration._after_request()  # what uWSGI's after_req_hook calls
+        deadline = time.monotonic() + 5
+        while not held_when_handled and time.monotonic() < deadline:
+            time.sleep(0.001)  # the handler runs at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent == [True] and held_when_handled == [False]

@@ -22,16 +22,22 @@ What the hooks do, and why (measured with uWSGI 2.0.26 and 2.0.31; see docs/uwsg
   delayed). uWSGI reads this hook once, after the app is imported: it must be installed
   during that import.
 
+uWSGI's stop signals are held back while these hooks run: its handlers run the exit hook
+from within the signal handler, on the interrupted thread, which must not be in the middle
+of klime's own work (see :func:`_stop_signals_deferred`).
+
 Hooks already set by the application are kept and called too. Nothing here runs in a
 uWSGI master after it forks: uWSGI never calls Python there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .. import _lifecycle, _runtime
 from .._logging import log
@@ -89,19 +95,48 @@ def _wants_request_flush() -> bool:
 # the hooks (called by uWSGI, on its main thread)
 
 
+#: The signals uWSGI stops or reloads a worker with. Its handlers call ``exit()`` from
+#: within the signal handler, which runs the ``uwsgi.atexit`` hook (klime's exit flush) on
+#: the interrupted thread, at once: inside whatever that thread was doing.
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Hold uWSGI's stop signals back while klime works on the worker's main thread.
+
+    uWSGI skips the exit hook of a worker inside a request, but not of one inside a hook:
+    a stop signal landing in the middle of :func:`_post_fork` or :func:`_after_request`
+    would run klime's exit flush on top of them, and the flush would wait forever for a lock
+    the interrupted code holds: the worker would never end. Held back, the signal arrives
+    as soon as the block is done. Blocks nothing else; a no-op where signals cannot be
+    masked.
+    """
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _post_fork() -> None:
     """In a new worker: give every client a fresh start."""
     pid = os.getpid()
-    for client in _lifecycle.clients():
-        try:
-            if client._pid != pid:
-                client._check_fork()
-            elif not _sending(client) and not client._closed and client.stats()["queued"] == 0:
-                # No fork happened: the importing process became worker 1 (no --master).
-                # It decided not to run a thread while it was the "master"; decide again.
-                client._restart()
-        except Exception:
-            log.exception("klime: re-arming a client after uWSGI's fork failed")
+    with _stop_signals_deferred():
+        for client in _lifecycle.clients():
+            try:
+                if client._pid != pid:
+                    client._check_fork()
+                elif not _sending(client) and not client._closed and client.stats()["queued"] == 0:
+                    # No fork happened: the importing process became worker 1 (no --master).
+                    # It decided not to run a thread while it was the "master"; decide again.
+                    client._restart()
+            except Exception:
+                log.exception("klime: re-arming a client after uWSGI's fork failed")
 
 
 def _sending(client: Any) -> bool:
@@ -119,7 +154,8 @@ def _after_request() -> None:
     """After each request, where no thread sends: flush what the request queued (blocks
     up to ``request_flush_timeout``; never raises)."""
     if _wants_request_flush():
-        _lifecycle.flush_quietly(None, _request_flush_timeout, after="a uWSGI request")
+        with _stop_signals_deferred():  # a stop waits for this flush: it is bounded
+            _lifecycle.flush_quietly(None, _request_flush_timeout, after="a uWSGI request")
 
 
 # ---------------------------------------------------------------------------------------

@@ -320,12 +320,40 @@ def uwsgi_stats(port: int) -> Dict[str, Any]:
     return dict(json.loads(b"".join(chunks)))
 
 
-def uwsgi_workers_idle(port: int) -> bool:
+def _running(pid: int) -> bool:
+    """``pid`` is a live process here, not a zombie (Linux: /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def uwsgi_workers_idle(port: int, max_requests: Optional[int] = None) -> bool:
+    """Every worker idle, running, accepting requests and (with ``--max-requests``) not
+    about to be recycled: no respawn is due or under way.
+
+    Stopping uWSGI then is what a test wants; stopping it during a respawn meets two races
+    of uWSGI's own (seen in ``tests/test_uwsgi.py``'s max-requests case, one run in two
+    under load): its stats list a worker that ended as idle, under its old pid, until the
+    master respawns it, and a master told to stop while it waits to respawn ("respawning
+    too fast": 2 s) respawns it after signalling the others; and a worker signalled before
+    it has set its own handlers runs the master's (it prints "killing workers" a second
+    time). Either way one worker never hears of the stop, and uWSGI waits for it for its
+    whole reload mercy (60 s). ``accepting`` turns 1 once a new worker is set up."""
     try:
         workers = uwsgi_stats(port)["workers"]
     except (OSError, ValueError, KeyError):
         return False
-    return all(w.get("status") == "idle" for w in workers)
+    return all(
+        w.get("status") == "idle"
+        and int(w.get("pid") or 0) > 0
+        and _running(int(w["pid"]))
+        and w.get("accepting", 1) == 1
+        and (max_requests is None or int(w.get("delta_requests") or 0) < max_requests)
+        for w in workers
+    )
 
 
 def iter_pids(answers: Sequence[Any]) -> Iterator[int]:
