@@ -291,13 +291,17 @@ class ClientMachine(RuleBasedStateMachine):
         self.after_shutdown()
 
     def after_shutdown(self) -> None:
-        """Once the sender thread has finished the batch it may still hold (a shutdown
-        deadline does not wait for it), everything tracked is resolved, event by event."""
+        """Once the sender threads have finished the batches they may still hold (a shutdown
+        deadline does not wait for them; each hands a batch the deadline cut short to
+        ``on_error`` itself, just after), everything tracked is resolved, event by event."""
         assert self.client is not None
-        thread = self.client.transport._thread  # type: ignore[attr-defined]
-        if isinstance(thread, threading.Thread):
-            thread.join(READ_TIMEOUT * 3 + SLACK)  # its requests are cut at the shutdown deadline
-            assert not thread.is_alive(), "the sender thread outlived shutdown"
+        transport = self.client.transport
+        threads = [transport._thread, *transport.flights.alive()]  # type: ignore[attr-defined]
+        ends = time.monotonic() + READ_TIMEOUT * 3 + SLACK  # their requests are cut at the deadline
+        for thread in threads:
+            if isinstance(thread, threading.Thread):
+                thread.join(max(0.0, ends - time.monotonic()))
+                assert not thread.is_alive(), f"a sender thread outlived shutdown: {thread.name}"
         self.check_quiescent()
         TOTALS["shutdowns"] += 1
 
