@@ -257,3 +257,17 @@ def test_cold_start_py_measures_each_section_with_one_run(tmp_path: Path, klime1
     assert len(verdicts) == 3
     assert all(v in ("PASS", "FAIL") for v in verdicts) if klime11_venv else all(v == "n/a" for v in verdicts)
     assert report["versions"]["klime"].split()[0] != "1.1.0"
+
+
+def test_sender_cpu_py_compares_two_checkouts_per_request() -> None:
+    """``benchmarks/sender_cpu.py`` with this checkout as its own baseline: one worker each,
+    every request answered, CPU and wall time per request positive and their ratio printed."""
+    src = str(BENCH.parent / "src")
+    command = [sys.executable, str(BENCH / "sender_cpu.py"), "--baseline-src", src, "--requests", "50"]
+    proc = subprocess.run([*command, "--repeat", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("klime ", "klime-base "))]
+    rows = [r for r in rows if len(r) == 3]  # the table's rows: name, CPU, wall
+    assert [r[0] for r in rows] == ["klime", "klime-base"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    assert "klime / klime-base, CPU per request: " in proc.stdout

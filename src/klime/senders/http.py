@@ -32,8 +32,8 @@ The parts, top to bottom:
 - **the sender** (:class:`HttpSender`).
 
 The request goes to urllib3's pool directly: ``requests``' session, adapter and response
-layers cost as much CPU time per request as the rest of a loopback request together
-(measured: 261 µs through them, 160 without; docs/performance.md). ``requests`` still
+layers cost about a third of a loopback request's CPU time (``benchmarks/sender_cpu.py``:
+0.71 × without them; docs/performance.md). ``requests`` still
 decides which proxy the environment names, when it names one. The environment (proxies,
 CA bundle) is read once per pool; a plain-http loopback endpoint never goes through a
 proxy. ``urllib3`` is imported on the first send, inside functions, not before: importing
