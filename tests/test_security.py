@@ -240,7 +240,7 @@ def tls_server(tmp_path: Path) -> Iterator[Tuple[RecordingServer, Path]]:
 
 def test_tls_verification_is_on(collector):
     client = klime.Client(SECRET, endpoint="https://i.klime.com")
-    pool = client.sender.endpoint_pool.pool  # type: ignore[attr-defined]
+    pool = client.sender._pool().pool  # type: ignore[attr-defined]
     assert pool.cert_reqs == "CERT_REQUIRED" and pool.conn_kw["ssl_context"].verify_mode == ssl.CERT_REQUIRED
     client.shutdown()
 

@@ -190,9 +190,9 @@ def test_error_bodies_are_truncated(collector):
 def test_after_fork_gives_a_fresh_connection_pool(collector):
     sender = make_sender(collector)
     sender.send(events(1), Deadline())
-    old = sender.endpoint_pool
+    old = sender._pool()
     sender.after_fork()
-    assert sender.endpoint_pool is not old
+    assert sender._pool() is not old
     assert sender.send(events(1), Deadline.after(5)).error is None
 
 

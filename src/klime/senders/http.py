@@ -33,7 +33,7 @@ The parts, top to bottom:
 
 The request goes to urllib3's pool directly: ``requests``' session, adapter and response
 layers cost about a third of a loopback request's CPU time (``benchmarks/sender_cpu.py``:
-0.71 × without them; docs/performance.md). ``requests`` still
+0.71 times the CPU without them; docs/performance.md). ``requests`` still
 decides which proxy the environment names, when it names one. The environment (proxies,
 CA bundle) is read once per pool; a plain-http loopback endpoint never goes through a
 proxy. ``urllib3`` is imported on the first send, inside functions, not before: importing
@@ -793,7 +793,7 @@ def describe_exception(exc: BaseException) -> str:
 class HttpSender(Sender):
     """POSTs batches to ``{endpoint}/v1/batch``, retrying transient failures.
 
-    Thread-safe: one keep-alive connection pool of ``pool_size`` (:attr:`endpoint_pool`)
+    Thread-safe: one keep-alive connection pool of ``pool_size`` (opened on first use)
     serves every thread; in a forked child :meth:`after_fork` replaces it, so a child never
     writes to its parent's sockets. :meth:`attempt` makes one request; :meth:`send` retries
     (see :class:`~klime._retry.RetryPolicy`) and stops at the caller's deadline.
@@ -836,22 +836,21 @@ class HttpSender(Sender):
         }
         self._secret = write_key  # masked in any server text quoted back
         self._lock = threading.Lock()
-        self._endpoint_pool: Optional[EndpointPool] = None
+        self._opened: Optional[EndpointPool] = None
 
     def __repr__(self) -> str:  # never shows the write key
         return f"HttpSender(url={self.url!r})"
 
-    @property
-    def endpoint_pool(self) -> EndpointPool:
+    def _pool(self) -> EndpointPool:
         """Where the requests go (:class:`EndpointPool`): made on first use, when ``urllib3``
         is imported and the environment read (proxy variables, ``REQUESTS_CA_BUNDLE``),
         once. Raises ConfigurationError for a proxy that cannot be used. Thread-safe."""
-        endpoint = self._endpoint_pool
+        endpoint = self._opened
         if endpoint is None:
             with self._lock:  # one import of the HTTP stack at a time: two at once can fail
-                endpoint = self._endpoint_pool
+                endpoint = self._opened
                 if endpoint is None:
-                    endpoint = self._endpoint_pool = open_endpoint(self.url, self._pool_size)
+                    endpoint = self._opened = open_endpoint(self.url, self._pool_size)
         return endpoint
 
     def prepare(self) -> None:
@@ -867,11 +866,11 @@ class HttpSender(Sender):
     def after_fork(self) -> None:
         # The inherited sockets belong to the parent: forget them without closing them.
         self._lock = threading.Lock()
-        self._endpoint_pool = None
+        self._opened = None
 
     def close(self) -> None:
         with self._lock:
-            endpoint, self._endpoint_pool = self._endpoint_pool, None
+            endpoint, self._opened = self._opened, None
         if endpoint is not None:
             endpoint.manager.clear()
 
@@ -897,7 +896,7 @@ class HttpSender(Sender):
         try:
             # before the attempt's clocks start: the first one imports urllib3 (tens of ms
             # of CPU time) that the concurrency limit must not take for a request's cost
-            endpoint = self.endpoint_pool
+            endpoint = self._pool()
         except ConfigurationError as exc:
             reason = f"request could not be made: {exc}"
             logger.error("klime: batch of %d events not sent: %s", count, reason)
